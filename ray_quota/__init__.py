@@ -1,0 +1,59 @@
+"""ray_quota: fair, unforgeable quota tokens for the outside resources Ray tasks share.
+
+Example:
+    >>> import ray_quota
+    >>> ray_quota.init(manifest="examples/quota.yaml", environment="local")
+    >>> token = ray_quota.QuotaToken("llm-tokens", expected_use=1000)
+    >>> with token.reserve(500) as reservation:
+    ...     reservation.commit(312)
+"""
+
+from ray_quota._api import init, set_limit, shutdown, status
+from ray_quota._errors import (
+    FailedReservation,
+    ForgedTokenError,
+    IncompatibleTokensError,
+    InvalidAmountError,
+    ManifestError,
+    NotInitializedError,
+    QuotaError,
+    QuotaTerminated,
+    TokenClosedError,
+    TokenMovedError,
+    TokenStateError,
+    UnknownResourceError,
+)
+from ray_quota._executor import ExecutorInfo
+from ray_quota._manifest import Manifest, load_manifest
+from ray_quota._scheduler import Policy, ResourceStatus
+from ray_quota._spec import Enforcement, Kind, ResourceSpec
+from ray_quota._token import QuotaToken, Reservation
+
+__all__ = [
+    "Enforcement",
+    "ExecutorInfo",
+    "FailedReservation",
+    "ForgedTokenError",
+    "IncompatibleTokensError",
+    "InvalidAmountError",
+    "Kind",
+    "Manifest",
+    "ManifestError",
+    "NotInitializedError",
+    "Policy",
+    "QuotaError",
+    "QuotaTerminated",
+    "QuotaToken",
+    "Reservation",
+    "ResourceSpec",
+    "ResourceStatus",
+    "TokenClosedError",
+    "TokenMovedError",
+    "TokenStateError",
+    "UnknownResourceError",
+    "init",
+    "load_manifest",
+    "set_limit",
+    "shutdown",
+    "status",
+]

@@ -1,0 +1,194 @@
+"""Process-local plumbing: finding the executor, calling it, and renewing this process's leases.
+
+This is the one place where Ray's errors become ours.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import ray
+import ray.exceptions
+
+from ray_quota._errors import NotInitializedError, QuotaError
+from ray_quota._executor import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
+
+if TYPE_CHECKING:
+    from ray_quota._token import QuotaToken
+
+RENEW_INTERVAL_S = 1.0
+WATCH_TIMEOUT_S = 10.0
+
+# One holder id per process: leases belong to processes, not to tasks.
+HOLDER = f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
+class _State:
+    handle: Any = None
+    info: ExecutorInfo | None = None
+    renewer: _Renewer | None = None
+    lock = threading.Lock()
+
+
+def reset() -> None:
+    """Forget the cached executor (after shutdown, or when it was replaced)."""
+    with _State.lock:
+        _State.handle = None
+        _State.info = None
+
+
+def executor() -> Any:
+    """The executor actor's handle, found once per process."""
+    handle = _State.handle
+    if handle is not None:
+        return handle
+    if not ray.is_initialized():
+        raise NotInitializedError("Ray is not initialised: call ray_quota.init() first")
+    try:
+        handle = ray.get_actor(EXECUTOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise NotInitializedError(
+            "no ray_quota executor is running: call ray_quota.init(manifest=...) first") from None
+    _State.handle = handle
+    return handle
+
+
+def info() -> ExecutorInfo:
+    """The running executor's identity and resources, fetched once per process."""
+    if _State.info is None:
+        _State.info = call("info")
+    return _State.info
+
+
+def _unwrap(result: Any) -> Any:
+    if isinstance(result, QuotaError):
+        raise result
+    return result
+
+
+def call(method: str, *args: Any) -> Any:
+    """Call the executor and wait; a returned QuotaError is raised here."""
+    for attempt in (1, 2):
+        try:
+            return _unwrap(ray.get(getattr(executor(), method).remote(*args)))
+        except ray.exceptions.RayError as exc:
+            _failed(method, exc, attempt)
+    raise AssertionError("unreachable")
+
+
+async def call_async(method: str, *args: Any) -> Any:
+    """The asyncio twin of :func:`call`."""
+    for attempt in (1, 2):
+        try:
+            return _unwrap(await getattr(executor(), method).remote(*args))
+        except ray.exceptions.RayError as exc:
+            _failed(method, exc, attempt)
+    raise AssertionError("unreachable")
+
+
+def _failed(method: str, exc: Exception, attempt: int) -> None:
+    """Translate a Ray error; a dead cached handle gets one more try with a fresh look-up."""
+    if attempt == 1 and isinstance(exc, ray.exceptions.RayActorError):
+        reset()
+        return
+    raise QuotaError(f"the ray_quota executor did not answer {method}: {exc}") from exc
+
+
+def send(method: str, *args: Any) -> None:
+    """Call the executor without waiting (settling and closing are safe to lose)."""
+    try:
+        getattr(executor(), method).remote(*args)
+    except Exception:  # noqa: BLE001 - at interpreter exit or after shutdown there is nobody to tell
+        pass
+
+
+def claimant() -> str:
+    """Who is using a token here: the actor, else the task (stable across Ray retries), else us."""
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        actor_id = ctx.get_actor_id()
+        if actor_id:
+            return f"actor:{actor_id}"
+        if ctx.worker.mode == ray.WORKER_MODE:
+            task_id = ctx.get_task_id()
+            if task_id:
+                return f"task:{task_id}"
+    return f"process:{HOLDER}"
+
+
+def track(token: QuotaToken) -> None:
+    """Have this process's renewer settle and renew the token's lease."""
+    with _State.lock:
+        if _State.renewer is None:
+            _State.renewer = _Renewer()
+            _State.renewer.start()
+            threading.Thread(target=_watch, args=(_State.renewer,), name="ray_quota-recalls",
+                             daemon=True).start()
+            atexit.register(flush)
+    _State.renewer.add(token)
+
+
+def flush() -> None:
+    """Settle every lease of this process now (tests and clean exits); quiet if nobody listens."""
+    if _State.renewer is not None:
+        try:
+            _State.renewer.flush()
+        except QuotaError:
+            pass
+
+
+def _watch(renewer: _Renewer) -> None:
+    """Keep one call open at the executor that answers when our spare units should go back."""
+    while True:
+        try:
+            recalled = call("watch", HOLDER, WATCH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - no executor right now; renewals still shrink leases
+            time.sleep(RENEW_INTERVAL_S)
+            continue
+        if recalled:
+            renewer.recall(set(recalled))
+
+
+class _Renewer(threading.Thread):
+    """Every interval: report what each token's lease used, give back spare, renew the rest."""
+
+    def __init__(self) -> None:
+        super().__init__(name="ray_quota-renewer", daemon=True)
+        self._tokens: weakref.WeakSet[QuotaToken] = weakref.WeakSet()
+        self._flush_lock = threading.Lock()
+
+    def add(self, token: QuotaToken) -> None:
+        self._tokens.add(token)
+
+    def recall(self, token_ids: set[str]) -> None:
+        reports = [report for token in list(self._tokens) if token._id in token_ids
+                   and (report := token._recall())]
+        if reports:
+            send("settle", HOLDER, reports)
+
+    def run(self) -> None:
+        while True:
+            time.sleep(RENEW_INTERVAL_S)
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a missed renewal only shrinks our leases
+                pass
+
+    def flush(self) -> None:
+        with self._flush_lock:
+            tokens = list(self._tokens)
+            if not tokens:
+                return
+            sent_at = time.monotonic()
+            reports = [report for token in tokens if (report := token._report(sent_at))]
+            alive = call("renew", HOLDER, reports)
+            ttl = info().lease_ttl_s
+            for token in tokens:
+                token._renewed(alive, sent_at, ttl)
+

@@ -1,0 +1,97 @@
+"""Every exception ray_quota raises.
+
+    QuotaError (RuntimeError)
+    ├── ManifestError (ValueError)       a manifest is invalid; names file, field path and reason
+    ├── NotInitializedError              no executor is running; call ray_quota.init() first
+    ├── UnknownResourceError (KeyError)  the active environment has no such resource
+    ├── InvalidAmountError (ValueError)  an amount or expected use is not a positive whole number in range
+    ├── TokenStateError                  the token or reservation cannot do that any more
+    │   ├── TokenMovedError              the token was passed to another process
+    │   └── TokenClosedError             the token was closed, merged away or released
+    ├── ForgedTokenError                 the token is not one this cluster's executor issued
+    ├── IncompatibleTokensError (ValueError) merge across resources, environments or with itself
+    ├── FailedReservation                a `reject` resource could not grant in time; `.estimated_wait_s`
+    └── QuotaTerminated                  a `terminate` resource ended the task or actor that asked
+
+Each exception takes all its arguments through ``super().__init__`` so that it pickles, crosses Ray
+and still matches ``isinstance`` in the caller.
+"""
+
+from __future__ import annotations
+
+
+class QuotaError(RuntimeError):
+    """Base class of every ray_quota error."""
+
+
+class ManifestError(QuotaError, ValueError):
+    """A manifest could not be loaded; the message names the source, the field path and the reason."""
+
+
+class NotInitializedError(QuotaError):
+    """No ray_quota executor is reachable: call ``ray_quota.init(...)`` first."""
+
+
+class UnknownResourceError(QuotaError, KeyError):
+    """The active environment declares no resource of that name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidAmountError(QuotaError, ValueError):
+    """An amount or expected use is not a positive whole number the resource can grant."""
+
+
+class TokenStateError(QuotaError):
+    """The token or reservation is not in a state that allows this call."""
+
+
+class TokenMovedError(TokenStateError):
+    """The token was passed to another process, which now owns it."""
+
+
+class TokenClosedError(TokenStateError):
+    """The token was closed, released or merged into another token."""
+
+
+class ForgedTokenError(QuotaError):
+    """The token is unknown to this cluster's executor: forged, tampered with, or from elsewhere."""
+
+
+class IncompatibleTokensError(QuotaError, ValueError):
+    """Tokens of different resources or environments, or a token with itself, cannot merge."""
+
+
+class FailedReservation(QuotaError):
+    """A reservation on a ``reject`` resource could not be granted.
+
+    Attributes:
+        resource: the resource's name.
+        amount: the units asked for.
+        estimated_wait_s: seconds until the units would be free (rate resources), else ``None``.
+    """
+
+    def __init__(self, resource: str, amount: int, estimated_wait_s: float | None = None) -> None:
+        wait = "" if estimated_wait_s is None else f"; estimated wait {estimated_wait_s:.3f}s"
+        super().__init__(f"{resource!r}: could not reserve {amount} units{wait}", resource,
+                         amount, estimated_wait_s)
+        self.resource = resource
+        self.amount = amount
+        self.estimated_wait_s = estimated_wait_s
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.resource, self.amount, self.estimated_wait_s))
+
+
+class QuotaTerminated(QuotaError):
+    """A ``terminate`` resource could not grant in time and ended the task or actor that asked."""
+
+    def __init__(self, resource: str, amount: int) -> None:
+        super().__init__(f"{resource!r}: terminated; could not reserve {amount} units in time",
+                         resource, amount)
+        self.resource = resource
+        self.amount = amount
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.resource, self.amount))

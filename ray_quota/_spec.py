@@ -1,0 +1,63 @@
+"""Plain, frozen descriptions of resources: what the manifest hands to the scheduling core.
+
+Nothing here imports pydantic or Ray; the core works on these values alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Kind(str, enum.Enum):
+    """How a resource's units come back."""
+
+    RATE = "rate"  # refills continuously, `value` units per `period_s`, holding at most `burst`
+    CAPACITY = "capacity"  # a budget that never refills
+    CONCURRENCY = "concurrency"  # slots held while a reservation is open
+
+
+class Enforcement(str, enum.Enum):
+    """What happens when a reservation cannot be granted within the wait limit."""
+
+    REJECT = "reject"
+    THROTTLE = "throttle"
+    TERMINATE = "terminate"
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceSpec:
+    """One resource of one environment, already validated.
+
+    Example:
+        >>> spec = ResourceSpec("llm-tokens", Kind.RATE, value=600, period_s=60.0, burst=100)
+        >>> spec.refill_per_s
+        10.0
+    """
+
+    name: str
+    kind: Kind
+    value: int
+    period_s: float = 0.0  # rate only
+    burst: int = 0  # rate only; the most the pool holds
+    enforcement: Enforcement = Enforcement.THROTTLE
+    unit: str = "unit"
+    wait_limit_s: float | None = None  # None: wait for ever (throttle) or not at all (reject)
+
+    @property
+    def refill_per_s(self) -> float:
+        """Units added per second (rate resources); zero for the others."""
+        return self.value / self.period_s if self.kind is Kind.RATE else 0.0
+
+    @property
+    def ceiling(self) -> int:
+        """The largest single reservation the pool can ever grant."""
+        return self.burst if self.kind is Kind.RATE else self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """A named set of resources."""
+
+    name: str
+    resources: dict[str, ResourceSpec]

@@ -1,0 +1,413 @@
+"""QuotaToken and Reservation: the handles user code holds.
+
+All state that matters lives in the executor; a handle holds an unguessable id, a generation that
+moves with it, and a :class:`LocalLease` of units it can hand out without asking anyone.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import threading
+import time
+from typing import Any
+
+import ray
+
+from ray_quota import _client
+from ray_quota._errors import (
+    ForgedTokenError,
+    IncompatibleTokensError,
+    InvalidAmountError,
+    QuotaTerminated,
+    TokenClosedError,
+    TokenMovedError,
+    TokenStateError,
+)
+from ray_quota._executor import Report
+from ray_quota._holder import LocalLease
+from ray_quota._scheduler import MAX_UNITS, Grant, TokenInfo
+from ray_quota._spec import Kind, ResourceSpec
+
+_PREFETCH_FRACTION = 0.05  # the most a process asks to hold beyond a request, of the ceiling
+
+
+class _State(enum.Enum):
+    LIVE = "live"
+    MOVED = "moved"
+    CLOSED = "closed"
+
+
+class QuotaToken:
+    """An unforgeable right to consume one resource, weighted by its expected use.
+
+    Example:
+        >>> token = QuotaToken("llm-tokens", expected_use=1000)
+        >>> with token.reserve(500) as reservation:
+        ...     used = call_llm()
+        ...     reservation.commit(used)
+        >>> child = token.split(200)     # pass `child` to a Ray task; it moves there
+
+    Args:
+        resource: a resource of the executor's environment.
+        expected_use: the units one reservation is expected to take; the token's weight.
+        label: an optional tag (a team, a job) carried into metrics and inherited by splits.
+    """
+
+    __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
+                 "_expected_use", "_lease", "_lock", "_state", "_verified", "__weakref__")
+
+    def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
+        _check_units("expected_use", expected_use)
+        if label is not None and not isinstance(label, str):
+            raise TypeError(f"label must be a string, not {type(label).__name__}")
+        opened: TokenInfo = _client.call("open_token", resource, expected_use, _client.claimant(),
+                                         label)
+        info = _client.info()  # after the call, which refreshes a view of a replaced executor
+        self._setup(opened.id, opened.spec, info.environment, info.cluster_id, 0, label,
+                    expected_use)
+        self._verified = True
+
+    def _setup(self, token_id: str, spec: ResourceSpec, environment: str, cluster: str,
+               generation: int, label: str | None, expected_use: int) -> None:
+        self._id = token_id
+        self._spec = spec
+        self._environment = environment
+        self._cluster = cluster
+        self._generation = generation
+        self._label = label
+        self._expected_use = expected_use
+        self._lease = LocalLease(spec.kind, max_prefetch=max(
+            1, int(spec.ceiling * _PREFETCH_FRACTION)) if spec.kind is not Kind.CONCURRENCY else 0)
+        self._lock = threading.Lock()
+        self._state = _State.LIVE
+        self._verified = False
+
+    # -------------------------------------------------------------------------- properties
+
+    @property
+    def resource(self) -> str:
+        return self._spec.name
+
+    @property
+    def environment(self) -> str:
+        return self._environment
+
+    @property
+    def expected_use(self) -> int:
+        return self._expected_use
+
+    @property
+    def label(self) -> str | None:
+        return self._label
+
+    @property
+    def spec(self) -> ResourceSpec:
+        """The resource's limit as this token last learned it."""
+        return self._spec
+
+    def __repr__(self) -> str:
+        # Never the id: it is the capability.
+        return (f"QuotaToken(resource={self.resource!r}, expected_use={self._expected_use}, "
+                f"label={self._label!r}, state={self._state.value!r})")
+
+    # ----------------------------------------------------------------------------- reserve
+
+    def reserve(self, amount: int, timeout: float | None = None) -> Reservation:
+        """Reserve ``amount`` units, from the local lease when it can, else from the executor.
+
+        Waits as the resource's enforcement says, at most ``timeout`` seconds if given.
+
+        Raises:
+            FailedReservation: the units could not be had in time (reject, or a timeout).
+            QuotaTerminated: a ``terminate`` resource could not grant in time.
+            InvalidAmountError: ``amount`` is not a whole number the resource can ever grant.
+        """
+        local = self._try_local(amount, timeout)
+        if local is not None:
+            return local
+        prefetch, sent_at, args = self._acquire_args(amount, timeout)
+        grant = self._translate(lambda: _client.call("acquire", *args))
+        return self._granted(amount, grant, sent_at)
+
+    async def reserve_async(self, amount: int, timeout: float | None = None) -> Reservation:
+        """The asyncio twin of :meth:`reserve`, for async actors and Ray Serve deployments."""
+        local = self._try_local(amount, timeout)
+        if local is not None:
+            return local
+        prefetch, sent_at, args = self._acquire_args(amount, timeout)
+        try:
+            grant = await _client.call_async("acquire", *args)
+        except QuotaTerminated as exc:
+            self._terminate(exc)
+            raise
+        return self._granted(amount, grant, sent_at)
+
+    def _try_local(self, amount: int, timeout: float | None) -> Reservation | None:
+        self._usable()
+        if type(amount) is not int or not 1 <= amount <= self._spec.ceiling:
+            _check_units("amount", amount)
+            raise InvalidAmountError(
+                f"{self.resource!r}: {amount} units is more than the limit can ever grant "
+                f"({self._spec.ceiling})")
+        if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
+        with self._lock:
+            if self._lease.take(amount, time.monotonic()):
+                return Reservation(self, amount)
+        return None
+
+    def _acquire_args(self, amount: int, timeout: float | None) -> tuple[int, float, tuple]:
+        self._verify()
+        _client.track(self)
+        with self._lock:
+            prefetch = self._lease.prefetch()
+        sent_at = time.monotonic()
+        return prefetch, sent_at, (self._id, self._generation, _client.claimant(), _client.HOLDER,
+                                   amount, prefetch, timeout)
+
+    def _granted(self, amount: int, grant: Grant, sent_at: float) -> Reservation:
+        with self._lock:
+            self._lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
+                                contended=grant.contended)
+        return Reservation(self, amount)
+
+    def _translate(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except QuotaTerminated as exc:
+            self._terminate(exc)
+            raise
+
+    @staticmethod
+    def _terminate(exc: QuotaTerminated) -> None:
+        """End the actor that asked; a task ends by the exception itself, which Ray won't retry."""
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+            print(f"ray_quota: ending this actor: {exc}", file=sys.stderr, flush=True)
+            ray.actor.exit_actor()
+
+    # ---------------------------------------------------------------------- split and merge
+
+    def split(self, child_expected_use: int) -> QuotaToken:
+        """Move ``child_expected_use`` and the same share of credit into a new token.
+
+        Raises:
+            InvalidAmountError: more than this token's expected use; nothing changes.
+        """
+        self._usable()
+        _check_units("child_expected_use", child_expected_use)
+        if child_expected_use > self._expected_use:
+            raise InvalidAmountError(
+                f"cannot split {child_expected_use} from a token whose expected use is "
+                f"{self._expected_use}")
+        self._verify()
+        opened: TokenInfo = _client.call("split", self._id, self._generation, _client.claimant(),
+                                         child_expected_use)
+        child = QuotaToken.__new__(QuotaToken)
+        child._setup(opened.id, opened.spec, self._environment, self._cluster, 0, self._label,
+                     child_expected_use)
+        child._verified = True
+        self._expected_use -= child_expected_use
+        return child
+
+    def merge(self, other: QuotaToken) -> None:
+        """Add ``other``'s expected use and credit to this token; ``other`` is used up.
+
+        Raises:
+            IncompatibleTokensError: different resources or environments, or ``other is self``.
+        """
+        if not isinstance(other, QuotaToken):
+            raise TypeError(f"can only merge a QuotaToken, not {type(other).__name__}")
+        if other is self:
+            raise IncompatibleTokensError("a token cannot be merged with itself")
+        self._usable()
+        other._usable()
+        if (other._cluster, other._environment, other.resource) != (
+                self._cluster, self._environment, self.resource):
+            raise IncompatibleTokensError(
+                f"cannot merge a token of {other._environment}/{other.resource} into one of "
+                f"{self._environment}/{self.resource}")
+        if other._lease.reserved:
+            raise TokenStateError("cannot merge a token that has open reservations")
+        self._verify()
+        other._verify()
+        with other._lock:
+            report = other._final_report(time.monotonic())
+        _client.call("merge", self._id, self._generation, _client.claimant(), _client.HOLDER,
+                     other._id, other._generation, [report] if report else [])
+        other._state = _State.CLOSED
+        self._expected_use += other._expected_use
+
+    # ------------------------------------------------------------------------ release/move
+
+    def close(self) -> None:
+        """Release the token: spare units go back and its weight leaves the scheduler.
+
+        Open reservations are charged in full. Closing twice is harmless.
+        """
+        if self._state is not _State.LIVE:
+            return
+        with self._lock:
+            report = self._final_report(time.monotonic())
+            self._state = _State.CLOSED
+        _client.call("close", self._id, self._generation, _client.claimant(), _client.HOLDER,
+                     [report] if report else [])
+
+    def __enter__(self) -> QuotaToken:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        state = getattr(self, "_state", None)
+        if state is None or not ray.is_initialized():
+            return
+        try:
+            report = self._final_report(time.monotonic())
+            if state is _State.LIVE:
+                _client.send("close", self._id, self._generation, _client.claimant(),
+                             _client.HOLDER, [report] if report else [])
+            elif report:
+                _client.send("settle", _client.HOLDER, [report])
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickling moves the token: this handle stops working, the unpickled one takes over."""
+        self._usable()
+        self._state = _State.MOVED  # the renewer gives this handle's spare units back
+        return (_rebuild, (self._id, self._spec, self._environment, self._cluster,
+                           self._generation + 1, self._label, self._expected_use))
+
+    # --------------------------------------------------------------------------- internals
+
+    def _usable(self) -> None:
+        if self._state is _State.MOVED:
+            raise TokenMovedError(
+                "this token was passed to another task or actor, which owns it now; "
+                "split it first to keep a share")
+        if self._state is _State.CLOSED:
+            raise TokenClosedError("this token was closed or merged into another token")
+
+    def _verify(self) -> None:
+        if not self._verified:
+            if self._cluster != _client.info().cluster_id:
+                _client.reset()  # our cached view may predate a new executor
+                if self._cluster != _client.info().cluster_id:
+                    raise ForgedTokenError("this token was issued by another cluster's executor")
+            self._verified = True
+
+    def _settle(self, amount: int, used: int) -> None:
+        with self._lock:
+            lease = self._lease
+            debt = lease.settle(amount, used)
+            give_back = lease.recall() if lease.contended and lease.spare else 0
+        if debt or give_back:  # overuse is charged at once; under contention spare goes back
+            _client.send("settle", _client.HOLDER, [(self._id, give_back, 0, debt)])
+
+    def _recall(self) -> Report | None:
+        """Others wait for this resource: give back spare units now."""
+        with self._lock:
+            give_back = self._lease.recall()
+        return (self._id, give_back, 0, 0) if give_back else None
+
+    def _final_report(self, now: float) -> Report | None:
+        lease = self._lease
+        debt = 0
+        if lease.reserved:  # open reservations of a released token count as used in full
+            debt = lease.settle(lease.reserved, lease.reserved)
+        settlement = lease.report(now, keep_spare=False)
+        if settlement.give_back or settlement.used or debt:
+            return (self._id, settlement.give_back, settlement.used, debt)
+        return None
+
+    def _report(self, now: float) -> Report | None:
+        """Called by the renewer: what this token's lease has to settle."""
+        with self._lock:
+            settlement = self._lease.report(now, keep_spare=self._state is _State.LIVE)
+        if settlement.give_back or settlement.used or settlement.debt:
+            return (self._id, settlement.give_back, settlement.used, settlement.debt)
+        return None
+
+    def _renewed(self, alive: dict[str, bool], sent_at: float, ttl_s: float) -> None:
+        with self._lock:
+            self._lease.renewed(alive=self._id in alive, sent_at=sent_at, ttl_s=ttl_s,
+                                contended=alive.get(self._id, False))
+
+
+def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, generation: int,
+             label: str | None, expected_use: int) -> QuotaToken:
+    token = QuotaToken.__new__(QuotaToken)
+    token._setup(token_id, spec, environment, cluster, generation, label, expected_use)
+    return token
+
+
+class Reservation:
+    """Units reserved from a token; commit what was really used.
+
+    Example:
+        >>> with token.reserve(500) as reservation:
+        ...     reservation.commit(312)    # 188 units go back
+    """
+
+    __slots__ = ("_token", "amount", "_open")
+
+    def __init__(self, token: QuotaToken, amount: int) -> None:
+        self._token = token
+        self.amount = amount
+        self._open = True
+
+    def commit(self, used: int | None = None) -> None:
+        """Settle the reservation: less than reserved returns the rest, more is charged as debt.
+
+        ``used`` defaults to the amount reserved. For concurrency, commit frees the slots.
+
+        Raises:
+            TokenStateError: committed already, or the token was closed since.
+            InvalidAmountError: ``used`` is not a whole number from 0.
+        """
+        if not self._open:
+            raise TokenStateError("this reservation was already committed")
+        used = self.amount if used is None else used
+        _check_units("used", used, allow_zero=True)
+        if self._token._state is _State.CLOSED:
+            raise TokenClosedError("the token was closed; its open reservations were charged")
+        self._open = False
+        self._token._settle(self.amount, used)
+
+    @property
+    def committed(self) -> bool:
+        return not self._open
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._open and self._token._state is not _State.CLOSED:
+            self.commit(0)
+
+    async def __aenter__(self) -> Reservation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__(*exc)
+
+    def __del__(self) -> None:
+        if getattr(self, "_open", False) and self._token._state is not _State.CLOSED:
+            try:
+                self.commit(0)
+            except Exception:  # noqa: BLE001 - never raise from a finaliser
+                pass
+
+    def __repr__(self) -> str:
+        return f"Reservation(resource={self._token.resource!r}, amount={self.amount}, " \
+               f"committed={not self._open})"
+
+
+def _check_units(what: str, value: object, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidAmountError(f"{what} must be a whole number of units, not {value!r}")
+    low = 0 if allow_zero else 1
+    if not low <= value <= MAX_UNITS:
+        raise InvalidAmountError(f"{what} must be from {low} to {MAX_UNITS}, not {value}")

@@ -1,0 +1,169 @@
+"""The token API on a real local Ray: reserve, commit, split, merge, close, and local leases."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+import ray_quota
+from ray_quota import (
+    FailedReservation,
+    IncompatibleTokensError,
+    InvalidAmountError,
+    QuotaToken,
+    TokenClosedError,
+    TokenStateError,
+)
+from ray_quota import _client
+
+pytestmark = pytest.mark.usefixtures("executor")
+
+
+def executor_calls() -> int:
+    return ray.get(_client.executor().calls_served.remote())
+
+
+def by_name(name: str) -> ray_quota.ResourceStatus:
+    return next(s for s in ray_quota.status() if s.name == name)
+
+
+@ray.remote
+def child_task(token: QuotaToken, amount: int, used: int) -> tuple[str, int]:
+    with token.reserve(amount) as reservation:
+        reservation.commit(used)
+    return token.resource, token.expected_use
+
+
+def test_reference_example_with_a_child_task_receiving_a_split_token() -> None:
+    token = QuotaToken("tok", expected_use=1000)
+    with token.reserve(150) as reservation:
+        reservation.commit(120)
+    child = token.split(200)
+    assert token.expected_use == 800 and child.expected_use == 200
+    assert ray.get(child_task.remote(child, 50, 40)) == ("tok", 200)
+    token.close()
+
+
+def test_most_reserves_in_a_steady_loop_never_reach_the_executor() -> None:
+    token = QuotaToken("fast", expected_use=10)
+    before = executor_calls()
+    loops = 5000
+    for _ in range(loops):
+        with token.reserve(10) as reservation:
+            reservation.commit(10)
+    calls = executor_calls() - before
+    assert calls < loops * 0.05, f"{calls} executor calls for {loops} reservations"
+
+
+def test_commit_under_returns_the_rest_and_over_is_charged_as_debt() -> None:
+    token = QuotaToken("budget", expected_use=100)
+    reservation = token.reserve(1000)
+    reservation.commit(1500)  # 500 over: charged to the pool at once
+    _client.flush()
+    assert by_name("budget").in_use == 1500
+    with token.reserve(1000) as reservation:
+        reservation.commit(400)
+    token.close()
+    assert by_name("budget").in_use == 1900
+
+
+def test_commit_twice_is_an_error_and_changes_nothing() -> None:
+    token = QuotaToken("budget", expected_use=100)
+    reservation = token.reserve(100)
+    reservation.commit(60)
+    with pytest.raises(TokenStateError, match="already committed"):
+        reservation.commit(10)
+    token.close()
+    assert by_name("budget").in_use == 60
+
+
+def test_dropped_reservation_counts_as_commit_zero() -> None:
+    token = QuotaToken("budget", expected_use=100)
+    reservation = token.reserve(300)
+    del reservation
+    token.close()
+    assert by_name("budget").in_use == 0
+
+
+def test_closing_releases_the_lease_and_the_weight() -> None:
+    token = QuotaToken("conn", expected_use=1)
+    for _ in range(3):
+        with token.reserve(1):
+            pass
+    assert by_name("conn").tokens == 1
+    token.close()
+    status = by_name("conn")
+    assert (status.tokens, status.in_use, status.leases) == (0, 0, 0)
+    with pytest.raises(TokenClosedError):
+        token.reserve(1)
+
+
+def test_split_and_merge_move_expected_use_and_refuse_bad_input() -> None:
+    token = QuotaToken("tok", expected_use=100)
+    child = token.split(40)
+    with pytest.raises(InvalidAmountError, match="expected use is 60"):
+        token.split(61)
+    assert token.expected_use == 60
+    with pytest.raises(IncompatibleTokensError):
+        token.merge(token)
+    other = QuotaToken("budget", expected_use=5)
+    with pytest.raises(IncompatibleTokensError):
+        token.merge(other)
+    token.merge(child)
+    assert token.expected_use == 100
+    with pytest.raises(TokenClosedError):
+        child.reserve(1)
+    other.close()
+    token.close()
+
+
+def test_reject_raises_failed_reservation_with_the_estimated_wait() -> None:
+    token = QuotaToken("tok-reject", expected_use=10)
+    token.reserve(50).commit(50)  # empty the burst
+    with pytest.raises(FailedReservation) as failure:
+        token.reserve(40)
+    # 40 units at 100/s, from an empty bucket: about 0.4 s, less what refilled meanwhile.
+    assert failure.value.estimated_wait_s is not None
+    assert 0.2 < failure.value.estimated_wait_s <= 0.4
+    token.close()
+
+
+def test_capacity_reject_has_no_estimated_wait() -> None:
+    token = QuotaToken("budget", expected_use=100)
+    token.reserve(10_000).commit(10_000)
+    with pytest.raises(FailedReservation) as failure:
+        token.reserve(1)
+    assert failure.value.estimated_wait_s is None
+    token.close()
+
+
+def test_throttle_with_timeout_fails_in_time() -> None:
+    holder = QuotaToken("solo", expected_use=1)
+    held = holder.reserve(1)
+    waiter = QuotaToken("solo", expected_use=1)
+    started = time.monotonic()
+    with pytest.raises(FailedReservation):
+        waiter.reserve(1, timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+    held.commit()
+    with waiter.reserve(1, timeout=5):
+        pass
+    holder.close()
+    waiter.close()
+
+
+def test_repr_never_shows_the_id() -> None:
+    token = QuotaToken("tok", expected_use=7, label="team-a")
+    assert token._id not in repr(token)
+    assert "team-a" in repr(token)
+    token.close()
+
+
+async def test_reserve_async_and_async_context_manager() -> None:
+    token = QuotaToken("conn", expected_use=1)
+    async with await token.reserve_async(1) as reservation:
+        assert reservation.amount == 1
+    assert reservation.committed
+    token.close()
