@@ -8,7 +8,9 @@ Example:
     ...     reservation.commit(312)
 """
 
-from ray_quota._api import init, set_limit, shutdown, status
+from ray_quota._api import apply, init, set_limit, shutdown, status
+from ray_quota._context import current_token
+from ray_quota._decorate import QuotaExecutor, quota
 from ray_quota._errors import (
     FailedReservation,
     ForgedTokenError,
@@ -42,6 +44,7 @@ __all__ = [
     "NotInitializedError",
     "Policy",
     "QuotaError",
+    "QuotaExecutor",
     "QuotaTerminated",
     "QuotaToken",
     "Reservation",
@@ -51,8 +54,11 @@ __all__ = [
     "TokenMovedError",
     "TokenStateError",
     "UnknownResourceError",
+    "apply",
+    "current_token",
     "init",
     "load_manifest",
+    "quota",
     "set_limit",
     "shutdown",
     "status",

@@ -10,7 +10,7 @@ from typing import Any
 import ray
 
 from ray_quota import _client
-from ray_quota._errors import InvalidAmountError, ManifestError
+from ray_quota._errors import InvalidAmountError, ManifestError, UnknownResourceError
 from ray_quota._executor import EXECUTOR_NAME, NAMESPACE, Executor, ExecutorInfo
 from ray_quota._manifest import load_manifest
 from ray_quota._scheduler import MAX_UNITS, Policy, ResourceStatus
@@ -57,6 +57,23 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     return _client.info()
 
 
+def apply(manifest: str | os.PathLike[str] | Mapping[str, Any],
+          environment: str = "local") -> list[str]:
+    """Apply a changed manifest to the running executor; returns one line per changed resource.
+
+    Limits change for running tasks within one renewal interval; spent budget is never refilled.
+
+    Raises:
+        ManifestError: the manifest is invalid, or adds or removes resources.
+        NotInitializedError: no executor is running.
+    """
+    loaded = load_manifest(manifest)
+    loaded.environment(environment)
+    changes: list[str] = _client.call("apply", loaded.to_dict(), environment)
+    _client.reset()
+    return changes
+
+
 def shutdown() -> None:
     """Stop the executor; live tokens stop working."""
     if not ray.is_initialized():
@@ -85,8 +102,6 @@ def set_limit(resource: str, value: int) -> None:
                                  f"not {value!r}")
     specs = _client.info().resources
     if resource not in specs:
-        from ray_quota._errors import UnknownResourceError
-
         raise UnknownResourceError(f"no resource {resource!r} (known: {', '.join(sorted(specs))})")
     spec = specs[resource]
     burst = spec.burst

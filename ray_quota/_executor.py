@@ -68,8 +68,13 @@ class Executor:
                            label=label)
 
     async def split(self, token_id: str, generation: int, claimant: str,
-                    child_expected_use: int) -> TokenInfo | QuotaError:
-        return self._guard(self._sched.split, token_id, generation, claimant, child_expected_use)
+                    child_expected_use: int) -> tuple[TokenInfo, int] | QuotaError:
+        """Split a child off; also answers the parent's expected use left."""
+        child = self._guard(self._sched.split, token_id, generation, claimant,
+                            child_expected_use)
+        if isinstance(child, QuotaError):
+            return child
+        return child, self._sched.describe(token_id, generation, claimant)[0]
 
     async def merge(self, token_id: str, generation: int, claimant: str, holder: str,
                     other_id: str, other_generation: int,
@@ -79,6 +84,15 @@ class Executor:
         self._settle(holder, reports)
         return self._guard(self._sched.merge, token_id, generation, claimant, other_id,
                            other_generation)
+
+    async def merge_back(self, token_id: str, generation: int, claimant: str, holder: str,
+                         parent_id: str, reports: list[Report]) -> bool | QuotaError:
+        self._settle(holder, reports)
+        return self._guard(self._sched.merge_back, token_id, generation, claimant, parent_id)
+
+    async def describe(self, token_id: str, generation: int,
+                       claimant: str) -> tuple[int, float] | QuotaError:
+        return self._guard(self._sched.describe, token_id, generation, claimant)
 
     async def close(self, token_id: str, generation: int, claimant: str, holder: str,
                     reports: list[Report]) -> None | QuotaError:

@@ -248,6 +248,32 @@ class Scheduler:
         self._rekey(res, token)
         self._forget(other)
 
+    def merge_back(self, child_id: str, generation: int, claimant: str | None,
+                   parent_id: str) -> bool:
+        """Return a child's expected use and credit to the token it was split from.
+
+        The child's owner needs no right over the parent: adding to a token never hurts it.
+        If the parent is gone, the child is simply closed. Returns whether it merged.
+        """
+        child = self._live(child_id, generation, claimant)
+        parent = self._tokens.get(parent_id)
+        if parent is None or parent.resource != child.resource or parent is child or \
+                child.waiters:
+            self._forget(child)
+            return False
+        res = self._resources[child.resource]
+        credit = self._credit(res, parent) + self._credit(res, child)
+        parent.expected_use += child.expected_use
+        parent.pass_ = res.vtime - credit / parent.expected_use
+        self._rekey(res, parent)
+        self._forget(child)
+        return True
+
+    def describe(self, token_id: str, generation: int, claimant: str | None) -> tuple[int, float]:
+        """The token's expected use and credit, as the executor holds them."""
+        token = self._live(token_id, generation, claimant)
+        return token.expected_use, self._credit(self._resources[token.resource], token)
+
     def close_token(self, token_id: str, generation: int, claimant: str | None) -> None:
         """Close the token: its waiters fail and its weight leaves the scheduler."""
         self._forget(self._live(token_id, generation, claimant))
@@ -454,6 +480,7 @@ class Scheduler:
         now = self._clock()
         res.pool.resize(spec, now)
         res.spec = spec
+        self._recall(res)  # holders give spare units back, so the new limit binds at once
         self._dispatch(res, now)
 
     def specs(self) -> dict[str, ResourceSpec]:

@@ -55,7 +55,8 @@ class QuotaToken:
     """
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
-                 "_expected_use", "_lease", "_lock", "_state", "_verified", "__weakref__")
+                 "_expected_use", "_lease", "_lock", "_state", "_verified", "_parent", "_scope",
+                 "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
         _check_units("expected_use", expected_use)
@@ -82,6 +83,8 @@ class QuotaToken:
         self._lock = threading.Lock()
         self._state = _State.LIVE
         self._verified = False
+        self._parent: str | None = None  # the token this one was split from
+        self._scope: Any = None
 
     # -------------------------------------------------------------------------- properties
 
@@ -95,7 +98,17 @@ class QuotaToken:
 
     @property
     def expected_use(self) -> int:
+        """The expected use as this handle last learned it (see :meth:`describe`)."""
         return self._expected_use
+
+    def describe(self) -> tuple[int, float]:
+        """Ask the executor for this token's expected use and credit (negative: debt)."""
+        self._usable()
+        self._verify()
+        expected_use, credit = _client.call("describe", self._id, self._generation,
+                                            _client.claimant())
+        self._expected_use = expected_use
+        return expected_use, credit
 
     @property
     def label(self) -> str | None:
@@ -145,11 +158,9 @@ class QuotaToken:
 
     def _try_local(self, amount: int, timeout: float | None) -> Reservation | None:
         self._usable()
-        if type(amount) is not int or not 1 <= amount <= self._spec.ceiling:
-            _check_units("amount", amount)
-            raise InvalidAmountError(
-                f"{self.resource!r}: {amount} units is more than the limit can ever grant "
-                f"({self._spec.ceiling})")
+        if type(amount) is not int or amount < 1:
+            _check_units("amount", amount)  # raises; the ceiling is checked by the executor,
+            # whose limits may have changed since this handle learned them
         if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
             raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
         with self._lock:
@@ -192,22 +203,19 @@ class QuotaToken:
         """Move ``child_expected_use`` and the same share of credit into a new token.
 
         Raises:
-            InvalidAmountError: more than this token's expected use; nothing changes.
+            InvalidAmountError: more than this token's expected use (checked by the executor,
+                which knows what children gave back); nothing changes.
         """
         self._usable()
         _check_units("child_expected_use", child_expected_use)
-        if child_expected_use > self._expected_use:
-            raise InvalidAmountError(
-                f"cannot split {child_expected_use} from a token whose expected use is "
-                f"{self._expected_use}")
         self._verify()
-        opened: TokenInfo = _client.call("split", self._id, self._generation, _client.claimant(),
-                                         child_expected_use)
+        opened, self._expected_use = _client.call("split", self._id, self._generation,
+                                                  _client.claimant(), child_expected_use)
         child = QuotaToken.__new__(QuotaToken)
         child._setup(opened.id, opened.spec, self._environment, self._cluster, 0, self._label,
                      child_expected_use)
         child._verified = True
-        self._expected_use -= child_expected_use
+        child._parent = self._id
         return child
 
     def merge(self, other: QuotaToken) -> None:
@@ -253,10 +261,37 @@ class QuotaToken:
         _client.call("close", self._id, self._generation, _client.claimant(), _client.HOLDER,
                      [report] if report else [])
 
+    def return_to_parent(self) -> bool:
+        """Give this token's expected use and credit back to the token it was split from.
+
+        If that token is gone, this one is simply released. Either way this handle is used up.
+        Returns whether it merged.
+        """
+        self._usable()
+        if self._parent is None:
+            self.close()
+            return False
+        self._verify()
+        with self._lock:
+            report = self._final_report(time.monotonic())
+            self._state = _State.CLOSED
+        return bool(_client.call("merge_back", self._id, self._generation, _client.claimant(),
+                                 _client.HOLDER, self._parent, [report] if report else []))
+
     def __enter__(self) -> QuotaToken:
+        """Put the token in scope (see :func:`ray_quota.current_token`) until the block ends,
+        then close it."""
+        from ray_quota._context import enter_scope
+
+        self._scope = enter_scope(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        from ray_quota._context import leave_scope
+
+        if self._scope is not None:
+            leave_scope(self._scope)
+            self._scope = None
         self.close()
 
     def __del__(self) -> None:
@@ -278,7 +313,7 @@ class QuotaToken:
         self._usable()
         self._state = _State.MOVED  # the renewer gives this handle's spare units back
         return (_rebuild, (self._id, self._spec, self._environment, self._cluster,
-                           self._generation + 1, self._label, self._expected_use))
+                           self._generation + 1, self._label, self._expected_use, self._parent))
 
     # --------------------------------------------------------------------------- internals
 
@@ -337,9 +372,10 @@ class QuotaToken:
 
 
 def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, generation: int,
-             label: str | None, expected_use: int) -> QuotaToken:
+             label: str | None, expected_use: int, parent: str | None) -> QuotaToken:
     token = QuotaToken.__new__(QuotaToken)
     token._setup(token_id, spec, environment, cluster, generation, label, expected_use)
+    token._parent = parent
     return token
 
 
