@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 import ray
+import ray.exceptions
 
 from ray_quota import _client
 from ray_quota._errors import InvalidAmountError, ManifestError, UnknownResourceError
@@ -15,15 +16,25 @@ from ray_quota._executor import EXECUTOR_NAME, NAMESPACE, Executor, ExecutorInfo
 from ray_quota._manifest import load_manifest
 from ray_quota._scheduler import MAX_UNITS, Policy, ResourceStatus
 
+DEFAULT_METRICS_PORT = 9464
+
 
 def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
          environment: str = "local", *, apply: bool = False, policy: Policy | None = None,
-         address: str | None = None) -> ExecutorInfo:
+         address: str | None = None, state_path: str | os.PathLike[str] | None = None,
+         metrics_port: int | None = DEFAULT_METRICS_PORT) -> ExecutorInfo:
     """Start the cluster's executor, or connect to the one already running.
 
     Starts a local Ray if none is running (or connects to ``address``). Calling it again with the
     same manifest is harmless; a different manifest is refused unless ``apply=True``, which
     changes the running executor's limits.
+
+    The executor keeps its state (spent budgets, rate levels, tokens, leases) in SQLite at
+    ``state_path``, by default in the Ray session's folder; if Ray restarts the executor, it
+    carries on from there. An explicit path outlives the Ray cluster (and :func:`shutdown`).
+
+    The executor serves the cluster's Prometheus metrics on ``metrics_port`` (0: any free port,
+    None: no endpoint); :func:`metrics_address` says where. Both only apply when it starts.
 
     Raises:
         ManifestError: the manifest is invalid, names no such environment, or differs from the
@@ -37,6 +48,7 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     _client.reset()
+    handle: Any
     try:
         handle = ray.get_actor(EXECUTOR_NAME, namespace=NAMESPACE)
     except ValueError:
@@ -45,7 +57,9 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         actor = ray.remote(Executor).options(
             name=EXECUTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_concurrency=10_000, num_cpus=0)
-        handle = actor.remote(plain, environment, policy or Policy())
+        handle = actor.remote(plain, environment, policy or Policy(), None,
+                              os.fspath(state_path) if state_path is not None else None,
+                              metrics_port=metrics_port)
     if plain is not None:
         running, running_env = ray.get(handle.manifest.remote())
         if (running, running_env) != (plain, environment):
@@ -75,14 +89,31 @@ def apply(manifest: str | os.PathLike[str] | Mapping[str, Any],
 
 
 def shutdown() -> None:
-    """Stop the executor; live tokens stop working."""
+    """Stop the executor; live tokens stop working. The session's state file is deleted; an
+    explicit ``state_path`` is kept, so the next executor started on it carries on."""
     if not ray.is_initialized():
         return
     try:
-        ray.kill(ray.get_actor(EXECUTOR_NAME, namespace=NAMESPACE), no_restart=True)
+        handle = ray.get_actor(EXECUTOR_NAME, namespace=NAMESPACE)
     except ValueError:
-        pass
+        _client.reset()
+        return
+    try:
+        ray.get(handle.forget_state.remote(), timeout=30)
+    except ray.exceptions.RayError:
+        pass  # a dead executor has nothing to forget
+    ray.kill(handle, no_restart=True)
     _client.reset()
+
+
+def info() -> ExecutorInfo:
+    """The running executor's identity, environment and resource definitions, fetched afresh.
+
+    Raises:
+        NotInitializedError: Ray is not initialised, or no executor is running.
+    """
+    _client.reset()  # limits may have changed since this process last asked
+    return _client.info()
 
 
 def status() -> list[ResourceStatus]:
@@ -109,3 +140,9 @@ def set_limit(resource: str, value: int) -> None:
         burst = value  # a burst that defaulted to the value follows it
     _client.call("set_limit", replace(spec, value=value, burst=burst))
     _client.reset()
+
+
+def metrics_address() -> str | None:
+    """``host:port`` of the executor's Prometheus endpoint (``/metrics``), or None if it serves
+    none; :func:`ray_quota._metrics.prometheus_scrape_config` turns it into a scrape job."""
+    return info().metrics_address

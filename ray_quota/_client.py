@@ -5,18 +5,22 @@ This is the one place where Ray's errors become ours.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import itertools
 import os
 import secrets
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.exceptions
 
-from ray_quota._errors import NotInitializedError, QuotaError
+from ray_quota import _observe
+from ray_quota._errors import ExecutorUnavailableError, NotInitializedError, QuotaError
 from ray_quota._executor import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
 
 if TYPE_CHECKING:
@@ -27,6 +31,12 @@ WATCH_TIMEOUT_S = 10.0
 
 # One holder id per process: leases belong to processes, not to tasks.
 HOLDER = f"{os.getpid()}-{secrets.token_hex(8)}"
+_LEASE_KEYS = itertools.count()
+
+
+def lease_key() -> str:
+    """A key never used before in this cluster, under which the executor knows one lease."""
+    return f"{HOLDER}:{next(_LEASE_KEYS)}"
 
 
 class _State:
@@ -72,32 +82,50 @@ def _unwrap(result: Any) -> Any:
     return result
 
 
-def call(method: str, *args: Any) -> Any:
-    """Call the executor and wait; a returned QuotaError is raised here."""
-    for attempt in (1, 2):
+RESTART_WINDOW_S = 60.0  # how long calls keep trying while Ray restarts the executor
+
+
+def call(method: str, *args: Any, retry: bool = True) -> Any:
+    """Call the executor and wait; a returned QuotaError is raised here.
+
+    With ``retry`` (for calls that are safe to repeat), a call that failed because the executor
+    died is made again, to the executor found afresh, while Ray restarts it.
+    """
+    delays = retry_delays()
+    while True:
         try:
             return _unwrap(ray.get(getattr(executor(), method).remote(*args)))
         except ray.exceptions.RayError as exc:
-            _failed(method, exc, attempt)
-    raise AssertionError("unreachable")
+            time.sleep(_failed(method, exc, delays if retry else None))
 
 
-async def call_async(method: str, *args: Any) -> Any:
+async def call_async(method: str, *args: Any, retry: bool = True) -> Any:
     """The asyncio twin of :func:`call`."""
-    for attempt in (1, 2):
+    delays = retry_delays()
+    while True:
         try:
             return _unwrap(await getattr(executor(), method).remote(*args))
         except ray.exceptions.RayError as exc:
-            _failed(method, exc, attempt)
-    raise AssertionError("unreachable")
+            await asyncio.sleep(_failed(method, exc, delays if retry else None))
 
 
-def _failed(method: str, exc: Exception, attempt: int) -> None:
-    """Translate a Ray error; a dead cached handle gets one more try with a fresh look-up."""
-    if attempt == 1 and isinstance(exc, ray.exceptions.RayActorError):
+def retry_delays() -> Iterator[float]:
+    """Growing pauses between tries, for as long as an executor restart may take."""
+    waited, delay = 0.0, 0.05
+    while waited < RESTART_WINDOW_S:
+        yield delay
+        waited += delay
+        delay = min(1.0, delay * 2)
+
+
+def _failed(method: str, exc: Exception, delays: Iterator[float] | None) -> float:
+    """Translate a Ray error, or say how long to pause before trying a restarting executor."""
+    if isinstance(exc, ray.exceptions.RayActorError):
         reset()
-        return
-    raise QuotaError(f"the ray_quota executor did not answer {method}: {exc}") from exc
+        if delays is not None and (delay := next(delays, None)) is not None:
+            return delay
+    raise ExecutorUnavailableError(
+        f"the ray_quota executor did not answer {method}: {exc}") from exc
 
 
 def send(method: str, *args: Any) -> None:
@@ -170,7 +198,7 @@ class _Renewer(threading.Thread):
         reports = [report for token in list(self._tokens) if token._id in token_ids
                    and (report := token._recall())]
         if reports:
-            send("settle", HOLDER, reports)
+            send("settle", reports)
 
     def run(self) -> None:
         while True:
@@ -183,11 +211,16 @@ class _Renewer(threading.Thread):
     def flush(self) -> None:
         with self._flush_lock:
             tokens = list(self._tokens)
-            if not tokens:
+            observed = _observe.drain()  # metrics travel with the renewal
+            if not tokens and observed is None:
                 return
             sent_at = time.monotonic()
-            reports = [report for token in tokens if (report := token._report(sent_at))]
-            alive = call("renew", HOLDER, reports)
+            reports = [report for token in tokens for report in token._reports(sent_at)]
+            try:
+                alive = call("renew", HOLDER, reports, observed)
+            except BaseException:
+                _observe.restore(observed)  # the next renewal carries them
+                raise
             ttl = info().lease_ttl_s
             for token in tokens:
                 token._renewed(alive, sent_at, ttl)

@@ -3,6 +3,7 @@
     QuotaError (RuntimeError)
     ├── ManifestError (ValueError)       a manifest is invalid; names file, field path and reason
     ├── NotInitializedError              no executor is running; call ray_quota.init() first
+    ├── ExecutorUnavailableError         the executor did not answer (it died or is restarting)
     ├── UnknownResourceError (KeyError)  the active environment has no such resource
     ├── InvalidAmountError (ValueError)  an amount or expected use is not a positive whole number in range
     ├── TokenStateError                  the token or reservation cannot do that any more
@@ -19,6 +20,8 @@ and still matches ``isinstance`` in the caller.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class QuotaError(RuntimeError):
     """Base class of every ray_quota error."""
@@ -30,6 +33,10 @@ class ManifestError(QuotaError, ValueError):
 
 class NotInitializedError(QuotaError):
     """No ray_quota executor is reachable: call ``ray_quota.init(...)`` first."""
+
+
+class ExecutorUnavailableError(QuotaError):
+    """The executor did not answer: it died, is restarting, or Ray is shutting down."""
 
 
 class UnknownResourceError(QuotaError, KeyError):
@@ -80,7 +87,7 @@ class FailedReservation(QuotaError):
         self.amount = amount
         self.estimated_wait_s = estimated_wait_s
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (type(self), (self.resource, self.amount, self.estimated_wait_s))
 
 
@@ -93,5 +100,5 @@ class QuotaTerminated(QuotaError):
         self.resource = resource
         self.amount = amount
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (type(self), (self.resource, self.amount))

@@ -8,6 +8,7 @@ futures inside the actor: a blocked reservation never delays commits, renewals o
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -15,14 +16,18 @@ from typing import Any
 
 from ray_quota._errors import IncompatibleTokensError, ManifestError, QuotaError
 from ray_quota._manifest import Manifest, load_manifest
+from ray_quota._observe import Batch
 from ray_quota._scheduler import Grant, Policy, ResourceStatus, Scheduler, TokenInfo
 from ray_quota._spec import Environment, ResourceSpec
+from ray_quota._store import StateStore
 
 NAMESPACE = "ray_quota"
 EXECUTOR_NAME = "ray_quota_executor"
 _IDLE_TICK_S = 0.5  # how often the loop looks for expired leases when nothing is due sooner
 
-Report = tuple[str, int, int, int]  # token id, units given back, units used, debt
+# A lease's running totals, as a holder reports them: token id, the holder's lease key, units
+# returned, units used, debt, and whether the holder is done with the lease (final).
+Report = tuple[str, str, int, int, int, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,29 +38,47 @@ class ExecutorInfo:
     environment: str
     resources: dict[str, ResourceSpec]
     lease_ttl_s: float
+    metrics_address: str | None = None  # host:port of the metrics endpoint, if it serves one
 
 
 class Executor:
     """Hosts one environment's :class:`Scheduler`; methods are coroutines run on the actor's loop."""
 
     def __init__(self, manifest: dict[str, Any], environment: str, policy: Policy = Policy(),
-                 cluster_id: str | None = None) -> None:
+                 cluster_id: str | None = None, state_path: str | None = None,
+                 metrics_port: int | None = None) -> None:
         self._manifest = load_manifest(manifest)
         self._environment = environment
         resources = self._manifest.environment(environment).resources
         self._sched = Scheduler(resources, clock=time.monotonic, policy=policy)
-        self._cluster_id = cluster_id or secrets.token_hex(8)
+        self._state_is_default = state_path is None
+        self._store = StateStore(state_path or default_state_path())
+        saved = self._store.load()
+        if saved is not None and saved.environment == environment:
+            # Restarted by Ray (or started again on the same state): carry on where it stopped.
+            self._cluster_id = saved.cluster_id
+            self._sched.restore(saved.resources, saved.tokens, saved.leases,
+                                elapsed_s=time.time() - saved.saved_at)
+            self._manifest = _with_environment(self._manifest, environment, self._sched.specs())
+        else:
+            self._cluster_id = cluster_id or secrets.token_hex(8)
+            self._store.start(self._cluster_id, environment)
+        self._store.write(self._sched.drain_changes())
         self._futures: dict[int, asyncio.Future[Grant | QuotaError]] = {}
         self._kick: asyncio.Event | None = None
         self._watchers: dict[str, asyncio.Future[list[str]]] = {}
         self._recalls: dict[str, set[str]] = {}
         self.calls = 0  # executor calls served, for tests and benchmarks of the local path
+        from ray_quota._metrics import ExecutorMetrics  # here: only the actor needs it
+
+        self._metrics = ExecutorMetrics(lambda: self._sched, environment, self._cluster_id,
+                                        metrics_port)
 
     # ---------------------------------------------------------------------------- identity
 
     async def info(self) -> ExecutorInfo:
         return ExecutorInfo(self._cluster_id, self._environment, self._sched.specs(),
-                            self._sched.policy.lease_ttl_s)
+                            self._sched.policy.lease_ttl_s, self._metrics.address)
 
     async def manifest(self) -> tuple[dict[str, Any], str]:
         return self._manifest.to_dict(), self._environment
@@ -76,27 +99,26 @@ class Executor:
             return child
         return child, self._sched.describe(token_id, generation, claimant)[0]
 
-    async def merge(self, token_id: str, generation: int, claimant: str, holder: str,
-                    other_id: str, other_generation: int,
-                    reports: list[Report]) -> None | QuotaError:
+    async def merge(self, token_id: str, generation: int, claimant: str, other_id: str,
+                    other_generation: int, reports: list[Report]) -> None | QuotaError:
         if other_id == token_id:
             return IncompatibleTokensError("a token cannot be merged with itself")
-        self._settle(holder, reports)
+        self._settle(reports)
         return self._guard(self._sched.merge, token_id, generation, claimant, other_id,
                            other_generation)
 
-    async def merge_back(self, token_id: str, generation: int, claimant: str, holder: str,
-                         parent_id: str, reports: list[Report]) -> bool | QuotaError:
-        self._settle(holder, reports)
+    async def merge_back(self, token_id: str, generation: int, claimant: str, parent_id: str,
+                         reports: list[Report]) -> bool | QuotaError:
+        self._settle(reports)
         return self._guard(self._sched.merge_back, token_id, generation, claimant, parent_id)
 
     async def describe(self, token_id: str, generation: int,
                        claimant: str) -> tuple[int, float] | QuotaError:
         return self._guard(self._sched.describe, token_id, generation, claimant)
 
-    async def close(self, token_id: str, generation: int, claimant: str, holder: str,
+    async def close(self, token_id: str, generation: int, claimant: str,
                     reports: list[Report]) -> None | QuotaError:
-        self._settle(holder, reports)
+        self._settle(reports)
         return self._guard(self._sched.close_token, token_id, generation, claimant)
 
     # ------------------------------------------------------------------------------ leases
@@ -106,12 +128,14 @@ class Executor:
         """Grant ``amount`` (plus prefetch) into ``holder``'s lease, waiting as the resource says."""
         self.calls += 1
         self._ensure_ticker()
+        arrived = time.monotonic()
         try:
             ticket = self._sched.acquire(token_id, generation, claimant, holder, amount,
                                          prefetch=prefetch, timeout=timeout)
         except QuotaError as exc:
             return exc
         outcome = ticket.outcome
+        waited = outcome is None
         if outcome is None:
             future = asyncio.get_running_loop().create_future()
             self._futures[ticket.id] = future
@@ -123,18 +147,30 @@ class Executor:
                 self._sched.cancel(ticket)
                 raise
         self._pump()
+        self._metrics.acquired(token_id, outcome, time.monotonic() - arrived, waited)
         return outcome
 
-    async def settle(self, holder: str, reports: list[Report]) -> None:
-        """Settle a holder's reports without renewing (a handle that moved or was dropped)."""
-        self._settle(holder, reports)
+    async def settle(self, reports: list[Report]) -> None:
+        """Apply lease totals without renewing (overuse, recalls, handles that went away)."""
+        self._settle(reports)
 
-    async def renew(self, holder: str, reports: list[Report]) -> dict[str, bool]:
-        """Settle the holder's reports, extend its leases, say which tokens are contended."""
+    async def renew(self, holder: str, reports: list[Report],
+                    observed: Batch | None = None) -> dict[tuple[str, str], bool]:
+        """Apply a process's lease totals and extend its leases.
+
+        Returns, per live lease (token id, key), whether others wait; a lease missing from the
+        answer has expired and its holder must start a new one. ``observed`` is what the
+        process's reservations observed since its last renewal, for the metrics.
+        """
         self.calls += 1
         self._ensure_ticker()
-        self._settle(holder, reports)
-        return self._sched.renew(holder)
+        self._metrics.renewed(observed)
+        self._settle(reports)
+        alive = {}
+        for token_id, key, *_, final in reports:
+            if not final and (contended := self._sched.renew_lease(token_id, key)) is not None:
+                alive[(token_id, key)] = contended
+        return alive
 
     async def watch(self, holder: str, timeout_s: float) -> list[str]:
         """Wait until others queue on a resource the holder leases; return those token ids.
@@ -192,6 +228,10 @@ class Executor:
     async def calls_served(self) -> int:
         return self.calls
 
+    async def forget_state(self) -> None:
+        """Before a deliberate stop: delete the state file if it is the session's default one."""
+        self._store.close(delete=self._state_is_default)
+
     # ---------------------------------------------------------------------------- internals
 
     def _guard(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -202,14 +242,19 @@ class Executor:
         finally:
             self._pump()
 
-    def _settle(self, holder: str, reports: list[Report]) -> None:
-        for token_id, give_back, used, debt in reports:
-            self._sched.give_back(token_id, holder, give_back, used=used, debt=debt)
+    def _settle(self, reports: list[Report]) -> None:
+        for token_id, key, returned, used, debt, final in reports:
+            self._sched.settle(token_id, key, returned, used, debt, final=final)
         self._pump()
 
     def _pump(self) -> None:
-        """Hand every resolved ticket to its caller, and every recall to its holder's watcher."""
-        for ticket in self._sched.poll():
+        """Save what changed, then hand every resolved ticket to its caller and every recall to
+        its holder's watcher: nothing is acknowledged before it is on disk."""
+        tickets = self._sched.poll()
+        changes = self._sched.drain_changes()
+        if changes:
+            self._store.write(changes)
+        for ticket in tickets:
             future = self._futures.pop(ticket.id, None)
             if future is not None and not future.done() and ticket.outcome is not None:
                 future.set_result(ticket.outcome)
@@ -239,6 +284,20 @@ class Executor:
                 pass
             self._kick.clear()
             self._pump()
+
+
+def default_state_path() -> str:
+    """The state file of this Ray session: a new cluster starts with a clean slate."""
+    import tempfile
+
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # noqa: SLF001 - no public accessor
+        session_dir = node.get_session_dir_path()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not in a Ray worker: a local file will do
+        session_dir = os.path.join(tempfile.gettempdir(), "ray_quota")
+    return os.path.join(session_dir, "ray_quota_state.sqlite")
 
 
 def _with_environment(manifest: Manifest, environment: str,

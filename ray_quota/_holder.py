@@ -1,6 +1,12 @@
 """A holder's side of a lease: serve reservations locally, settle them, report at renewal.
 
 Pure and clock-free like the scheduler: the Ray client and the tests drive it with ``now``.
+
+Reports carry running totals (units returned, used, owed as debt), never increments, so the
+executor can apply a report twice, late or out of order without harm. A lease is known to the
+executor by its holder key; when the holder can no longer trust that both sides agree on the
+totals (a grant's answer was lost, or the lease expired), it starts a new lease under a new key
+and settles the old one as final.
 """
 
 from __future__ import annotations
@@ -16,18 +22,18 @@ TRUST = 0.8
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """What a holder tells the executor about one lease at renewal."""
+    """A lease's running totals, as the holder reports them."""
 
-    give_back: int  # unused units returned to the pool
+    returned: int  # unused units given back to the pool
     used: int  # units consumed from the lease
     debt: int  # units consumed beyond any grant
 
 
 class LocalLease:
-    """Units of one token held by this process.
+    """Units of one token held by this process under one holder key.
 
     Example:
-        >>> lease = LocalLease(Kind.RATE, max_prefetch=64)
+        >>> lease = LocalLease(Kind.RATE, key="proc-1:0", max_prefetch=64)
         >>> lease.take(10, now=0.0)            # nothing held yet: ask the executor
         False
         >>> lease.granted(10, units=20, sent_at=0.0, ttl_s=10.0, contended=False)
@@ -35,16 +41,18 @@ class LocalLease:
         (True, 0)
     """
 
-    __slots__ = ("kind", "spare", "reserved", "_used", "_valid_until", "contended",
-                 "_prefetch", "_max_prefetch", "_busy")
+    __slots__ = ("kind", "key", "spare", "reserved", "returned", "used", "debt", "active",
+                 "contended", "_valid_until", "_prefetch", "_max_prefetch", "_busy")
 
-    def __init__(self, kind: Kind, *, max_prefetch: int) -> None:
+    def __init__(self, kind: Kind, *, key: str, max_prefetch: int) -> None:
         self.kind = kind
+        self.key = key  # the executor knows this lease as (token id, key)
         self.spare = 0  # held and not in an open reservation
         self.reserved = 0  # held by open reservations
-        self._used = 0
-        self._valid_until = float("-inf")
+        self.returned = self.used = self.debt = 0  # running totals
+        self.active = False  # the executor has a record of this lease
         self.contended = False
+        self._valid_until = float("-inf")
         self._prefetch = 0
         self._max_prefetch = max_prefetch
         self._busy = False  # served a reservation since the last renewal
@@ -69,7 +77,8 @@ class LocalLease:
                 contended: bool) -> None:
         """Record a grant of ``units`` for a request of ``amount``, and reserve ``amount``."""
         if sent_at >= self._valid_until:
-            self.spare = 0  # the executor may have expired the old lease and its spare with it
+            self.spare = 0  # not trusted any more: the executor may have expired those units
+        self.active = True
         self._valid_until = sent_at + ttl_s * TRUST
         self.spare += units - amount
         self.reserved += amount
@@ -78,53 +87,66 @@ class LocalLease:
         if not contended:
             self._prefetch = min(self._max_prefetch, max(2 * self._prefetch, amount))
 
-    def settle(self, amount: int, used: int) -> int:
+    def settle(self, amount: int, used: int) -> bool:
         """Close a reservation of ``amount`` that really used ``used``.
 
-        Returns the overuse that spare units could not cover: debt the caller should report at
-        once, so that the pool stops granting what was already consumed.
+        Returns whether debt grew: overuse that spare units could not cover, which the caller
+        should report at once so that the pool stops granting what was already consumed.
         """
         self.reserved -= amount
         if self.kind is Kind.CONCURRENCY:
             self.spare += amount  # the slots are free again, whatever was "used"
-            return max(0, used - amount)
-        if used <= amount:
+            over = max(0, used - amount)
+        elif used <= amount:
             self.spare += amount - used
-            self._used += used
-            return 0
-        cover = min(used - amount, self.spare)  # overuse comes out of spare units first
-        self.spare -= cover
-        self._used += amount + cover
-        return used - amount - cover
+            self.used += used
+            over = 0
+        else:
+            cover = min(used - amount, self.spare)  # overuse comes out of spare units first
+            self.spare -= cover
+            self.used += amount + cover
+            over = used - amount - cover
+        self.debt += over
+        return over > 0
+
+    def recall(self) -> bool:
+        """Others wait: stop serving locally and give every spare unit back.
+
+        Returns whether there was anything to give back.
+        """
+        self.contended = True
+        if not self.spare:
+            return False
+        self.returned += self.spare
+        self.spare = 0
+        return True
+
+    def release_all(self) -> None:
+        """The lease ends: open reservations count as used in full, spare goes back."""
+        if self.reserved:
+            self.settle(self.reserved, self.reserved)
+        self.returned += self.spare
+        self.spare = 0
 
     def report(self, now: float, *, keep_spare: bool) -> Settlement:
-        """What to settle at renewal; spare units go back unless ``keep_spare`` and still trusted."""
-        give_back = 0
+        """The totals to send at renewal; spare goes back unless kept, trusted and in use."""
         if now >= self._valid_until:
             self.spare = 0  # forfeit: the executor settles an expired lease by itself
         elif not keep_spare or self.contended or not self._busy:
-            give_back, self.spare = self.spare, 0
-        settlement = Settlement(give_back, self._used, 0)
-        self._used = 0
+            self.returned += self.spare
+            self.spare = 0
         self._busy = False
-        return settlement
+        return self.totals()
 
-    def recall(self) -> int:
-        """Others wait: stop serving locally and hand back all spare units (returned)."""
-        self.contended = True
-        give_back, self.spare = self.spare, 0
-        return give_back
+    def totals(self) -> Settlement:
+        return Settlement(self.returned, self.used, self.debt)
 
-    def renewed(self, *, alive: bool, sent_at: float, ttl_s: float, contended: bool) -> None:
+    def renewed(self, *, contended: bool, sent_at: float, ttl_s: float) -> None:
         """Apply the executor's answer to a renewal sent at ``sent_at``."""
         self.contended = contended
-        if alive:
-            self._valid_until = sent_at + ttl_s * TRUST
-        else:
-            self.spare = 0
-            self._valid_until = float("-inf")
+        self._valid_until = sent_at + ttl_s * TRUST
 
     @property
-    def idle(self) -> bool:
-        """Nothing held and nothing to report: the lease can be forgotten."""
-        return not (self.spare or self.reserved or self._used)
+    def held(self) -> int:
+        """Units this holder knows it holds: spare and in open reservations."""
+        return self.spare + self.reserved

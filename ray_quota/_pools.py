@@ -49,6 +49,14 @@ class Pool:
         """Apply a changed limit of the same kind, keeping what is in use or spent."""
         self.spec = spec
 
+    def save(self, now: float) -> float:
+        """The one number that is this pool's state, for a durable store."""
+        raise NotImplementedError
+
+    def load(self, saved: float, elapsed_s: float, now: float) -> None:
+        """Take up a state saved ``elapsed_s`` seconds ago."""
+        raise NotImplementedError
+
 
 class RatePool(Pool):
     """A token bucket that refills continuously: ``value`` units per period, at most ``burst``."""
@@ -104,6 +112,14 @@ class RatePool(Pool):
         self._rate = spec.refill_per_s
         self._level = min(self._level, float(spec.burst))
 
+    def save(self, now: float) -> float:
+        return self.level(now)
+
+    def load(self, saved: float, elapsed_s: float, now: float) -> None:
+        # Refill for the time the executor was down, as if it had kept running.
+        self._level = min(float(self.spec.burst), saved + max(0.0, elapsed_s) * self._rate)
+        self._stamp = now
+
 
 class CapacityPool(Pool):
     """A budget that never refills: what is spent stays spent, whatever the limit becomes."""
@@ -129,6 +145,12 @@ class CapacityPool(Pool):
     def in_use(self, now: float) -> int:
         return self.spent
 
+    def save(self, now: float) -> float:
+        return float(self.spent)
+
+    def load(self, saved: float, elapsed_s: float, now: float) -> None:
+        self.spent = int(saved)
+
 
 class ConcurrencyPool(Pool):
     """Slots held while reservations are open; commit or release puts them back."""
@@ -150,6 +172,12 @@ class ConcurrencyPool(Pool):
 
     def in_use(self, now: float) -> int:
         return self.held
+
+    def save(self, now: float) -> float:
+        return float(self.held)
+
+    def load(self, saved: float, elapsed_s: float, now: float) -> None:
+        self.held = int(saved)
 
 
 def make_pool(spec: ResourceSpec, now: float) -> Pool:

@@ -123,6 +123,10 @@ class _Lease:
     resource: str
     units: int
     expires_at: float
+    # Running totals the holder reported and that were applied: settling is idempotent.
+    returned: int = 0
+    used: int = 0
+    debt: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -161,6 +165,52 @@ class TokenInfo:
     generation: int
 
 
+@dataclass(frozen=True, slots=True)
+class SavedResource:
+    """A resource's durable state: its definition, pool level and virtual time."""
+
+    spec: ResourceSpec
+    pool: float
+    vtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class SavedToken:
+    id: str
+    resource: str
+    expected_use: int
+    pass_: float
+    generation: int
+    claimant: str | None
+    label: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SavedLease:
+    token_id: str
+    holder: str
+    resource: str
+    units: int
+    returned: int
+    used: int
+    debt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed since the last drain: rows to write and keys to delete."""
+
+    resources: list[SavedResource]
+    tokens: list[SavedToken]
+    closed_tokens: list[str]
+    leases: list[SavedLease]
+    dropped_leases: list[tuple[str, str]]
+
+    def __bool__(self) -> bool:
+        return bool(self.resources or self.tokens or self.closed_tokens or self.leases
+                    or self.dropped_leases)
+
+
 class Scheduler:
     """Pools, tokens, waiters and leases of one environment.
 
@@ -194,6 +244,10 @@ class Scheduler:
         self._expiries: list[tuple[float, str, str]] = []
         self._resolved: list[Ticket] = []
         self._recalls: dict[str, set[str]] = {}
+        # What changed since the last drain_changes(), for a durable store to write.
+        self._dirty_tokens: set[str] = set()
+        self._dirty_leases: set[tuple[str, str]] = set()
+        self._dirty_resources: set[str] = set(self._resources)
         self._seq = 0
         self.lease_expiries = 0
 
@@ -206,6 +260,7 @@ class Scheduler:
         _check_units("expected_use", expected_use)
         token = _Token(self._new_id(), resource, expected_use, res.vtime, claimant, label)
         self._tokens[token.id] = token
+        self._dirty_tokens.add(token.id)
         res.tokens += 1
         return TokenInfo(token.id, res.spec, 0)
 
@@ -225,6 +280,7 @@ class Scheduler:
                        claimant, token.label)
         token.expected_use -= child_expected_use
         self._tokens[child.id] = child
+        self._dirty_tokens.update((token.id, child.id))
         res = self._resources[token.resource]
         res.tokens += 1
         return TokenInfo(child.id, res.spec, 0)
@@ -245,6 +301,7 @@ class Scheduler:
         credit = self._credit(res, token) + self._credit(res, other)
         token.expected_use += other.expected_use
         token.pass_ = res.vtime - credit / token.expected_use
+        self._dirty_tokens.add(token.id)
         self._rekey(res, token)
         self._forget(other)
 
@@ -265,6 +322,7 @@ class Scheduler:
         credit = self._credit(res, parent) + self._credit(res, child)
         parent.expected_use += child.expected_use
         parent.pass_ = res.vtime - credit / parent.expected_use
+        self._dirty_tokens.add(parent.id)
         self._rekey(res, parent)
         self._forget(child)
         return True
@@ -286,6 +344,19 @@ class Scheduler:
     def token_label(self, token_id: str) -> str | None:
         token = self._tokens.get(token_id)
         return token.label if token else None
+
+    def token_key(self, token_id: str) -> tuple[str, str | None] | None:
+        """The token's resource and label (for metrics), or None once it is gone."""
+        token = self._tokens.get(token_id)
+        return (token.resource, token.label) if token else None
+
+    def expected_use_by_label(self) -> dict[tuple[str, str | None], tuple[int, int]]:
+        """Live tokens and their total expected use, per resource and label (for metrics)."""
+        totals: dict[tuple[str, str | None], tuple[int, int]] = {}
+        for token in self._tokens.values():
+            count, use = totals.get((token.resource, token.label), (0, 0))
+            totals[(token.resource, token.label)] = (count + 1, use + token.expected_use)
+        return totals
 
     # ---------------------------------------------------------------------------------- acquire
 
@@ -318,6 +389,7 @@ class Scheduler:
         if not token.waiters:
             # A returning token regains at most its maximum credit.
             token.pass_ = max(token.pass_, res.vtime - self._max_credit(token) / token.expected_use)
+            self._dirty_tokens.add(token.id)
         token.waiters.append(waiter)
         res.waiting += 1
         contention_starts = res.waiting == 1
@@ -391,8 +463,6 @@ class Scheduler:
             lease.units -= units + used
             res.leased -= units + used
             res.pool.give_back(units, now)
-            if lease.units == 0:
-                self._drop_lease(lease)
         if lease is not None and units:
             if token is not None and token.expected_use:
                 floor = res.vtime - self._max_credit(token) / token.expected_use
@@ -402,8 +472,45 @@ class Scheduler:
             if token is not None and token.expected_use:
                 token.pass_ += debt / token.expected_use
         if token is not None:
+            self._dirty_tokens.add(token.id)
             self._rekey(res, token)
+        self._dirty_leases.add((token_id, holder))
+        self._dirty_resources.add(res.spec.name)
         self._dispatch(res, now)
+
+    def settle(self, token_id: str, holder: str, returned: int, used: int, debt: int, *,
+               final: bool = False) -> None:
+        """Apply a holder's running totals for its lease of the token.
+
+        Totals, not increments: a report that arrives twice, late or out of order changes
+        nothing the first did. ``final`` says the holder will never use this lease again, so
+        whatever it still holds by the executor's count (a grant whose answer was lost, say)
+        goes back to the pool and the lease ends.
+        """
+        lease = self._leases.get((token_id, holder))
+        if lease is None:
+            return  # expired: expiry settled it
+        fresh_returned = max(0, returned - lease.returned)
+        fresh_used = max(0, used - lease.used)
+        fresh_debt = max(0, debt - lease.debt)
+        lease.returned += fresh_returned
+        lease.used += fresh_used
+        lease.debt += fresh_debt
+        if fresh_returned or fresh_used or fresh_debt:
+            self.give_back(token_id, holder, fresh_returned, used=fresh_used, debt=fresh_debt)
+        if final:
+            if lease.units:
+                self.give_back(token_id, holder, lease.units)
+            self._drop_lease(lease)
+
+    def renew_lease(self, token_id: str, holder: str) -> bool | None:
+        """Extend one lease; None if there is none (it expired), else whether others wait."""
+        lease = self._leases.get((token_id, holder))
+        if lease is None:
+            return None
+        lease.expires_at = self._clock() + self.policy.lease_ttl_s
+        heapq.heappush(self._expiries, (lease.expires_at, token_id, holder))
+        return self._resources[lease.resource].waiting > 0
 
     def renew(self, holder: str) -> dict[str, bool]:
         """Extend every lease of ``holder``; returns, per token, whether others are waiting.
@@ -480,6 +587,7 @@ class Scheduler:
         now = self._clock()
         res.pool.resize(spec, now)
         res.spec = spec
+        self._dirty_resources.add(spec.name)
         self._recall(res)  # holders give spare units back, so the new limit binds at once
         self._dispatch(res, now)
 
@@ -491,7 +599,8 @@ class Scheduler:
         now = self._clock()
         leases: dict[str, int] = {}
         for lease in self._leases.values():
-            leases[lease.resource] = leases.get(lease.resource, 0) + 1
+            if lease.units:
+                leases[lease.resource] = leases.get(lease.resource, 0) + 1
         return [
             ResourceStatus(name, res.spec.kind.value, res.spec.value, res.pool.available(now),
                            res.pool.in_use(now), res.waiting, res.tokens, leases.get(name, 0),
@@ -501,6 +610,71 @@ class Scheduler:
 
     def pool(self, resource: str) -> Pool:
         return self._resource(resource).pool
+
+    # ---------------------------------------------------------------------------- durability
+
+    def drain_changes(self) -> Changes:
+        """Everything that changed since the last call, to be written before replies go out."""
+        now = self._clock()
+        resources = [SavedResource(res.spec, res.pool.save(now), res.vtime)
+                     for name in self._dirty_resources if (res := self._resources.get(name))]
+        tokens, closed = [], []
+        for token_id in self._dirty_tokens:
+            token = self._tokens.get(token_id)
+            if token is None:
+                closed.append(token_id)
+            else:
+                tokens.append(SavedToken(token.id, token.resource, token.expected_use,
+                                         token.pass_, token.generation, token.claimant,
+                                         token.label))
+        leases, dropped = [], []
+        for key in self._dirty_leases:
+            lease = self._leases.get(key)
+            if lease is None:
+                dropped.append(key)
+            else:
+                leases.append(SavedLease(lease.token_id, lease.holder, lease.resource,
+                                         lease.units, lease.returned, lease.used, lease.debt))
+        self._dirty_resources.clear()
+        self._dirty_tokens.clear()
+        self._dirty_leases.clear()
+        return Changes(resources, tokens, closed, leases, dropped)
+
+    def restore(self, resources: Iterable[SavedResource], tokens: Iterable[SavedToken],
+                leases: Iterable[SavedLease], elapsed_s: float) -> None:
+        """Take up a saved state, ``elapsed_s`` seconds old; every lease gets a fresh TTL so
+        holders that come back can renew, and the rest expire as if their holder had died."""
+        now = self._clock()
+        for saved in resources:
+            res = self._resources.get(saved.spec.name)
+            if res is None:
+                continue  # the saved state wins over a new manifest only for known resources
+            res.spec = saved.spec
+            res.pool = make_pool(saved.spec, now)
+            res.pool.load(saved.pool, elapsed_s, now)
+            res.vtime = saved.vtime
+        for saved_token in tokens:
+            res = self._resources.get(saved_token.resource)
+            if res is None:
+                continue
+            self._tokens[saved_token.id] = _Token(
+                saved_token.id, saved_token.resource, saved_token.expected_use, saved_token.pass_,
+                saved_token.claimant, saved_token.label, saved_token.generation)
+            res.tokens += 1
+        expires = now + self.policy.lease_ttl_s
+        for saved_lease in leases:
+            res = self._resources.get(saved_lease.resource)
+            if res is None:
+                continue
+            key = (saved_lease.token_id, saved_lease.holder)
+            self._leases[key] = _Lease(saved_lease.token_id, saved_lease.holder,
+                                       saved_lease.resource, saved_lease.units, expires,
+                                       saved_lease.returned, saved_lease.used, saved_lease.debt)
+            self._by_holder.setdefault(saved_lease.holder, set()).add(saved_lease.token_id)
+            res.leases.add(key)
+            res.leased += saved_lease.units
+            heapq.heappush(self._expiries, (expires, saved_lease.token_id, saved_lease.holder))
+        self.drain_changes()
 
     # -------------------------------------------------------------------------------- internals
 
@@ -520,6 +694,7 @@ class Scheduler:
         if generation > token.generation:
             # First use after a move: the receiving process takes the token up.
             token.generation, token.claimant = generation, claimant
+            self._dirty_tokens.add(token.id)
         elif generation < token.generation:
             raise TokenMovedError("the token was passed to another process, which owns it now")
         elif token.claimant is not None and claimant != token.claimant:
@@ -534,6 +709,7 @@ class Scheduler:
             self._remove_waiter(res, waiter)
             self._resolve(waiter, TokenClosedError("the token was closed while waiting"))
         del self._tokens[token.id]
+        self._dirty_tokens.add(token.id)
         res.tokens -= 1
         self._closed[token.id] = None
         if len(self._closed) > _TOMBSTONES:
@@ -611,6 +787,9 @@ class Scheduler:
         lease.expires_at = expires
         heapq.heappush(self._expiries, (expires, token.id, ticket.holder))
         res.leased += units
+        self._dirty_tokens.add(token.id)
+        self._dirty_leases.add(key)
+        self._dirty_resources.add(token.resource)
         self._resolve(waiter, Grant(units, self.policy.lease_ttl_s, res.waiting > 0))
 
     def _fail(self, res: _Resource, waiter: _Waiter, now: float) -> None:
@@ -665,6 +844,8 @@ class Scheduler:
 
     def _drop_lease(self, lease: _Lease) -> None:
         del self._leases[(lease.token_id, lease.holder)]
+        self._dirty_leases.add((lease.token_id, lease.holder))
+        self._dirty_resources.add(lease.resource)
         self._resources[lease.resource].leases.discard((lease.token_id, lease.holder))
         tokens = self._by_holder[lease.holder]
         tokens.discard(lease.token_id)

@@ -6,16 +6,19 @@ moves with it, and a :class:`LocalLease` of units it can hand out without asking
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
 
-from ray_quota import _client
+from ray_quota import _client, _observe
 from ray_quota._errors import (
+    ExecutorUnavailableError,
     ForgedTokenError,
     IncompatibleTokensError,
     InvalidAmountError,
@@ -55,8 +58,8 @@ class QuotaToken:
     """
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
-                 "_expected_use", "_lease", "_lock", "_state", "_verified", "_parent", "_scope",
-                 "__weakref__")
+                 "_expected_use", "_lease", "_retired", "_lock", "_state", "_verified", "_parent",
+                 "_scope", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
         _check_units("expected_use", expected_use)
@@ -78,8 +81,8 @@ class QuotaToken:
         self._generation = generation
         self._label = label
         self._expected_use = expected_use
-        self._lease = LocalLease(spec.kind, max_prefetch=max(
-            1, int(spec.ceiling * _PREFETCH_FRACTION)) if spec.kind is not Kind.CONCURRENCY else 0)
+        self._lease = self._new_lease()
+        self._retired: list[LocalLease] = []  # earlier leases still to settle as final
         self._lock = threading.Lock()
         self._state = _State.LIVE
         self._verified = False
@@ -139,24 +142,34 @@ class QuotaToken:
         local = self._try_local(amount, timeout)
         if local is not None:
             return local
-        prefetch, sent_at, args = self._acquire_args(amount, timeout)
-        grant = self._translate(lambda: _client.call("acquire", *args))
-        return self._granted(amount, grant, sent_at)
+        delays = _client.retry_delays()
+        while True:
+            lease, sent_at, args = self._acquire_args(amount, timeout)
+            try:
+                grant = self._translate(lambda: _client.call("acquire", *args, retry=False))
+                return self._granted(lease, amount, grant, sent_at)
+            except ExecutorUnavailableError:
+                time.sleep(self._lost(lease, delays))
 
     async def reserve_async(self, amount: int, timeout: float | None = None) -> Reservation:
         """The asyncio twin of :meth:`reserve`, for async actors and Ray Serve deployments."""
         local = self._try_local(amount, timeout)
         if local is not None:
             return local
-        prefetch, sent_at, args = self._acquire_args(amount, timeout)
-        try:
-            grant = await _client.call_async("acquire", *args)
-        except QuotaTerminated as exc:
-            self._terminate(exc)
-            raise
-        return self._granted(amount, grant, sent_at)
+        delays = _client.retry_delays()
+        while True:
+            lease, sent_at, args = self._acquire_args(amount, timeout)
+            try:
+                grant = await _client.call_async("acquire", *args, retry=False)
+                return self._granted(lease, amount, grant, sent_at)
+            except QuotaTerminated as exc:
+                self._terminate(exc)
+                raise
+            except ExecutorUnavailableError:
+                await asyncio.sleep(self._lost(lease, delays))
 
     def _try_local(self, amount: int, timeout: float | None) -> Reservation | None:
+        started = time.perf_counter()
         self._usable()
         if type(amount) is not int or amount < 1:
             _check_units("amount", amount)  # raises; the ceiling is checked by the executor,
@@ -164,24 +177,52 @@ class QuotaToken:
         if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
             raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
         with self._lock:
-            if self._lease.take(amount, time.monotonic()):
-                return Reservation(self, amount)
+            lease = self._lease
+            if lease.take(amount, time.monotonic()):
+                _observe.reserved(self._cluster, self._spec.name, self._label, _observe.LOCAL,
+                                  _observe.GRANTED, amount, time.perf_counter() - started)
+                return Reservation(self, amount, lease)
         return None
 
-    def _acquire_args(self, amount: int, timeout: float | None) -> tuple[int, float, tuple]:
+    def _acquire_args(self, amount: int, timeout: float | None) -> tuple[LocalLease, float, tuple]:
         self._verify()
         _client.track(self)
         with self._lock:
-            prefetch = self._lease.prefetch()
+            lease = self._lease
+            prefetch = lease.prefetch()
         sent_at = time.monotonic()
-        return prefetch, sent_at, (self._id, self._generation, _client.claimant(), _client.HOLDER,
-                                   amount, prefetch, timeout)
+        return lease, sent_at, (self._id, self._generation, _client.claimant(), lease.key,
+                                amount, prefetch, timeout)
 
-    def _granted(self, amount: int, grant: Grant, sent_at: float) -> Reservation:
+    def _granted(self, lease: LocalLease, amount: int, grant: Grant,
+                 sent_at: float) -> Reservation:
         with self._lock:
-            self._lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
-                                contended=grant.contended)
-        return Reservation(self, amount)
+            lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
+                          contended=grant.contended)
+        _observe.reserved(self._cluster, self._spec.name, self._label, _observe.EXECUTOR,
+                          _observe.GRANTED, amount, time.monotonic() - sent_at)
+        return Reservation(self, amount, lease)
+
+    def _lost(self, lease: LocalLease, delays: Iterator[float]) -> float:
+        """An acquire's answer was lost (the executor died): whatever it granted is unknown, so
+        settle this lease as final once its reservations close, and ask again under a new one.
+
+        Returns how long to pause first; raises the error once an executor restart would have
+        finished.
+        """
+        with self._lock:
+            if self._lease is lease:
+                self._retired.append(lease)
+                self._lease = self._new_lease()
+        delay = next(delays, None)
+        if delay is None:
+            raise ExecutorUnavailableError("the ray_quota executor did not come back")
+        return delay
+
+    def _new_lease(self) -> LocalLease:
+        spec = self._spec
+        cap = 0 if spec.kind is Kind.CONCURRENCY else max(1, int(spec.ceiling * _PREFETCH_FRACTION))
+        return LocalLease(spec.kind, key=_client.lease_key(), max_prefetch=cap)
 
     def _translate(self, fn: Any) -> Any:
         try:
@@ -235,14 +276,12 @@ class QuotaToken:
             raise IncompatibleTokensError(
                 f"cannot merge a token of {other._environment}/{other.resource} into one of "
                 f"{self._environment}/{self.resource}")
-        if other._lease.reserved:
+        if any(lease.reserved for lease in other._leases()):
             raise TokenStateError("cannot merge a token that has open reservations")
         self._verify()
         other._verify()
-        with other._lock:
-            report = other._final_report(time.monotonic())
-        _client.call("merge", self._id, self._generation, _client.claimant(), _client.HOLDER,
-                     other._id, other._generation, [report] if report else [])
+        _client.call("merge", self._id, self._generation, _client.claimant(), other._id,
+                     other._generation, other._final_reports())
         other._state = _State.CLOSED
         self._expected_use += other._expected_use
 
@@ -255,11 +294,9 @@ class QuotaToken:
         """
         if self._state is not _State.LIVE:
             return
-        with self._lock:
-            report = self._final_report(time.monotonic())
-            self._state = _State.CLOSED
-        _client.call("close", self._id, self._generation, _client.claimant(), _client.HOLDER,
-                     [report] if report else [])
+        reports = self._final_reports()
+        self._state = _State.CLOSED
+        _client.call("close", self._id, self._generation, _client.claimant(), reports)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
@@ -272,11 +309,10 @@ class QuotaToken:
             self.close()
             return False
         self._verify()
-        with self._lock:
-            report = self._final_report(time.monotonic())
-            self._state = _State.CLOSED
+        reports = self._final_reports()
+        self._state = _State.CLOSED
         return bool(_client.call("merge_back", self._id, self._generation, _client.claimant(),
-                                 _client.HOLDER, self._parent, [report] if report else []))
+                                 self._parent, reports))
 
     def __enter__(self) -> QuotaToken:
         """Put the token in scope (see :func:`ray_quota.current_token`) until the block ends,
@@ -299,12 +335,11 @@ class QuotaToken:
         if state is None or not ray.is_initialized():
             return
         try:
-            report = self._final_report(time.monotonic())
+            reports = self._final_reports()
             if state is _State.LIVE:
-                _client.send("close", self._id, self._generation, _client.claimant(),
-                             _client.HOLDER, [report] if report else [])
-            elif report:
-                _client.send("settle", _client.HOLDER, [report])
+                _client.send("close", self._id, self._generation, _client.claimant(), reports)
+            elif reports:
+                _client.send("settle", reports)
         except Exception:  # noqa: BLE001 - never raise from a finaliser
             pass
 
@@ -333,42 +368,69 @@ class QuotaToken:
                     raise ForgedTokenError("this token was issued by another cluster's executor")
             self._verified = True
 
-    def _settle(self, amount: int, used: int) -> None:
+    def _leases(self) -> list[LocalLease]:
+        return [self._lease, *self._retired]
+
+    def _settle(self, lease: LocalLease, amount: int, used: int) -> None:
+        """A reservation closed: overuse is charged at once, and under contention spare goes
+        back at once."""
         with self._lock:
-            lease = self._lease
-            debt = lease.settle(amount, used)
-            give_back = lease.recall() if lease.contended and lease.spare else 0
-        if debt or give_back:  # overuse is charged at once; under contention spare goes back
-            _client.send("settle", _client.HOLDER, [(self._id, give_back, 0, debt)])
+            urgent = lease.settle(amount, used)
+            urgent |= lease.contended and lease.recall()
+            report = self._report_of(lease, final=False) if urgent else None
+        if report is not None:
+            _client.send("settle", [report])
 
     def _recall(self) -> Report | None:
         """Others wait for this resource: give back spare units now."""
         with self._lock:
-            give_back = self._lease.recall()
-        return (self._id, give_back, 0, 0) if give_back else None
+            lease = self._lease
+            return self._report_of(lease, final=False) if lease.recall() else None
 
-    def _final_report(self, now: float) -> Report | None:
-        lease = self._lease
-        debt = 0
-        if lease.reserved:  # open reservations of a released token count as used in full
-            debt = lease.settle(lease.reserved, lease.reserved)
-        settlement = lease.report(now, keep_spare=False)
-        if settlement.give_back or settlement.used or debt:
-            return (self._id, settlement.give_back, settlement.used, debt)
-        return None
+    def _report_of(self, lease: LocalLease, *, final: bool) -> Report:
+        totals = lease.totals()
+        return (self._id, lease.key, totals.returned, totals.used, totals.debt, final)
 
-    def _report(self, now: float) -> Report | None:
-        """Called by the renewer: what this token's lease has to settle."""
+    def _final_reports(self) -> list[Report]:
+        """Release every lease of this handle: open reservations count as used in full."""
         with self._lock:
-            settlement = self._lease.report(now, keep_spare=self._state is _State.LIVE)
-        if settlement.give_back or settlement.used or settlement.debt:
-            return (self._id, settlement.give_back, settlement.used, settlement.debt)
-        return None
+            leases, self._retired = self._leases(), []
+            for lease in leases:
+                lease.release_all()
+            return [self._report_of(lease, final=True) for lease in leases if lease.active]
 
-    def _renewed(self, alive: dict[str, bool], sent_at: float, ttl_s: float) -> None:
+    def _reports(self, now: float) -> list[Report]:
+        """Called by the renewer: the running totals of each lease; retired ones once idle."""
         with self._lock:
-            self._lease.renewed(alive=self._id in alive, sent_at=sent_at, ttl_s=ttl_s,
-                                contended=alive.get(self._id, False))
+            keep = self._state is _State.LIVE
+            reports = []
+            if self._lease.active:
+                self._lease.report(now, keep_spare=keep)
+                if keep or self._lease.reserved:
+                    reports.append(self._report_of(self._lease, final=False))
+                else:  # moved away and idle: this lease is done
+                    self._lease.release_all()
+                    reports.append(self._report_of(self._lease, final=True))
+                    self._lease = self._new_lease()
+            for lease in list(self._retired):
+                lease.report(now, keep_spare=False)
+                final = not lease.reserved
+                reports.append(self._report_of(lease, final=final))
+                if final:
+                    self._retired.remove(lease)
+            return reports
+
+    def _renewed(self, alive: dict[tuple[str, str], bool], sent_at: float, ttl_s: float) -> None:
+        with self._lock:
+            lease = self._lease
+            if not lease.active:
+                return
+            contended = alive.get((self._id, lease.key))
+            if contended is None:
+                # The executor no longer knows this lease (it expired): start afresh.
+                self._lease = self._new_lease()
+            else:
+                lease.renewed(contended=contended, sent_at=sent_at, ttl_s=ttl_s)
 
 
 def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, generation: int,
@@ -387,10 +449,11 @@ class Reservation:
         ...     reservation.commit(312)    # 188 units go back
     """
 
-    __slots__ = ("_token", "amount", "_open")
+    __slots__ = ("_token", "_lease", "amount", "_open")
 
-    def __init__(self, token: QuotaToken, amount: int) -> None:
+    def __init__(self, token: QuotaToken, amount: int, lease: LocalLease) -> None:
         self._token = token
+        self._lease = lease
         self.amount = amount
         self._open = True
 
@@ -410,7 +473,9 @@ class Reservation:
         if self._token._state is _State.CLOSED:
             raise TokenClosedError("the token was closed; its open reservations were charged")
         self._open = False
-        self._token._settle(self.amount, used)
+        self._token._settle(self._lease, self.amount, used)
+        _observe.committed(self._token._cluster, self._token._spec.name, self._token._label,
+                           self.amount, used)
 
     @property
     def committed(self) -> bool:

@@ -14,6 +14,7 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -25,8 +26,7 @@ TEAMS = {"team-a": 1, "team-b": 2, "team-c": 4}
 PROMPT_TOKENS = 400  # units reserved per call: the most one call may use
 
 
-@ray.remote(num_cpus=0)
-class Worker:
+class _Worker:
     """One worker process of a team: reserve, call the fake model, commit its real usage."""
 
     def ready(self) -> bool:
@@ -45,6 +45,9 @@ class Worker:
                 reservation.commit(used)
             records.append((time.time(), used, waited))
         return records
+
+
+Worker: Any = ray.remote(num_cpus=0)(_Worker)
 
 
 def run(duration_s: float, workers_per_team: int, chart: Path) -> dict[str, list[tuple]]:

@@ -6,8 +6,10 @@ executor's own counters.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from typing import Any
 
 import pytest
 import ray
@@ -57,21 +59,34 @@ class Worker:
                 record["conn"].append((start, time.monotonic(), 1))
         return record
 
-    def backlog(self, token: QuotaToken, amount: int, start_at: float,
-                duration_s: float) -> list[tuple[float, int]]:
-        grants = []
-        while time.time() < start_at:
-            time.sleep(0.001)
+
+
+@ray.remote(num_cpus=0)
+class BackloggedWorker:
+    """Keeps several reservations queued at once, so its token is never idle even when this
+    busy machine is slow to schedule the process."""
+
+    def ready(self) -> bool:
+        return True
+
+    async def backlog(self, token: QuotaToken, amount: int, start_at: float,
+                      duration_s: float) -> list[tuple[float, int]]:
+        grants: list[tuple[float, int]] = []
+        await asyncio.sleep(max(0.0, start_at - time.time()))
         stop = time.monotonic() + duration_s
-        while time.monotonic() < stop:
-            with token.reserve(amount) as reservation:
-                reservation.commit(amount)
-                grants.append((time.monotonic(), amount))
-        return grants
+
+        async def loop() -> None:
+            while time.monotonic() < stop:
+                async with await token.reserve_async(amount) as reservation:
+                    reservation.commit(amount)
+                    grants.append((time.monotonic(), amount))
+
+        await asyncio.gather(*(loop() for _ in range(4)))
+        return sorted(grants)
 
 
-def start_workers(count: int) -> list:
-    workers = [Worker.remote() for _ in range(count)]
+def start_workers(count: int, kind: Any = Worker) -> list:
+    workers = [kind.remote() for _ in range(count)]
     ray.get([w.ready.remote() for w in workers], timeout=120)
     return workers
 
@@ -100,7 +115,7 @@ def test_eight_processes_never_exceed_rate_capacity_or_concurrency_limits() -> N
 
 def test_weighted_shares_hold_across_processes() -> None:
     weights = [1, 2, 4]
-    workers = start_workers(3)
+    workers = start_workers(3, BackloggedWorker)
     start_at = time.time() + 1.0
     duration = 5.0
     refs = [w.backlog.remote(QuotaToken("tok", expected_use=10 * weight), 10, start_at, duration)

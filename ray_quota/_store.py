@@ -1,0 +1,138 @@
+"""The executor's durable state in SQLite: written before any grant is acknowledged.
+
+One transaction per executor call holds every change that call made (``Scheduler.drain_changes``),
+so a burst of grants costs one commit. WAL mode with ``synchronous=NORMAL`` survives the death of
+the executor's process, which is what Ray restarts; it does not promise durability through a power
+cut of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ray_quota._scheduler import Changes, SavedLease, SavedResource, SavedToken
+from ray_quota._spec import Enforcement, Kind, ResourceSpec
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS resources (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, pool REAL NOT NULL, vtime REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, resource TEXT NOT NULL, expected_use INTEGER NOT NULL,
+    pass REAL NOT NULL, generation INTEGER NOT NULL, claimant TEXT, label TEXT);
+CREATE TABLE IF NOT EXISTS leases (
+    token_id TEXT NOT NULL, holder TEXT NOT NULL, resource TEXT NOT NULL,
+    units INTEGER NOT NULL, returned INTEGER NOT NULL, used INTEGER NOT NULL,
+    debt INTEGER NOT NULL, PRIMARY KEY (token_id, holder));
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    """Everything a restarted executor needs."""
+
+    cluster_id: str
+    environment: str
+    saved_at: float  # wall-clock seconds, to refill rate pools for the time spent down
+    resources: list[SavedResource]
+    tokens: list[SavedToken]
+    leases: list[SavedLease]
+
+
+class StateStore:
+    """A SQLite file holding one executor's state.
+
+    Example:
+        >>> store = StateStore(tmp_path / "state.sqlite")
+        >>> store.start("cluster-1", "local")
+        >>> store.load().cluster_id
+        'cluster-1'
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def load(self) -> SavedState | None:
+        """The saved state, or None if this file holds none yet."""
+        meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        if "cluster_id" not in meta:
+            return None
+        resources = [SavedResource(_spec_from_json(spec), pool, vtime)
+                     for spec, pool, vtime in self._db.execute(
+                         "SELECT spec, pool, vtime FROM resources")]
+        tokens = [SavedToken(*row) for row in self._db.execute(
+            "SELECT id, resource, expected_use, pass, generation, claimant, label FROM tokens")]
+        leases = [SavedLease(*row) for row in self._db.execute(
+            "SELECT token_id, holder, resource, units, returned, used, debt FROM leases")]
+        return SavedState(meta["cluster_id"], meta["environment"],
+                          float(meta.get("saved_at", time.time())), resources, tokens, leases)
+
+    def start(self, cluster_id: str, environment: str) -> None:
+        """Forget any earlier state and begin afresh for this executor."""
+        with self._transaction() as db:
+            for table in ("meta", "resources", "tokens", "leases"):
+                db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+            db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("cluster_id", cluster_id), ("environment", environment),
+                ("saved_at", repr(time.time()))])
+
+    def write(self, changes: Changes) -> None:
+        """Write one call's changes in one transaction."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?)", [
+                (r.spec.name, _spec_to_json(r.spec), r.pool, r.vtime) for r in changes.resources])
+            db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                (t.id, t.resource, t.expected_use, t.pass_, t.generation, t.claimant, t.label)
+                for t in changes.tokens])
+            db.executemany("DELETE FROM tokens WHERE id = ?",
+                           [(token_id,) for token_id in changes.closed_tokens])
+            db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                (lease.token_id, lease.holder, lease.resource, lease.units, lease.returned,
+                 lease.used, lease.debt) for lease in changes.leases])
+            db.executemany("DELETE FROM leases WHERE token_id = ? AND holder = ?",
+                           changes.dropped_leases)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('saved_at', ?)", (repr(time.time()),))
+
+    def close(self, *, delete: bool = False) -> None:
+        self._db.close()
+        if delete:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+    def _transaction(self) -> Any:
+        db = self._db
+
+        class _Tx:
+            def __enter__(self) -> sqlite3.Connection:
+                db.execute("BEGIN")
+                return db
+
+            def __exit__(self, exc_type: object, *rest: object) -> None:
+                db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return _Tx()
+
+
+def _spec_to_json(spec: ResourceSpec) -> str:
+    fields = asdict(spec)
+    fields["kind"] = spec.kind.value
+    fields["enforcement"] = spec.enforcement.value
+    return json.dumps(fields, sort_keys=True)
+
+
+def _spec_from_json(text: str) -> ResourceSpec:
+    fields = json.loads(text)
+    fields["kind"] = Kind(fields["kind"])
+    fields["enforcement"] = Enforcement(fields["enforcement"])
+    return ResourceSpec(**fields)

@@ -1,0 +1,94 @@
+"""Durable executor state, on the executor class itself (no Ray): what survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from conftest import TEST_MANIFEST
+
+from ray_quota import FailedReservation, Policy
+from ray_quota._executor import Executor
+from ray_quota._scheduler import Grant
+from ray_quota._spec import Kind, ResourceSpec
+from ray_quota._store import StateStore
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def start(path: Path, ttl: float = 10.0) -> Executor:
+    return Executor(TEST_MANIFEST, "test", Policy(lease_ttl_s=ttl), state_path=str(path))
+
+
+async def acquire(executor: Executor, token_id: str, amount: int,
+                  key: str = "holder:0") -> Grant | Exception:
+    return await executor.acquire(token_id, 0, "me", key, amount, 0, None)
+
+
+def test_spent_capacity_tokens_and_cluster_id_survive_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state.sqlite"
+    first = start(state)
+    token = run(first.open_token("budget", 100, "me", "team-a"))
+    assert isinstance(run(acquire(first, token.id, 7000)), Grant)
+    cluster = run(first.info()).cluster_id
+    del first  # the process dies: nothing is flushed or closed on purpose
+
+    second = start(state)
+    assert run(second.info()).cluster_id == cluster
+    refused = run(acquire(second, token.id, 3001))  # the same token still works
+    assert isinstance(refused, FailedReservation)
+    assert isinstance(run(acquire(second, token.id, 3000)), Grant)
+    budget = next(s for s in run(second.status()) if s.name == "budget")
+    assert budget.in_use == 10_000
+
+
+def test_a_limit_changed_at_run_time_stays_changed(tmp_path: Path) -> None:
+    state = tmp_path / "state.sqlite"
+    first = start(state)
+    run(first.set_limit(ResourceSpec("conn", Kind.CONCURRENCY, 2)))
+    second = start(state)
+    assert run(second.info()).resources["conn"].value == 2
+    assert run(second.manifest())[0]["environments"]["test"]["conn"]["limit"]["value"] == 2
+
+
+def test_a_drained_rate_pool_is_not_full_again_after_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state.sqlite"
+    first = start(state)
+    token = run(first.open_token("tok-reject", 10, "me", None))
+    assert isinstance(run(acquire(first, token.id, 50)), Grant)  # the whole burst
+    second = start(state)
+    refused = run(acquire(second, token.id, 50))
+    assert isinstance(refused, FailedReservation)
+    assert refused.estimated_wait_s is not None and refused.estimated_wait_s > 0.3
+
+
+def test_restored_leases_expire_unless_their_holder_renews(tmp_path: Path) -> None:
+    state = tmp_path / "state.sqlite"
+    first = start(state, ttl=0.3)
+    token = run(first.open_token("conn", 1, "me", None))
+    for key in ("dead:0", "alive:0"):
+        assert isinstance(run(acquire(first, token.id, 1, key)), Grant)
+
+    async def after_restart() -> tuple[int, int]:
+        second = start(state, ttl=0.3)
+        held = next(s for s in await second.status() if s.name == "conn").in_use
+        for _ in range(4):  # only "alive" renews
+            await asyncio.sleep(0.15)
+            await second.renew("alive", [(token.id, "alive:0", 0, 0, 0, False)])
+        await second.renew("alive", [])  # let the expiry run
+        left = next(s for s in await second.status() if s.name == "conn").in_use
+        return held, left
+
+    assert run(after_restart()) == (2, 1)
+
+
+def test_a_new_environment_on_old_state_starts_afresh(tmp_path: Path) -> None:
+    state = tmp_path / "state.sqlite"
+    store = StateStore(state)
+    store.start("old-cluster", "other-env")
+    store.close()
+    fresh = start(state)
+    assert run(fresh.info()).cluster_id != "old-cluster"
