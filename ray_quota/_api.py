@@ -9,6 +9,7 @@ from typing import Any
 
 import ray
 import ray.exceptions
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_quota import _client
 from ray_quota._errors import InvalidAmountError, ManifestError, UnknownResourceError
@@ -54,9 +55,11 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     except ValueError:
         if plain is None:
             raise ManifestError("no executor is running: pass a manifest to start one") from None
+        # On this (the driver's) node by preference: usually the head, which lives longest.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         actor = ray.remote(Executor).options(
             name=EXECUTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-            max_restarts=-1, max_concurrency=10_000, num_cpus=0)
+            max_restarts=-1, max_concurrency=10_000, num_cpus=0, scheduling_strategy=here)
         handle = actor.remote(plain, environment, policy or Policy(), None,
                               os.fspath(state_path) if state_path is not None else None,
                               metrics_port=metrics_port)

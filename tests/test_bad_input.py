@@ -1,0 +1,153 @@
+"""A catalogue of bad input: each gets a clear error naming what was wrong and changes nothing."""
+
+from __future__ import annotations
+
+import pickle
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TEST_MANIFEST
+
+import ray_quota
+from ray_quota import (
+    FailedReservation,
+    ForgedTokenError,
+    IncompatibleTokensError,
+    InvalidAmountError,
+    ManifestError,
+    QuotaToken,
+    TokenClosedError,
+    TokenMovedError,
+    TokenStateError,
+    UnknownResourceError,
+)
+from ray_quota._token import _rebuild
+
+pytestmark = pytest.mark.usefixtures("executor")
+
+
+def snapshot() -> list[tuple[Any, ...]]:
+    """What must not change: everything but the refilling level of rate pools."""
+    return [(s.name, s.limit, s.waiters, s.tokens, s.leases, s.leased_units,
+             None if s.kind == "rate" else s.in_use) for s in ray_quota.status()]
+
+
+class World:
+    """Tokens and reservations each case may misuse, made before the snapshot is taken."""
+
+    def __init__(self) -> None:
+        self.tok = QuotaToken("tok", expected_use=100)
+        self.budget = QuotaToken("budget", expected_use=100)
+        self.committed = self.budget.reserve(10)
+        self.committed.commit(5)
+        self.closed = QuotaToken("tok", expected_use=10)
+        self.closed_reservation = self.closed.reserve(1)
+        self.closed.close()
+        self.moved = QuotaToken("tok", expected_use=10)
+        self.moved_bytes = pickle.dumps(self.moved)
+        self.merged = QuotaToken("tok", expected_use=10)
+        self.tok_twin = QuotaToken("tok", expected_use=10)
+        self.tok_twin.merge(self.merged)
+
+    def forged(self, **change: Any) -> QuotaToken:
+        fields = dict(token_id=secrets.token_urlsafe(16), spec=self.tok.spec,
+                      environment="test", cluster=self.tok._cluster, generation=1, label=None,
+                      expected_use=5, parent=None)
+        fields.update(change)
+        return _rebuild(**fields)
+
+    def tampered(self) -> QuotaToken:
+        raw = pickle.dumps(QuotaToken("tok", expected_use=3))
+        token_id = pickle.loads(raw)._id  # the receiving end of a move, in this process
+        return pickle.loads(raw.replace(token_id.encode(), token_id[::-1].encode()))
+
+
+CASES: dict[str, tuple[Callable[[World], Any], type[Exception], str]] = {
+    "unknown resource": (lambda w: QuotaToken("nope", 1), UnknownResourceError, "nope"),
+    "expected use zero": (lambda w: QuotaToken("tok", 0), InvalidAmountError, "expected_use"),
+    "expected use negative": (lambda w: QuotaToken("tok", -5), InvalidAmountError, "-5"),
+    "expected use float": (lambda w: QuotaToken("tok", 2.5), InvalidAmountError, "2.5"),
+    "expected use huge": (lambda w: QuotaToken("tok", 2**60), InvalidAmountError, "from 1"),
+    "label not a string": (lambda w: QuotaToken("tok", 1, label=7), TypeError, "label"),
+    "amount zero": (lambda w: w.tok.reserve(0), InvalidAmountError, "amount"),
+    "amount negative": (lambda w: w.tok.reserve(-1), InvalidAmountError, "-1"),
+    "amount float": (lambda w: w.tok.reserve(1.5), InvalidAmountError, "1.5"),
+    "amount string": (lambda w: w.tok.reserve("10"), InvalidAmountError, "'10'"),
+    "amount bool": (lambda w: w.tok.reserve(True), InvalidAmountError, "True"),
+    "amount huge": (lambda w: w.tok.reserve(2**60), InvalidAmountError, "from 1"),
+    "amount above the limit": (lambda w: w.tok.reserve(201), InvalidAmountError, "ever grant"),
+    "amount above the budget": (lambda w: w.budget.reserve(10_001), InvalidAmountError,
+                                "10000"),
+    "timeout negative": (lambda w: w.tok.reserve(1, timeout=-1), ValueError, "timeout"),
+    "commit twice": (lambda w: w.committed.commit(1), TokenStateError, "already committed"),
+    "commit negative": (lambda w: w.budget.reserve(1).commit(-1), InvalidAmountError, "used"),
+    "commit float": (lambda w: w.budget.reserve(1).commit(0.5), InvalidAmountError, "0.5"),
+    "commit after release": (lambda w: w.closed_reservation.commit(1), TokenClosedError,
+                             "closed"),
+    "use after close": (lambda w: w.closed.reserve(1), TokenClosedError, "closed"),
+    "use after transfer": (lambda w: w.moved.reserve(1), TokenMovedError, "split it first"),
+    "use after merge": (lambda w: w.merged.reserve(1), TokenClosedError, "merged"),
+    "merge across resources": (lambda w: w.tok.merge(w.budget), IncompatibleTokensError,
+                               "budget"),
+    "self-merge": (lambda w: w.tok.merge(w.tok), IncompatibleTokensError, "itself"),
+    "merge a non-token": (lambda w: w.tok.merge("token"), TypeError, "QuotaToken"),
+    "split above expected use": (lambda w: w.tok.split(101), InvalidAmountError, "100"),
+    "split zero": (lambda w: w.tok.split(0), InvalidAmountError, "child_expected_use"),
+    "forged token": (lambda w: w.forged().reserve(1), ForgedTokenError, "never issued"),
+    "tampered token bytes": (lambda w: w.tampered().reserve(1), ForgedTokenError,
+                             "never issued"),
+    "token from another cluster": (lambda w: w.forged(cluster="elsewhere").reserve(1),
+                                   ForgedTokenError, "another cluster"),
+    "set_limit negative": (lambda w: ray_quota.set_limit("conn", -1), InvalidAmountError, "-1"),
+    "set_limit float": (lambda w: ray_quota.set_limit("conn", 2.5), InvalidAmountError, "2.5"),
+    "set_limit unknown": (lambda w: ray_quota.set_limit("nope", 3), UnknownResourceError,
+                          "nope"),
+    "malformed manifest": (lambda w: ray_quota.init(manifest={"environments": {"test": {
+        "tok": {"limit": {"type": "rate", "value": 0, "period": "second"}}}}},
+        environment="test", apply=True), ManifestError, "limit.value"),
+    "unknown environment": (lambda w: ray_quota.init(manifest=TEST_MANIFEST,
+                                                     environment="prod"), ManifestError, "prod"),
+    "other manifest without apply": (lambda w: ray_quota.init(manifest={"environments": {
+        "test": {"x": {"limit": {"type": "capacity", "value": 5}}}}}, environment="test"),
+        ManifestError, "apply=True"),
+    "apply adding a resource": (lambda w: ray_quota.apply({"environments": {"test": {
+        **TEST_MANIFEST["environments"]["test"],
+        "new": {"limit": {"type": "capacity", "value": 5}}}}}, environment="test"),
+        ManifestError, "add or remove"),
+    "manifest file missing": (lambda w: ray_quota.init(manifest=Path("/nonexistent.yaml"),
+                                                       environment="test"), ManifestError,
+                              "nonexistent"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gets_a_clear_error_and_changes_nothing(case: str) -> None:
+    world = World()
+    action, error, words = CASES[case]
+    before = snapshot()
+    credit_before = world.tok.describe()
+    with pytest.raises(error) as failure:
+        action(world)
+    assert words in str(failure.value), f"{case}: {failure.value!r} does not say {words!r}"
+    assert snapshot() == before, f"{case} changed the executor's state"
+    assert world.tok.describe()[0] == credit_before[0]
+
+
+def test_calls_before_init_say_to_call_init() -> None:
+    ray_quota.shutdown()
+    with pytest.raises(ray_quota.NotInitializedError, match="init"):
+        QuotaToken("tok", expected_use=1)
+    with pytest.raises(ray_quota.NotInitializedError, match="init"):
+        ray_quota.status()
+
+
+def test_reject_with_no_wait_changes_nothing() -> None:
+    token = QuotaToken("budget", expected_use=10)
+    token.reserve(10_000).commit(10_000)
+    before = snapshot()
+    with pytest.raises(FailedReservation, match="budget"):
+        token.reserve(1)
+    assert snapshot() == before
