@@ -8,7 +8,7 @@ Example:
     ...     reservation.commit(312)
 """
 
-from ray_quota._api import apply, init, set_limit, shutdown, status
+from ray_quota._api import apply, info, init, metrics_address, set_limit, shutdown, status
 from ray_quota._context import current_token
 from ray_quota._decorate import QuotaExecutor, quota
 from ray_quota._errors import (
@@ -56,8 +56,10 @@ __all__ = [
     "UnknownResourceError",
     "apply",
     "current_token",
+    "info",
     "init",
     "load_manifest",
+    "metrics_address",
     "quota",
     "set_limit",
     "shutdown",

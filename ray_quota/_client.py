@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from ray_quota._token import QuotaToken
 
 RENEW_INTERVAL_S = 1.0
-WATCH_TIMEOUT_S = 10.0
+# Short, because Ray lets an actor that ends normally finish its calls in flight first, and kills
+# it (no __ray_shutdown__, no final flush) if that takes over ~5 s (kill_worker_timeout).
+WATCH_TIMEOUT_S = 2.0
 
 # One holder id per process: leases belong to processes, not to tasks.
 HOLDER = f"{os.getpid()}-{secrets.token_hex(8)}"
@@ -159,6 +161,7 @@ def track(token: QuotaToken) -> None:
             threading.Thread(target=_watch, args=(_State.renewer,), name="ray_quota-recalls",
                              daemon=True).start()
             atexit.register(flush)
+            _flush_when_actor_exits()
     _State.renewer.add(token)
 
 
@@ -169,6 +172,35 @@ def flush() -> None:
             _State.renewer.flush()
         except QuotaError:
             pass
+
+
+def _flush_when_actor_exits() -> None:
+    """In an actor, flush from Ray's ``__ray_shutdown__`` hook (chained to the actor's own).
+
+    An actor that ends normally (``exit_actor()``, or its last handle dropped) runs ``atexit``
+    handlers only after Ray has disconnected, when calls to the executor can no longer go out,
+    so the atexit flush alone would lose its last renewal's worth of observations and usage.
+    """
+    try:
+        worker = ray._private.worker.global_worker  # no public way to reach the actor instance
+        if worker.mode != ray.WORKER_MODE or worker.actor_id.is_nil():
+            return
+        actor = worker.actors.get(worker.actor_id)
+        if actor is None:
+            return
+        own = getattr(actor, "__ray_shutdown__", None)
+
+        def shutdown() -> None:
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - never stop the actor from exiting
+                pass
+            if own is not None:
+                own()
+
+        actor.__ray_shutdown__ = shutdown
+    except Exception:  # noqa: BLE001 - Ray's internals moved, or the actor takes no attributes
+        pass
 
 
 def _watch(renewer: _Renewer) -> None:

@@ -142,7 +142,7 @@ class QuotaActorClass:
         self._target = target
         self._quotas = quotas
         if remote is None:
-            original = target.__ray_actor_class__
+            original = getattr(target, "__ray_actor_class__")
 
             class Holder(original):  # type: ignore[misc, valid-type]
                 def __init__(self, __ray_quota_tokens: dict[str, QuotaToken], *args: Any,
@@ -152,7 +152,7 @@ class QuotaActorClass:
 
             Holder.__name__, Holder.__qualname__ = original.__name__, original.__qualname__
             Holder.__module__ = original.__module__
-            options = target._default_options
+            options = getattr(target, "_default_options", None)
             remote = ray.remote(**options)(Holder) if options else ray.remote(Holder)
         self._remote = remote
 

@@ -50,7 +50,7 @@ def executor(ray_cluster: None) -> Iterator[Any]:
 
     ray_quota.shutdown()
     info = ray_quota.init(manifest=TEST_MANIFEST, environment="test",
-                          policy=ray_quota.Policy(lease_ttl_s=3.0))
+                          policy=ray_quota.Policy(lease_ttl_s=3.0), metrics_port=0)
     yield info
     _client.flush()
     ray_quota.shutdown()
