@@ -23,6 +23,10 @@ test: setup
 	$(PY) -m mypy
 	$(PY) -m pytest
 
+## Every benchmark against its baselines: bench/results.md and bench/*.png (under 10 minutes).
+bench: setup
+	$(PY) -m bench
+
 ## Long soak, load and benchmark variants.
 test-slow: setup
 	$(PY) -m pytest -m slow
