@@ -8,13 +8,14 @@ cut of the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from ray_quota._scheduler import Changes, SavedLease, SavedResource, SavedToken
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
@@ -62,6 +63,7 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._specs: dict[str, ResourceSpec] = {}  # as last written: most writes keep them
 
     def load(self) -> SavedState | None:
         """The saved state, or None if this file holds none yet."""
@@ -80,6 +82,7 @@ class StateStore:
 
     def start(self, cluster_id: str, environment: str) -> None:
         """Forget any earlier state and begin afresh for this executor."""
+        self._specs.clear()
         with self._transaction() as db:
             for table in ("meta", "resources", "tokens", "leases"):
                 db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
@@ -89,9 +92,12 @@ class StateStore:
 
     def write(self, changes: Changes) -> None:
         """Write one call's changes in one transaction."""
+        changed_specs = [r for r in changes.resources if self._specs.get(r.spec.name) != r.spec]
         with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?)", [
-                (r.spec.name, _spec_to_json(r.spec), r.pool, r.vtime) for r in changes.resources])
+                (r.spec.name, _spec_to_json(r.spec), r.pool, r.vtime) for r in changed_specs])
+            db.executemany("UPDATE resources SET pool = ?, vtime = ? WHERE name = ?", [
+                (r.pool, r.vtime, r.spec.name) for r in changes.resources])
             db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)", [
                 (t.id, t.resource, t.expected_use, t.pass_, t.generation, t.claimant, t.label)
                 for t in changes.tokens])
@@ -103,6 +109,7 @@ class StateStore:
             db.executemany("DELETE FROM leases WHERE token_id = ? AND holder = ?",
                            changes.dropped_leases)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('saved_at', ?)", (repr(time.time()),))
+        self._specs.update((r.spec.name, r.spec) for r in changed_specs)
 
     def close(self, *, delete: bool = False) -> None:
         self._db.close()
@@ -110,18 +117,15 @@ class StateStore:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
-    def _transaction(self) -> Any:
-        db = self._db
-
-        class _Tx:
-            def __enter__(self) -> sqlite3.Connection:
-                db.execute("BEGIN")
-                return db
-
-            def __exit__(self, exc_type: object, *rest: object) -> None:
-                db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-        return _Tx()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
 
 def _spec_to_json(spec: ResourceSpec) -> str:
