@@ -205,6 +205,9 @@ class Executor:
 
     async def apply(self, manifest: dict[str, Any], environment: str) -> list[str] | QuotaError:
         """Apply a changed manifest: changed limits take effect, the resource set must not change."""
+        if environment != self._environment:
+            return ManifestError(f"the executor runs environment {self._environment!r}, "
+                                 f"not {environment!r}")
         try:
             new = load_manifest(manifest).environment(environment).resources
         except ManifestError as exc:
@@ -214,13 +217,14 @@ class Executor:
             return ManifestError(
                 f"apply cannot add or remove resources (running: {sorted(old)}, "
                 f"new: {sorted(new)}); restart the executor for that")
-        changes = [f"{name}: {old[name]} -> {spec}" for name, spec in new.items()
-                   if spec != old[name]]
-        for name, spec in new.items():
-            if spec != old[name]:
-                error = self._guard(self._sched.set_limit, spec)
-                if isinstance(error, QuotaError):
-                    return error
+        changed = {name: spec for name, spec in new.items() if spec != old[name]}
+        for name, spec in changed.items():  # all checked before any is applied
+            if spec.kind is not old[name].kind:
+                return ManifestError(f"{name}: cannot change a {old[name].kind.value} resource "
+                                     f"into {spec.kind.value}")
+        changes = [_describe_change(old[name], spec) for name, spec in changed.items()]
+        for spec in changed.values():
+            self._sched.set_limit(spec)
         self._manifest = _with_environment(self._manifest, environment, new)
         self._pump()
         return changes
@@ -298,6 +302,18 @@ def default_state_path() -> str:
     except Exception:  # noqa: BLE001 - not in a Ray worker: a local file will do
         session_dir = os.path.join(tempfile.gettempdir(), "ray_quota")
     return os.path.join(session_dir, "ray_quota_state.sqlite")
+
+
+def _describe_change(old: ResourceSpec, new: ResourceSpec) -> str:
+    """``llm-tokens: value 60000 -> 30000, burst 2000 -> 1000``: only the fields that changed."""
+    fields = [f"{field} {_plain(getattr(old, field))} -> {_plain(getattr(new, field))}"
+              for field in ResourceSpec.__dataclass_fields__
+              if getattr(old, field) != getattr(new, field)]
+    return f"{new.name}: " + ", ".join(fields)
+
+
+def _plain(value: object) -> object:
+    return getattr(value, "value", value)  # enums by their manifest word
 
 
 def _with_environment(manifest: Manifest, environment: str,

@@ -836,6 +836,12 @@ class Scheduler:
         res.leased -= lease.units
         self._drop_lease(lease)
         self.lease_expiries += 1
+        # A token whose every holder stopped renewing belongs to processes that are gone (or
+        # cut off for a whole time-to-live): release it, or it would count as live for ever.
+        token = self._tokens.get(lease.token_id)
+        if token is not None and not token.waiters and not any(
+                key[0] == token.id for key in res.leases):
+            self._forget(token)
         self._dispatch(res, now)
 
     def _recall(self, res: _Resource) -> None:

@@ -59,17 +59,18 @@ class QuotaToken:
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
                  "_expected_use", "_lease", "_retired", "_lock", "_state", "_verified", "_parent",
-                 "_scope", "__weakref__")
+                 "_scope", "_claimant", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
         _check_units("expected_use", expected_use)
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be a string, not {type(label).__name__}")
-        opened: TokenInfo = _client.call("open_token", resource, expected_use, _client.claimant(),
-                                         label)
+        claimant = _client.claimant()
+        opened: TokenInfo = _client.call("open_token", resource, expected_use, claimant, label)
         info = _client.info()  # after the call, which refreshes a view of a replaced executor
         self._setup(opened.id, opened.spec, info.environment, info.cluster_id, 0, label,
                     expected_use)
+        self._claimant = claimant
         self._verified = True
 
     def _setup(self, token_id: str, spec: ResourceSpec, environment: str, cluster: str,
@@ -109,7 +110,7 @@ class QuotaToken:
         self._usable()
         self._verify()
         expected_use, credit = _client.call("describe", self._id, self._generation,
-                                            _client.claimant())
+                                            self._claimant)
         self._expected_use = expected_use
         return expected_use, credit
 
@@ -191,7 +192,7 @@ class QuotaToken:
             lease = self._lease
             prefetch = lease.prefetch()
         sent_at = time.monotonic()
-        return lease, sent_at, (self._id, self._generation, _client.claimant(), lease.key,
+        return lease, sent_at, (self._id, self._generation, self._claimant, lease.key,
                                 amount, prefetch, timeout)
 
     def _granted(self, lease: LocalLease, amount: int, grant: Grant,
@@ -251,11 +252,12 @@ class QuotaToken:
         _check_units("child_expected_use", child_expected_use)
         self._verify()
         opened, self._expected_use = _client.call("split", self._id, self._generation,
-                                                  _client.claimant(), child_expected_use)
+                                                  self._claimant, child_expected_use)
         child = QuotaToken.__new__(QuotaToken)
         child._setup(opened.id, opened.spec, self._environment, self._cluster, 0, self._label,
                      child_expected_use)
         child._verified = True
+        child._claimant = self._claimant
         child._parent = self._id
         return child
 
@@ -280,7 +282,7 @@ class QuotaToken:
             raise TokenStateError("cannot merge a token that has open reservations")
         self._verify()
         other._verify()
-        _client.call("merge", self._id, self._generation, _client.claimant(), other._id,
+        _client.call("merge", self._id, self._generation, self._claimant, other._id,
                      other._generation, other._final_reports())
         other._state = _State.CLOSED
         self._expected_use += other._expected_use
@@ -296,7 +298,7 @@ class QuotaToken:
             return
         reports = self._final_reports()
         self._state = _State.CLOSED
-        _client.call("close", self._id, self._generation, _client.claimant(), reports)
+        _client.call("close", self._id, self._generation, self._claimant, reports)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
@@ -311,7 +313,7 @@ class QuotaToken:
         self._verify()
         reports = self._final_reports()
         self._state = _State.CLOSED
-        return bool(_client.call("merge_back", self._id, self._generation, _client.claimant(),
+        return bool(_client.call("merge_back", self._id, self._generation, self._claimant,
                                  self._parent, reports))
 
     def __enter__(self) -> QuotaToken:
@@ -337,7 +339,7 @@ class QuotaToken:
         try:
             reports = self._final_reports()
             if state is _State.LIVE:
-                _client.send("close", self._id, self._generation, _client.claimant(), reports)
+                _client.send("close", self._id, self._generation, self._claimant, reports)
             elif reports:
                 _client.send("settle", reports)
         except Exception:  # noqa: BLE001 - never raise from a finaliser
@@ -438,6 +440,9 @@ def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, 
     token = QuotaToken.__new__(QuotaToken)
     token._setup(token_id, spec, environment, cluster, generation, label, expected_use)
     token._parent = parent
+    # Taken up by whoever unpickles it: the task (stable across Ray retries) or the actor. Kept
+    # for every later call, so threads of the same task use it too.
+    token._claimant = _client.claimant()
     return token
 
 

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=3, help="tasks per team")
     parser.add_argument("--chart", type=Path, default=Path("out/demo_usage.png"))
     args = parser.parse_args(argv)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         run(args.duration, args.workers, args.chart)
     finally:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import ray
 
+import ray_quota
 from ray_quota import QuotaError, QuotaToken, TokenClosedError, TokenMovedError
 
 pytestmark = pytest.mark.usefixtures("executor")
@@ -109,3 +112,35 @@ def test_a_token_released_by_its_taker_is_closed_for_later_takers() -> None:
     with pytest.raises(QuotaError) as failure:
         ray.get(spend.remote(ref))
     assert isinstance(failure.value, TokenClosedError)  # errors cross Ray as themselves
+
+
+def live_tokens(resource: str) -> int:
+    return next(s.tokens for s in ray_quota.status() if s.name == resource)
+
+
+def test_a_token_a_task_never_closes_is_released_when_the_task_is_done() -> None:
+    before = live_tokens("tok")
+    ray.get([spend.remote(QuotaToken("tok", expected_use=3)) for _ in range(4)])
+    deadline = time.monotonic() + 4 * 3.0  # at the latest when its lease expires
+    while live_tokens("tok") > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_tokens("tok") == before
+
+
+@ray.remote
+def spend_in_threads(token: QuotaToken) -> int:
+    def work() -> None:
+        with token.reserve(1) as reservation:
+            reservation.commit(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return token.expected_use
+
+
+def test_threads_of_the_task_that_took_a_token_up_may_use_it() -> None:
+    token = QuotaToken("conn", expected_use=2)
+    assert ray.get(spend_in_threads.remote(token)) == 2
