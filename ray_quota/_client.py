@@ -180,6 +180,9 @@ def _flush_when_actor_exits() -> None:
     An actor that ends normally (``exit_actor()``, or its last handle dropped) runs ``atexit``
     handlers only after Ray has disconnected, when calls to the executor can no longer go out,
     so the atexit flush alone would lose its last renewal's worth of observations and usage.
+    The hook has the renewer thread send it: a call made from the hook's own thread carries no
+    task context, and Ray 2.60 gives such calls of concurrently exiting actors the same task id,
+    which crashes the executor's worker.
     """
     try:
         worker = ray._private.worker.global_worker  # no public way to reach the actor instance
@@ -191,10 +194,9 @@ def _flush_when_actor_exits() -> None:
         own = getattr(actor, "__ray_shutdown__", None)
 
         def shutdown() -> None:
-            try:
-                flush()
-            except Exception:  # noqa: BLE001 - never stop the actor from exiting
-                pass
+            renewer = _State.renewer
+            if renewer is not None:
+                renewer.last_flush(timeout_s=3.0)  # Ray kills a slow exit after ~5 s
             if own is not None:
                 own()
 
@@ -203,9 +205,23 @@ def _flush_when_actor_exits() -> None:
         pass
 
 
+def _actor_exiting() -> bool:
+    """Whether this process is an actor on its way out (``exit_actor()``, or its handles gone).
+
+    Background threads then stop calling the executor: Ray holds the exit until calls in flight
+    return, and kills the process (no last flush) if that takes over ~5 s.
+    """
+    try:
+        worker = ray._private.worker.global_worker
+        return bool(worker.mode == ray.WORKER_MODE and not worker.actor_id.is_nil()
+                    and getattr(worker, "core_worker").get_current_actor_should_exit())
+    except Exception:  # noqa: BLE001 - not connected, or Ray's internals moved
+        return False
+
+
 def _watch(renewer: _Renewer) -> None:
     """Keep one call open at the executor that answers when our spare units should go back."""
-    while True:
+    while not _actor_exiting():
         try:
             recalled = call("watch", HOLDER, WATCH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - no executor right now; renewals still shrink leases
@@ -222,6 +238,8 @@ class _Renewer(threading.Thread):
         super().__init__(name="ray_quota-renewer", daemon=True)
         self._tokens: weakref.WeakSet[QuotaToken] = weakref.WeakSet()
         self._flush_lock = threading.Lock()
+        self._last = threading.Event()  # the process is ending: flush once more, then stop
+        self._done = threading.Event()
 
     def add(self, token: QuotaToken) -> None:
         self._tokens.add(token)
@@ -234,11 +252,22 @@ class _Renewer(threading.Thread):
 
     def run(self) -> None:
         while True:
-            time.sleep(RENEW_INTERVAL_S)
+            last = self._last.wait(RENEW_INTERVAL_S)
+            if not last and _actor_exiting():
+                continue  # the actor's __ray_shutdown__ hook asks for the last flush
             try:
                 self.flush()
             except Exception:  # noqa: BLE001 - a missed renewal only shrinks our leases
                 pass
+            if last:
+                self._done.set()
+                return
+
+    def last_flush(self, timeout_s: float) -> None:
+        """Have this thread flush once more now, and wait (at most ``timeout_s``) until it has."""
+        if self.is_alive():
+            self._last.set()
+            self._done.wait(timeout_s)
 
     def flush(self) -> None:
         with self._flush_lock:

@@ -8,7 +8,8 @@
     ├── InvalidAmountError (ValueError)  an amount or expected use is not a positive whole number in range
     ├── TokenStateError                  the token or reservation cannot do that any more
     │   ├── TokenMovedError              the token was passed to another process
-    │   └── TokenClosedError             the token was closed, merged away or released
+    │   ├── TokenClosedError             the token was closed, merged away or released
+    │   └── LeaseEndedError              a process's lease ended; it asks again under a new one
     ├── ForgedTokenError                 the token is not one this cluster's executor issued
     ├── IncompatibleTokensError (ValueError) merge across resources, environments or with itself
     ├── FailedReservation                a `reject` resource could not grant in time; `.estimated_wait_s`
@@ -60,6 +61,13 @@ class TokenMovedError(TokenStateError):
 
 class TokenClosedError(TokenStateError):
     """The token was closed, released or merged into another token."""
+
+
+class LeaseEndedError(TokenStateError):
+    """A lease this process held ended (it expired, or was settled as final).
+
+    Handled inside ray_quota: the process starts a new lease and asks again.
+    """
 
 
 class ForgedTokenError(QuotaError):

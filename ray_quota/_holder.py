@@ -42,7 +42,7 @@ class LocalLease:
     """
 
     __slots__ = ("kind", "key", "spare", "reserved", "returned", "used", "debt", "active",
-                 "contended", "_valid_until", "_prefetch", "_max_prefetch", "_busy")
+                 "final", "contended", "_valid_until", "_prefetch", "_max_prefetch", "_busy")
 
     def __init__(self, kind: Kind, *, key: str, max_prefetch: int) -> None:
         self.kind = kind
@@ -51,6 +51,7 @@ class LocalLease:
         self.reserved = 0  # held by open reservations
         self.returned = self.used = self.debt = 0  # running totals
         self.active = False  # the executor has a record of this lease
+        self.final = False  # settled as final: the executor ends it; no more grants into it
         self.contended = False
         self._valid_until = float("-inf")
         self._prefetch = 0

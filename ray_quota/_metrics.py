@@ -32,11 +32,10 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from ray_quota._errors import FailedReservation, QuotaError, QuotaTerminated
+from ray_quota._errors import FailedReservation, QuotaTerminated
 from ray_quota._observe import (
     BUCKETS,
     EXECUTOR,
-    GRANTED,
     OUTCOMES,
     PATHS,
     REJECTED,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from ray_quota._errors import (
     FailedReservation,
+    LeaseEndedError,
     ForgedTokenError,
     IncompatibleTokensError,
     InvalidAmountError,
@@ -64,12 +65,15 @@ class Policy:
             the largest single grant the resource allows.
         bypass_factor: how many units, as multiples of a blocked head's request, smaller waiters
             may take before it.
+        orphan_grace_s: how long a token whose every lease expired is kept for a Ray retry of
+            its task to take it up again, before it is released.
     """
 
     credit_factor: float = 1.0
     lease_ttl_s: float = 10.0
     max_lease_fraction: float = 0.05
     bypass_factor: float = 1.0
+    orphan_grace_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +247,10 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, _Waiter]] = []
         self._expiries: list[tuple[float, str, str]] = []
         self._resolved: list[Ticket] = []
+        self._orphans: dict[str, float] = {}  # token id -> when to release it
+        # Leases that ended (expired or settled as final), with the debt applied by then: their
+        # keys are never used again, so a late report cannot be applied to a fresh lease.
+        self._ended: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._recalls: dict[str, set[str]] = {}
         # What changed since the last drain_changes(), for a durable store to write.
         self._dirty_tokens: set[str] = set()
@@ -258,7 +266,8 @@ class Scheduler:
         """Create a token with no credit yet; ``claimant`` is the process that will use it."""
         res = self._resource(resource)
         _check_units("expected_use", expected_use)
-        token = _Token(self._new_id(), resource, expected_use, res.vtime, claimant, label)
+        token = _Token(self._new_id(), resource, expected_use, self._vtime_now(res), claimant,
+                       label)
         self._tokens[token.id] = token
         self._dirty_tokens.add(token.id)
         res.tokens += 1
@@ -300,7 +309,7 @@ class Scheduler:
         res = self._resources[token.resource]
         credit = self._credit(res, token) + self._credit(res, other)
         token.expected_use += other.expected_use
-        token.pass_ = res.vtime - credit / token.expected_use
+        token.pass_ = res.vtime - credit / max(1, token.expected_use)
         self._dirty_tokens.add(token.id)
         self._rekey(res, token)
         self._forget(other)
@@ -321,7 +330,7 @@ class Scheduler:
         res = self._resources[child.resource]
         credit = self._credit(res, parent) + self._credit(res, child)
         parent.expected_use += child.expected_use
-        parent.pass_ = res.vtime - credit / parent.expected_use
+        parent.pass_ = res.vtime - credit / max(1, parent.expected_use)
         self._dirty_tokens.add(parent.id)
         self._rekey(res, parent)
         self._forget(child)
@@ -372,6 +381,9 @@ class Scheduler:
             TokenStateError, ForgedTokenError: the token cannot be used.
         """
         token = self._live(token_id, generation, claimant)
+        if (token_id, holder) in self._ended:
+            raise LeaseEndedError("this lease ended (it expired or was settled); ask under a "
+                                  "new lease key")
         res = self._resources[token.resource]
         spec = res.spec
         _check_units("amount", amount)
@@ -388,7 +400,8 @@ class Scheduler:
         waiter = _Waiter(ticket, token, max(0, int(prefetch)), deadline, self._seq)
         if not token.waiters:
             # A returning token regains at most its maximum credit.
-            token.pass_ = max(token.pass_, res.vtime - self._max_credit(token) / token.expected_use)
+            token.pass_ = max(token.pass_,
+                              self._vtime_now(res) - self._max_credit(token) / token.expected_use)
             self._dirty_tokens.add(token.id)
         token.waiters.append(waiter)
         res.waiting += 1
@@ -457,6 +470,8 @@ class Scheduler:
             res = self._resources[token.resource]
         else:
             return
+        if res.spec.kind is Kind.CONCURRENCY:
+            units, used = units + used, 0  # a slot is free again however it was "used"
         if lease is not None and (units or used):
             used = min(used, lease.units)
             units = min(units, lease.units - used)
@@ -489,7 +504,12 @@ class Scheduler:
         """
         lease = self._leases.get((token_id, holder))
         if lease is None:
-            return  # expired: expiry settled it
+            ended_debt = self._ended.get((token_id, holder))
+            if ended_debt is not None and debt > ended_debt:
+                # Expiry settled the units, not overuse declared since: that is still owed.
+                self._ended[(token_id, holder)] = debt
+                self.give_back(token_id, holder, debt=debt - ended_debt)
+            return
         fresh_returned = max(0, returned - lease.returned)
         fresh_used = max(0, used - lease.used)
         fresh_debt = max(0, debt - lease.debt)
@@ -501,7 +521,7 @@ class Scheduler:
         if final:
             if lease.units:
                 self.give_back(token_id, holder, lease.units)
-            self._drop_lease(lease)
+            self._end_lease(lease)
 
     def renew_lease(self, token_id: str, holder: str) -> bool | None:
         """Extend one lease; None if there is none (it expired), else whether others wait."""
@@ -542,8 +562,14 @@ class Scheduler:
     # --------------------------------------------------------------------------------- the loop
 
     def poll(self) -> list[Ticket]:
-        """Expire what is due, grant what now fits, and return tickets resolved since last poll."""
+        """Grant what now fits, expire what is due, and return tickets resolved since last poll.
+
+        Grants come first: a request that can be served exactly at its deadline is served.
+        """
         now = self._clock()
+        for res in self._resources.values():
+            if res.waiting:
+                self._dispatch(res, now)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, waiter = heapq.heappop(self._deadlines)
             if not waiter.done:
@@ -553,6 +579,8 @@ class Scheduler:
             lease = self._leases.get((token_id, holder))
             if lease is not None and lease.expires_at == expires_at:
                 self._expire(lease, now)
+        if self._orphans:
+            self._release_orphans(now)
         for res in self._resources.values():
             if res.waiting:
                 self._dispatch(res, now)
@@ -570,7 +598,10 @@ class Scheduler:
         for res in self._resources.values():
             head = self._peek(res)
             if head is not None and isinstance(res.pool, RatePool):
-                wait = res.pool.time_until(head.ticket.amount, now)
+                # The head, or a smaller waiter allowed past it while it is blocked.
+                smallest = min((w.ticket.amount for w in self._may_pass(res, head)),
+                               default=head.ticket.amount)
+                wait = res.pool.time_until(min(head.ticket.amount, smallest), now)
                 if wait is not None:
                     times.append(now + wait)
         return min(times) if times else None
@@ -587,6 +618,13 @@ class Scheduler:
         now = self._clock()
         res.pool.resize(spec, now)
         res.spec = spec
+        for _, _, waiter in list(self._valid(res.queue)):
+            for queued in list(waiter.token.waiters):  # asks for more than can ever be granted
+                if queued.ticket.amount > spec.ceiling:
+                    self._remove_waiter(res, queued)
+                    self._resolve(queued, InvalidAmountError(
+                        f"{spec.name!r}: {queued.ticket.amount} units is more than the new "
+                        f"limit can ever grant ({spec.ceiling})"))
         self._dirty_resources.add(spec.name)
         self._recall(res)  # holders give spare units back, so the new limit binds at once
         self._dispatch(res, now)
@@ -716,6 +754,12 @@ class Scheduler:
             self._closed.popitem(last=False)
         self._dispatch(res, now)
 
+    def _vtime_now(self, res: _Resource) -> float:
+        """Where a token joining now starts: never ahead of the most-behind waiter, so a stream
+        of new tokens cannot starve those already waiting."""
+        head = self._peek(res)
+        return res.vtime if head is None else max(res.vtime, head.token.pass_)
+
     def _max_credit(self, token: _Token) -> float:
         return self.policy.credit_factor * token.expected_use
 
@@ -754,15 +798,26 @@ class Scheduler:
             if head.ticket.amount <= available:
                 self._grant(res, head, available, now)
                 continue
-            budget = math.ceil(head.ticket.amount * self.policy.bypass_factor) - head.bypassed
-            for _, _, waiter in list(self._valid(heapq.nsmallest(_BACKFILL_SCAN, res.queue))):
+            for waiter in self._may_pass(res, head):
                 amount = waiter.ticket.amount
-                if waiter is not head and amount <= available and amount <= budget:
+                if amount <= available and head.bypassed + amount <= self._bypass_budget(head):
                     self._grant(res, waiter, available, now)
                     head.bypassed += amount
-                    budget -= amount
                     available = pool.available(now)
             return
+
+    def _bypass_budget(self, head: _Waiter) -> int:
+        return math.ceil(head.ticket.amount * self.policy.bypass_factor)
+
+    def _may_pass(self, res: _Resource, head: _Waiter) -> list[_Waiter]:
+        """Waiters allowed past a blocked head, within its bypass budget: those no further on in
+        virtual time than the head, or that a fluid fair share would finish before it. Others
+        would let a token of small requests take a large one's share."""
+        budget = self._bypass_budget(head) - head.bypassed
+        head_pass, head_finish = head.token.pass_, _finish(head)
+        return [w for _, _, w in self._valid(heapq.nsmallest(_BACKFILL_SCAN, res.queue))
+                if w is not head and w.ticket.amount <= budget
+                and (w.token.pass_ <= head_pass or _finish(w) <= head_finish)]
 
     def _grant(self, res: _Resource, waiter: _Waiter, available: int, now: float) -> None:
         token, ticket = waiter.token, waiter.ticket
@@ -834,19 +889,35 @@ class Scheduler:
         if res.spec.kind is Kind.CONCURRENCY:
             res.pool.give_back(lease.units, now)  # slots are free again; units may have been used
         res.leased -= lease.units
-        self._drop_lease(lease)
+        self._end_lease(lease)
         self.lease_expiries += 1
         # A token whose every holder stopped renewing belongs to processes that are gone (or
-        # cut off for a whole time-to-live): release it, or it would count as live for ever.
-        token = self._tokens.get(lease.token_id)
-        if token is not None and not token.waiters and not any(
-                key[0] == token.id for key in res.leases):
-            self._forget(token)
+        # cut off for a whole time-to-live): release it after a grace period in which a Ray
+        # retry of its task may take it up, or it would count as live for ever.
+        if not any(key[0] == lease.token_id for key in res.leases):
+            self._orphans[lease.token_id] = now + self.policy.orphan_grace_s
         self._dispatch(res, now)
+
+    def _release_orphans(self, now: float) -> None:
+        for token_id, due in list(self._orphans.items()):
+            token = self._tokens.get(token_id)
+            if token is None:
+                del self._orphans[token_id]
+            elif due <= now:
+                del self._orphans[token_id]
+                res = self._resources[token.resource]
+                if not token.waiters and not any(key[0] == token_id for key in res.leases):
+                    self._forget(token)
 
     def _recall(self, res: _Resource) -> None:
         for token_id, holder in res.leases:
             self._recalls.setdefault(holder, set()).add(token_id)
+
+    def _end_lease(self, lease: _Lease) -> None:
+        self._ended[(lease.token_id, lease.holder)] = lease.debt
+        if len(self._ended) > _TOMBSTONES:
+            self._ended.popitem(last=False)
+        self._drop_lease(lease)
 
     def _drop_lease(self, lease: _Lease) -> None:
         del self._leases[(lease.token_id, lease.holder)]
@@ -857,6 +928,11 @@ class Scheduler:
         tokens.discard(lease.token_id)
         if not tokens:
             del self._by_holder[lease.holder]
+
+
+def _finish(waiter: _Waiter) -> float:
+    """A waiter's finish tag: its token's pass once it is granted."""
+    return waiter.token.pass_ + waiter.ticket.amount / waiter.token.expected_use
 
 
 def _check_units(what: str, value: object, *, allow_zero: bool = False) -> None:

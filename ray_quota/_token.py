@@ -20,6 +20,7 @@ from ray_quota import _client, _observe
 from ray_quota._errors import (
     ExecutorUnavailableError,
     ForgedTokenError,
+    LeaseEndedError,
     IncompatibleTokensError,
     InvalidAmountError,
     QuotaTerminated,
@@ -149,6 +150,8 @@ class QuotaToken:
             try:
                 grant = self._translate(lambda: _client.call("acquire", *args, retry=False))
                 return self._granted(lease, amount, grant, sent_at)
+            except LeaseEndedError:
+                self._renew_lease(lease)
             except ExecutorUnavailableError:
                 time.sleep(self._lost(lease, delays))
 
@@ -166,6 +169,8 @@ class QuotaToken:
             except QuotaTerminated as exc:
                 self._terminate(exc)
                 raise
+            except LeaseEndedError:
+                self._renew_lease(lease)
             except ExecutorUnavailableError:
                 await asyncio.sleep(self._lost(lease, delays))
 
@@ -198,11 +203,22 @@ class QuotaToken:
     def _granted(self, lease: LocalLease, amount: int, grant: Grant,
                  sent_at: float) -> Reservation:
         with self._lock:
+            if lease.final:
+                # Closed or moved while this request waited: the final settlement gave these
+                # units back (or the executor refuses them), so they are not ours to use.
+                self._usable()
+                raise TokenClosedError("the token was released while this reservation waited")
             lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
                           contended=grant.contended)
         _observe.reserved(self._cluster, self._spec.name, self._label, _observe.EXECUTOR,
                           _observe.GRANTED, amount, time.monotonic() - sent_at)
         return Reservation(self, amount, lease)
+
+    def _renew_lease(self, lease: LocalLease) -> None:
+        """The executor ended this lease (it expired): carry on under a new one."""
+        with self._lock:
+            if self._lease is lease:
+                self._lease = self._new_lease()
 
     def _lost(self, lease: LocalLease, delays: Iterator[float]) -> float:
         """An acquire's answer was lost (the executor died): whatever it granted is unknown, so
@@ -390,6 +406,7 @@ class QuotaToken:
             return self._report_of(lease, final=False) if lease.recall() else None
 
     def _report_of(self, lease: LocalLease, *, final: bool) -> Report:
+        lease.final = lease.final or final
         totals = lease.totals()
         return (self._id, lease.key, totals.returned, totals.used, totals.debt, final)
 

@@ -128,7 +128,8 @@ def run_load(tmp_path: Path, seconds: float) -> None:
     assert len(rate) > 50 and len(intervals) > 50
     prefetch_cap = int(RESOURCES["tok"]["limit"]["burst"] * 0.05)
     excess = max_rate_excess(rate, RESOURCES["tok"]["limit"]["value"])
-    assert excess <= RESOURCES["tok"]["limit"]["burst"] + PROCESSES * prefetch_cap + 1e-6
+    lag = RESOURCES["tok"]["limit"]["value"] * 0.05  # notes lag grants (see test_multiprocess)
+    assert excess <= RESOURCES["tok"]["limit"]["burst"] + PROCESSES * prefetch_cap + lag
     budget = RESOURCES["budget"]["limit"]["value"]
     assert charged <= budget
     assert max_overlap(intervals) <= RESOURCES["conn"]["limit"]["value"]
