@@ -78,7 +78,7 @@ class LocalLease:
                 contended: bool) -> None:
         """Record a grant of ``units`` for a request of ``amount``, and reserve ``amount``."""
         if sent_at >= self._valid_until:
-            self.spare = 0  # not trusted any more: the executor may have expired those units
+            self._let_go()
         self.active = True
         self._valid_until = sent_at + ttl_s * TRUST
         self.spare += units - amount
@@ -132,12 +132,18 @@ class LocalLease:
     def report(self, now: float, *, keep_spare: bool) -> Settlement:
         """The totals to send at renewal; spare goes back unless kept, trusted and in use."""
         if now >= self._valid_until:
-            self.spare = 0  # forfeit: the executor settles an expired lease by itself
+            self._let_go()
         elif not keep_spare or self.contended or not self._busy:
             self.returned += self.spare
             self.spare = 0
         self._busy = False
         return self.totals()
+
+    def _let_go(self) -> None:
+        """Trust ran out: never serve the spare units again, and say so. If the executor still
+        has the lease they go back to the pool; if it expired the lease, it ignores the report."""
+        self.returned += self.spare
+        self.spare = 0
 
     def totals(self) -> Settlement:
         return Settlement(self.returned, self.used, self.debt)

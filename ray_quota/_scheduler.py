@@ -400,8 +400,7 @@ class Scheduler:
         waiter = _Waiter(ticket, token, max(0, int(prefetch)), deadline, self._seq)
         if not token.waiters:
             # A returning token regains at most its maximum credit.
-            token.pass_ = max(token.pass_,
-                              self._vtime_now(res) - self._max_credit(token) / token.expected_use)
+            token.pass_ = max(token.pass_, res.vtime - self._max_credit(token) / token.expected_use)
             self._dirty_tokens.add(token.id)
         token.waiters.append(waiter)
         res.waiting += 1
@@ -444,8 +443,12 @@ class Scheduler:
         if not isinstance(res.pool, RatePool):
             return None
         now = self._clock()
-        key = max(token.pass_, res.vtime - self._max_credit(token) / max(token.expected_use, 1))
-        ahead = sum(w.ticket.amount for pass_, _, w in self._valid(res.queue) if pass_ <= key)
+        weight = max(token.expected_use, 1)
+        if token.waiters:  # behind its own queued requests
+            key = token.pass_ + sum(w.ticket.amount for w in token.waiters) / weight
+        else:
+            key = max(token.pass_, res.vtime - self._max_credit(token) / weight)
+        ahead = self._ahead(res, key, math.inf, None)
         return res.pool.time_until(ahead + amount, now)
 
     # ----------------------------------------------------------------------- returns and leases
@@ -510,6 +513,9 @@ class Scheduler:
                 self._ended[(token_id, holder)] = debt
                 self.give_back(token_id, holder, debt=debt - ended_debt)
             return
+        if final:
+            # Ended first, so that units freed below are not granted back under this key.
+            self._ended[(token_id, holder)] = lease.debt
         fresh_returned = max(0, returned - lease.returned)
         fresh_used = max(0, used - lease.used)
         fresh_debt = max(0, debt - lease.debt)
@@ -821,6 +827,13 @@ class Scheduler:
 
     def _grant(self, res: _Resource, waiter: _Waiter, available: int, now: float) -> None:
         token, ticket = waiter.token, waiter.ticket
+        if (token.id, ticket.holder) in self._ended:
+            # Its lease ended while it waited: granting under that key would start a fresh
+            # lease that the holder's running totals no longer match.
+            self._remove_waiter(res, waiter)
+            self._resolve(waiter, LeaseEndedError("this lease ended while the request waited; "
+                                                  "ask under a new lease key"))
+            return
         self._remove_waiter(res, waiter)
         extra = 0
         if waiter.prefetch and res.waiting == 0:
@@ -862,13 +875,25 @@ class Scheduler:
     def _estimate(self, res: _Resource, waiter: _Waiter, now: float) -> float | None:
         if not isinstance(res.pool, RatePool):
             return None
-        mine = (waiter.token.pass_, waiter.seq)
-        ahead = sum(w.ticket.amount for pass_, seq, w in self._valid(res.queue)
-                    if w is not waiter and (pass_, seq) < mine)
-        # Waiters queued behind others of their own token are not in the heap yet.
-        ahead += sum(w.ticket.amount for w in waiter.token.waiters if w.seq < waiter.seq
-                     and w is not waiter.token.waiters[0])
+        token = waiter.token
+        key = token.pass_ + sum(w.ticket.amount for w in token.waiters
+                                if w.seq < waiter.seq) / max(token.expected_use, 1)
+        ahead = self._ahead(res, key, waiter.seq, waiter)
         return res.pool.time_until(ahead + waiter.ticket.amount, now)
+
+    def _ahead(self, res: _Resource, key: float, seq: float, mine: _Waiter | None) -> int:
+        """Units that stride order serves before a request keyed (key, seq): every queued
+        request, each keyed by its token's pass once the requests before it are granted."""
+        ahead = 0
+        for _, _, head in self._valid(res.queue):
+            token = head.token
+            pass_ = token.pass_
+            for waiter in token.waiters:
+                if waiter is mine or (pass_, waiter.seq) >= (key, seq):
+                    break
+                ahead += waiter.ticket.amount
+                pass_ += waiter.ticket.amount / max(token.expected_use, 1)
+        return ahead
 
     def _remove_waiter(self, res: _Resource, waiter: _Waiter) -> None:
         token = waiter.token
