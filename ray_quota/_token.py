@@ -22,7 +22,6 @@ from ray_quota._errors import (
     ForgedTokenError,
     LeaseEndedError,
     IncompatibleTokensError,
-    InvalidAmountError,
     QuotaTerminated,
     TokenClosedError,
     TokenMovedError,
@@ -30,7 +29,7 @@ from ray_quota._errors import (
 )
 from ray_quota._executor import Report
 from ray_quota._holder import LocalLease
-from ray_quota._scheduler import MAX_UNITS, Grant, TokenInfo
+from ray_quota._scheduler import Grant, TokenInfo, _check_units
 from ray_quota._spec import Kind, ResourceSpec
 
 _PREFETCH_FRACTION = 0.05  # the most a process asks to hold beyond a request, of the ceiling
@@ -526,11 +525,3 @@ class Reservation:
     def __repr__(self) -> str:
         return f"Reservation(resource={self._token.resource!r}, amount={self.amount}, " \
                f"committed={not self._open})"
-
-
-def _check_units(what: str, value: object, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidAmountError(f"{what} must be a whole number of units, not {value!r}")
-    low = 0 if allow_zero else 1
-    if not low <= value <= MAX_UNITS:
-        raise InvalidAmountError(f"{what} must be from {low} to {MAX_UNITS}, not {value}")
