@@ -29,7 +29,7 @@ from ray_quota._executor import ExecutorInfo
 from ray_quota._manifest import Manifest, load_manifest
 from ray_quota._scheduler import Policy, ResourceStatus
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
-from ray_quota._token import QuotaToken, Reservation
+from ray_quota._token import QuotaToken, Reservation, with_reservation, with_reservation_async
 
 __all__ = [
     "Enforcement",
@@ -64,4 +64,6 @@ __all__ = [
     "set_limit",
     "shutdown",
     "status",
+    "with_reservation",
+    "with_reservation_async",
 ]

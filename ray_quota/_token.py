@@ -11,7 +11,7 @@ import enum
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import ray
@@ -525,3 +525,28 @@ class Reservation:
     def __repr__(self) -> str:
         return f"Reservation(resource={self._token.resource!r}, amount={self.amount}, " \
                f"committed={not self._open})"
+
+
+def with_reservation(token: QuotaToken, amount: int, fn: Callable[..., int], *args: Any,
+                     timeout: float | None = None, **kwargs: Any) -> int:
+    """Reserve ``amount``, run ``fn``, and commit what it says it used.
+
+    Example:
+        >>> used = with_reservation(token, 800, call_llm, prompt)   # call_llm returns tokens used
+
+    If ``fn`` raises, the reservation counts as unused (``commit(0)``) and the error propagates.
+    """
+    with token.reserve(amount, timeout=timeout) as reservation:
+        used = fn(*args, **kwargs)
+        reservation.commit(used)
+    return used
+
+
+async def with_reservation_async(token: QuotaToken, amount: int,
+                                 fn: Callable[..., Awaitable[int]], *args: Any,
+                                 timeout: float | None = None, **kwargs: Any) -> int:
+    """The asyncio twin of :func:`with_reservation`, for a coroutine function ``fn``."""
+    async with await token.reserve_async(amount, timeout=timeout) as reservation:
+        used = await fn(*args, **kwargs)
+        reservation.commit(used)
+    return used

@@ -167,3 +167,23 @@ async def test_reserve_async_and_async_context_manager() -> None:
         assert reservation.amount == 1
     assert reservation.committed
     token.close()
+
+
+def test_with_reservation_commits_what_the_function_says_it_used() -> None:
+    token = QuotaToken("budget", expected_use=100)
+    assert ray_quota.with_reservation(token, 300, lambda extra: 120 + extra, 5) == 125
+    with pytest.raises(ZeroDivisionError):
+        ray_quota.with_reservation(token, 300, lambda: 1 // 0)  # counts as unused
+    token.close()
+    assert by_name("budget").in_use == 125
+
+
+async def test_with_reservation_async_commits_what_the_coroutine_used() -> None:
+    token = QuotaToken("budget", expected_use=100)
+
+    async def call() -> int:
+        return 40
+
+    assert await ray_quota.with_reservation_async(token, 100, call) == 40
+    token.close()
+    assert by_name("budget").in_use == 40
