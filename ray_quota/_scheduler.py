@@ -306,13 +306,7 @@ class Scheduler:
                 f"cannot merge a token of {other.resource!r} into one of {token.resource!r}")
         if other.waiters:
             raise TokenStateError("cannot merge a token while it has reservations waiting")
-        res = self._resources[token.resource]
-        credit = self._credit(res, token) + self._credit(res, other)
-        token.expected_use += other.expected_use
-        token.pass_ = res.vtime - credit / max(1, token.expected_use)
-        self._dirty_tokens.add(token.id)
-        self._rekey(res, token)
-        self._forget(other)
+        self._absorb(token, other)
 
     def merge_back(self, child_id: str, generation: int, claimant: str | None,
                    parent_id: str) -> bool:
@@ -327,14 +321,18 @@ class Scheduler:
                 child.waiters:
             self._forget(child)
             return False
-        res = self._resources[child.resource]
-        credit = self._credit(res, parent) + self._credit(res, child)
-        parent.expected_use += child.expected_use
-        parent.pass_ = res.vtime - credit / max(1, parent.expected_use)
-        self._dirty_tokens.add(parent.id)
-        self._rekey(res, parent)
-        self._forget(child)
+        self._absorb(parent, child)
         return True
+
+    def _absorb(self, token: _Token, other: _Token) -> None:
+        """Add ``other``'s expected use and credit (or debt) to ``token``; ``other`` is closed."""
+        res = self._resources[token.resource]
+        credit = self._credit(res, token) + self._credit(res, other)
+        token.expected_use += other.expected_use
+        token.pass_ = res.vtime - credit / max(1, token.expected_use)
+        self._dirty_tokens.add(token.id)
+        self._rekey(res, token)
+        self._forget(other)
 
     def describe(self, token_id: str, generation: int, claimant: str | None) -> tuple[int, float]:
         """The token's expected use and credit, as the executor holds them."""
