@@ -23,7 +23,8 @@ DEFAULT_METRICS_PORT = 9464
 def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
          environment: str = "local", *, apply: bool = False, policy: Policy | None = None,
          address: str | None = None, state_path: str | os.PathLike[str] | None = None,
-         metrics_port: int | None = DEFAULT_METRICS_PORT) -> ExecutorInfo:
+         metrics_port: int | None = DEFAULT_METRICS_PORT,
+         brokers: bool | None = None) -> ExecutorInfo:
     """Start the cluster's executor, or connect to the one already running.
 
     Starts a local Ray if none is running (or connects to ``address``). Calling it again with the
@@ -36,6 +37,11 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 
     The executor serves the cluster's Prometheus metrics on ``metrics_port`` (0: any free port,
     None: no endpoint); :func:`metrics_address` says where. Both only apply when it starts.
+
+    With ``brokers``, each node runs a broker actor that takes leases from the executor and
+    re-leases them to the node's processes, so the executor's load grows with nodes, not
+    processes (README, "How the executor scales"). None (the default) turns them on when the
+    cluster has more than one node at start. Also only applies when the executor starts.
 
     Raises:
         ManifestError: the manifest is invalid, names no such environment, or differs from the
@@ -60,9 +66,11 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         actor = ray.remote(Executor).options(
             name=EXECUTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_concurrency=10_000, num_cpus=0, scheduling_strategy=here)
+        if brokers is None:
+            brokers = sum(1 for node in ray.nodes() if node["Alive"]) > 1
         handle = actor.remote(plain, environment, policy or Policy(), None,
                               os.fspath(state_path) if state_path is not None else None,
-                              metrics_port=metrics_port)
+                              metrics_port=metrics_port, brokers=brokers)
     if plain is not None:
         running, running_env = ray.get(handle.manifest.remote())
         if (running, running_env) != (plain, environment):
@@ -106,7 +114,20 @@ def shutdown() -> None:
     except ray.exceptions.RayError:
         pass  # a dead executor has nothing to forget
     ray.kill(handle, no_restart=True)
+    _stop_brokers()
     _client.reset()
+
+
+def _stop_brokers() -> None:
+    """Stop every node's broker: they belong to the executor that just stopped."""
+    from ray_quota._broker_actor import BROKER_PREFIX
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(BROKER_PREFIX):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)
+            except (ValueError, ray.exceptions.RayError):
+                pass  # gone already
 
 
 def info() -> ExecutorInfo:

@@ -45,7 +45,10 @@ class _State:
     handle: Any = None
     info: ExecutorInfo | None = None
     renewer: _Renewer | None = None
+    broker: Any = None  # this node's broker, while this process leases through it
+    direct_for: str | None = None  # the cluster whose broker failed us: lease directly there
     lock = threading.Lock()
+    failover = threading.Lock()
 
 
 def reset() -> None:
@@ -53,6 +56,7 @@ def reset() -> None:
     with _State.lock:
         _State.handle = None
         _State.info = None
+        _State.broker = None
 
 
 def executor() -> Any:
@@ -131,11 +135,98 @@ def _failed(method: str, exc: Exception, delays: Iterator[float] | None) -> floa
 
 
 def send(method: str, *args: Any) -> None:
-    """Call the executor without waiting (settling and closing are safe to lose)."""
+    """Make a lease call without waiting (settling and closing are safe to lose)."""
     try:
-        getattr(executor(), method).remote(*args)
+        getattr(broker() or executor(), method).remote(*args)
     except Exception:  # noqa: BLE001 - at interpreter exit or after shutdown there is nobody to tell
         pass
+
+
+# ------------------------------------------------------------------------------ node brokers
+
+
+def broker() -> Any:
+    """This node's broker, started if it is not running yet; None to lease from the executor.
+
+    A process leases through its node's broker when the executor says brokers are on, until
+    that broker fails it; then it takes its leases over directly (see :func:`_broker_failed`)
+    and stays direct while this executor runs. Later processes on the node start a new broker.
+    """
+    handle = _State.broker
+    if handle is not None:
+        return handle
+    settings = info()
+    if not settings.brokers or _State.direct_for == settings.cluster_id:
+        return None
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ray_quota._broker_actor import Broker, broker_name
+
+    node = ray.get_runtime_context().get_node_id()
+    with _State.lock:
+        if _State.broker is None:
+            # Pinned to this node (soft=False): when the node goes, the broker goes with it.
+            _State.broker = ray.remote(Broker).options(
+                name=broker_name(node), namespace=NAMESPACE, lifetime="detached",
+                get_if_exists=True, max_restarts=0, max_concurrency=10_000, num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            ).remote(node)
+        return _State.broker
+
+
+def lease_call(method: str, *args: Any, resource: str | None = None) -> Any:
+    """A lease call (acquire, settle, renew, watch, close, merge, merge_back): to this node's
+    broker, or to the executor. ``resource`` names the token's resource, which the broker
+    needs for ``acquire``.
+
+    If the broker fails, this process takes its leases over directly; the call is then made
+    to the executor, except ``acquire``, whose outcome is unknown: it raises
+    :class:`ExecutorUnavailableError` and the caller retries under a new lease.
+    """
+    handle = broker()
+    if handle is None:
+        return call(method, *args, retry=method != "acquire")
+    try:
+        extra = (resource,) if method == "acquire" else ()
+        return _unwrap(ray.get(getattr(handle, method).remote(*extra, *args)))
+    except ray.exceptions.RayError as exc:
+        _broker_failed(handle)
+        if method == "acquire":
+            raise ExecutorUnavailableError(f"this node's ray_quota broker failed: {exc}") from exc
+    return call(method, *args)
+
+
+async def lease_call_async(method: str, *args: Any, resource: str | None = None) -> Any:
+    """The asyncio twin of :func:`lease_call`."""
+    handle = broker()
+    if handle is None:
+        return await call_async(method, *args, retry=method != "acquire")
+    try:
+        extra = (resource,) if method == "acquire" else ()
+        return _unwrap(await getattr(handle, method).remote(*extra, *args))
+    except ray.exceptions.RayError as exc:
+        await asyncio.to_thread(_broker_failed, handle)
+        if method == "acquire":
+            raise ExecutorUnavailableError(f"this node's ray_quota broker failed: {exc}") from exc
+    return await call_async(method, *args)
+
+
+def _broker_failed(handle: Any) -> None:
+    """The broker died: take over, from the executor, the units it re-leased to this process.
+
+    Each lease moves its share of the broker's lease into a lease of its own at the executor,
+    with the same key and running totals, so open reservations and spare units carry on and
+    nothing is granted twice. A lease the executor no longer has (the broker's expired first)
+    is dropped at the next renewal, as any expired lease is.
+    """
+    with _State.failover:
+        if _State.broker is not handle:
+            return  # another thread did it
+        _State.direct_for = info().cluster_id
+        _State.broker = None
+        renewer = _State.renewer
+        if renewer is not None:
+            renewer.adopt_all()
 
 
 def claimant() -> str:
@@ -223,7 +314,7 @@ def _watch(renewer: _Renewer) -> None:
     """Keep one call open at the executor that answers when our spare units should go back."""
     while not _actor_exiting():
         try:
-            recalled = call("watch", HOLDER, WATCH_TIMEOUT_S)
+            recalled = lease_call("watch", HOLDER, WATCH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - no executor right now; renewals still shrink leases
             time.sleep(RENEW_INTERVAL_S)
             continue
@@ -249,6 +340,14 @@ class _Renewer(threading.Thread):
                    and (report := token._recall())]
         if reports:
             send("settle", reports)
+
+    def adopt_all(self) -> None:
+        """Take every brokered lease of this process over directly (the broker failed)."""
+        tokens = list(self._tokens)
+        entries = [entry for token in tokens for entry in token._adoptions()]
+        adopted = set(call("adopt", entries)) if entries else set()
+        for token in tokens:
+            token._adopted(adopted)
 
     def run(self) -> None:
         while True:
@@ -278,11 +377,10 @@ class _Renewer(threading.Thread):
             sent_at = time.monotonic()
             reports = [report for token in tokens for report in token._reports(sent_at)]
             try:
-                alive = call("renew", HOLDER, reports, observed)
+                alive = lease_call("renew", HOLDER, reports, observed)
             except BaseException:
                 _observe.restore(observed)  # the next renewal carries them
                 raise
-            ttl = info().lease_ttl_s
             for token in tokens:
-                token._renewed(alive, sent_at, ttl)
+                token._renewed(alive, sent_at)
 

@@ -11,10 +11,12 @@ import asyncio
 import os
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from ray_quota._errors import IncompatibleTokensError, ManifestError, QuotaError
+from ray_quota._holder import holder_of
 from ray_quota._manifest import Manifest, load_manifest
 from ray_quota._observe import Batch
 from ray_quota._scheduler import Grant, Policy, ResourceStatus, Scheduler, TokenInfo
@@ -28,6 +30,11 @@ _IDLE_TICK_S = 0.5  # how often the loop looks for expired leases when nothing i
 # A lease's running totals, as a holder reports them: token id, the holder's lease key, units
 # returned, units used, debt, and whether the holder is done with the lease (final).
 Report = tuple[str, str, int, int, int, bool]
+# The answer to a renewal: per live lease (token id, key), whether others wait and its trust.
+Renewed = dict[tuple[str, str], tuple[bool, float]]
+# A process taking over its share of a failed broker's lease: token id, the broker's lease key,
+# the process's lease key, units it holds, and its running totals (returned, used, debt).
+Adoption = tuple[str, str, str, int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,7 @@ class ExecutorInfo:
     resources: dict[str, ResourceSpec]
     lease_ttl_s: float
     metrics_address: str | None = None  # host:port of the metrics endpoint, if it serves one
+    brokers: bool = False  # processes lease through their node's broker
 
 
 class Executor:
@@ -46,7 +54,8 @@ class Executor:
 
     def __init__(self, manifest: dict[str, Any], environment: str, policy: Policy = Policy(),
                  cluster_id: str | None = None, state_path: str | None = None,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, brokers: bool = False) -> None:
+        self._brokers = brokers
         self._manifest = load_manifest(manifest)
         self._environment = environment
         resources = self._manifest.environment(environment).resources
@@ -66,9 +75,9 @@ class Executor:
         self._store.write(self._sched.drain_changes())
         self._futures: dict[int, asyncio.Future[Grant | QuotaError]] = {}
         self._kick: asyncio.Event | None = None
-        self._watchers: dict[str, asyncio.Future[list[str]]] = {}
-        self._recalls: dict[str, set[str]] = {}
-        self.calls = 0  # executor calls served, for tests and benchmarks of the local path
+        self._board = RecallBoard()
+        self.calls = 0  # grants, renewals and adoptions served, for tests of the local path
+        self.counts: Counter[str] = Counter()  # every token and lease call, by method
         from ray_quota._metrics import ExecutorMetrics  # here: only the actor needs it
 
         self._metrics = ExecutorMetrics(lambda: self._sched, environment, self._cluster_id,
@@ -78,7 +87,7 @@ class Executor:
 
     async def info(self) -> ExecutorInfo:
         return ExecutorInfo(self._cluster_id, self._environment, self._sched.specs(),
-                            self._sched.policy.lease_ttl_s, self._metrics.address)
+                            self._sched.policy.lease_ttl_s, self._metrics.address, self._brokers)
 
     async def manifest(self) -> tuple[dict[str, Any], str]:
         return self._manifest.to_dict(), self._environment
@@ -87,12 +96,14 @@ class Executor:
 
     async def open_token(self, resource: str, expected_use: int, claimant: str,
                          label: str | None) -> TokenInfo | QuotaError:
+        self.counts["open_token"] += 1
         return self._guard(self._sched.open_token, resource, expected_use, claimant=claimant,
                            label=label)
 
     async def split(self, token_id: str, generation: int, claimant: str,
                     child_expected_use: int) -> tuple[TokenInfo, int] | QuotaError:
         """Split a child off; also answers the parent's expected use left."""
+        self.counts["split"] += 1
         child = self._guard(self._sched.split, token_id, generation, claimant,
                             child_expected_use)
         if isinstance(child, QuotaError):
@@ -101,6 +112,7 @@ class Executor:
 
     async def merge(self, token_id: str, generation: int, claimant: str, other_id: str,
                     other_generation: int, reports: list[Report]) -> None | QuotaError:
+        self.counts["merge"] += 1
         if other_id == token_id:
             return IncompatibleTokensError("a token cannot be merged with itself")
         self._settle(reports)
@@ -109,15 +121,18 @@ class Executor:
 
     async def merge_back(self, token_id: str, generation: int, claimant: str, parent_id: str,
                          reports: list[Report]) -> bool | QuotaError:
+        self.counts["merge_back"] += 1
         self._settle(reports)
         return self._guard(self._sched.merge_back, token_id, generation, claimant, parent_id)
 
     async def describe(self, token_id: str, generation: int,
                        claimant: str) -> tuple[int, float] | QuotaError:
+        self.counts["describe"] += 1
         return self._guard(self._sched.describe, token_id, generation, claimant)
 
     async def close(self, token_id: str, generation: int, claimant: str,
                     reports: list[Report]) -> None | QuotaError:
+        self.counts["close"] += 1
         self._settle(reports)
         return self._guard(self._sched.close_token, token_id, generation, claimant)
 
@@ -126,6 +141,7 @@ class Executor:
     async def acquire(self, token_id: str, generation: int, claimant: str, holder: str,
                       amount: int, prefetch: int, timeout: float | None) -> Grant | QuotaError:
         """Grant ``amount`` (plus prefetch) into ``holder``'s lease, waiting as the resource says."""
+        self.counts["acquire"] += 1
         self.calls += 1
         self._ensure_ticker()
         arrived = time.monotonic()
@@ -152,25 +168,43 @@ class Executor:
 
     async def settle(self, reports: list[Report]) -> None:
         """Apply lease totals without renewing (overuse, recalls, handles that went away)."""
+        self.counts["settle"] += 1
         self._settle(reports)
 
     async def renew(self, holder: str, reports: list[Report],
-                    observed: Batch | None = None) -> dict[tuple[str, str], bool]:
-        """Apply a process's lease totals and extend its leases.
+                    observed: Batch | None = None) -> Renewed:
+        """Apply a holder's lease totals and extend its leases.
 
-        Returns, per live lease (token id, key), whether others wait; a lease missing from the
-        answer has expired and its holder must start a new one. ``observed`` is what the
-        process's reservations observed since its last renewal, for the metrics.
+        Returns, per live lease (token id, key), whether others wait and for how long it may be
+        trusted; a lease missing from the answer has expired and its holder must start a new
+        one. ``observed`` is what the holder's reservations observed since its last renewal,
+        for the metrics.
         """
+        self.counts["renew"] += 1
         self.calls += 1
         self._ensure_ticker()
         self._metrics.renewed(observed)
         self._settle(reports)
         alive = {}
+        ttl = self._sched.policy.lease_ttl_s
         for token_id, key, *_, final in reports:
             if not final and (contended := self._sched.renew_lease(token_id, key)) is not None:
-                alive[(token_id, key)] = contended
+                alive[(token_id, key)] = (contended, ttl)
         return alive
+
+    async def adopt(self, entries: list[Adoption]) -> list[tuple[str, str]] | QuotaError:
+        """Processes whose broker failed take over the units it re-leased to them: each entry
+        moves a process's share of the broker's lease into a lease of its own (see
+        :meth:`Scheduler.adopt`). Returns the (token id, key) of the leases now held directly."""
+        self.counts["adopt"] += 1
+        self.calls += 1
+        adopted = []
+        for token_id, from_key, to_key, units, returned, used, debt in entries:
+            ok = self._guard(self._sched.adopt, token_id, from_key, to_key, units, returned, used,
+                             debt)
+            if ok is True:
+                adopted.append((token_id, to_key))
+        return adopted
 
     async def watch(self, holder: str, timeout_s: float) -> list[str]:
         """Wait until others queue on a resource the holder leases; return those token ids.
@@ -178,20 +212,8 @@ class Executor:
         Each process keeps one of these calls open, so a recall reaches it at once instead of at
         its next renewal. Returns an empty list after ``timeout_s``.
         """
-        if holder in self._recalls:
-            return sorted(self._recalls.pop(holder))
-        previous = self._watchers.pop(holder, None)
-        if previous is not None and not previous.done():
-            previous.set_result([])
-        future = asyncio.get_running_loop().create_future()
-        self._watchers[holder] = future
-        try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            return []
-        finally:
-            if self._watchers.get(holder) is future:
-                del self._watchers[holder]
+        self.counts["watch"] += 1
+        return await self._board.wait(holder, timeout_s)
 
     # ------------------------------------------------------------------------------ limits
 
@@ -232,6 +254,10 @@ class Executor:
     async def calls_served(self) -> int:
         return self.calls
 
+    async def call_counts(self) -> dict[str, int]:
+        """Token and lease calls served since the executor started, by method."""
+        return dict(self.counts)
+
     async def forget_state(self) -> None:
         """Before a deliberate stop: delete the state file if it is the session's default one."""
         self._store.close(delete=self._state_is_default)
@@ -262,12 +288,8 @@ class Executor:
             future = self._futures.pop(ticket.id, None)
             if future is not None and not future.done() and ticket.outcome is not None:
                 future.set_result(ticket.outcome)
-        for holder, token_ids in self._sched.take_recalls().items():
-            watcher = self._watchers.pop(holder, None)
-            if watcher is not None and not watcher.done():
-                watcher.set_result(sorted(token_ids))
-            else:
-                self._recalls.setdefault(holder, set()).update(token_ids)
+        for key, token_ids in self._sched.take_recalls().items():
+            self._board.post(holder_of(key), token_ids)
 
     def _ensure_ticker(self) -> None:
         # Started from the first call: Ray runs __init__ outside the actor's event loop.
@@ -288,6 +310,40 @@ class Executor:
                 pass
             self._kick.clear()
             self._pump()
+
+
+class RecallBoard:
+    """Recalls waiting for their holders: each holder keeps one ``wait`` call open."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, asyncio.Future[list[str]]] = {}
+        self._posted: dict[str, set[str]] = {}
+
+    def post(self, holder: str, token_ids: set[str]) -> None:
+        """Tell ``holder`` that others wait for these tokens' resources."""
+        watcher = self._watchers.pop(holder, None)
+        if watcher is not None and not watcher.done():
+            watcher.set_result(sorted(token_ids))
+        else:
+            self._posted.setdefault(holder, set()).update(token_ids)
+
+    async def wait(self, holder: str, timeout_s: float) -> list[str]:
+        """The token ids recalled from ``holder``, at once if any are posted, else when one is;
+        an empty list after ``timeout_s``."""
+        if holder in self._posted:
+            return sorted(self._posted.pop(holder))
+        previous = self._watchers.pop(holder, None)
+        if previous is not None and not previous.done():
+            previous.set_result([])
+        future = asyncio.get_running_loop().create_future()
+        self._watchers[holder] = future
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return []
+        finally:
+            if self._watchers.get(holder) is future:
+                del self._watchers[holder]
 
 
 def default_state_path() -> str:

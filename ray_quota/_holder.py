@@ -20,6 +20,11 @@ from ray_quota._spec import Kind
 TRUST = 0.8
 
 
+def holder_of(key: str) -> str:
+    """The holder (a process, or a broker) whose lease key this is: keys are ``holder:n``."""
+    return key.rpartition(":")[0] or key
+
+
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """A lease's running totals, as the holder reports them."""
@@ -42,7 +47,8 @@ class LocalLease:
     """
 
     __slots__ = ("kind", "key", "spare", "reserved", "returned", "used", "debt", "active",
-                 "final", "contended", "_valid_until", "_prefetch", "_max_prefetch", "_busy")
+                 "final", "contended", "via", "_valid_until", "_prefetch", "_max_prefetch",
+                 "_busy")
 
     def __init__(self, kind: Kind, *, key: str, max_prefetch: int) -> None:
         self.kind = kind
@@ -53,6 +59,7 @@ class LocalLease:
         self.active = False  # the executor has a record of this lease
         self.final = False  # settled as final: the executor ends it; no more grants into it
         self.contended = False
+        self.via: str | None = None  # a broker's lease key, when a broker re-leased these units
         self._valid_until = float("-inf")
         self._prefetch = 0
         self._max_prefetch = max_prefetch
@@ -78,7 +85,7 @@ class LocalLease:
                 contended: bool) -> None:
         """Record a grant of ``units`` for a request of ``amount``, and reserve ``amount``."""
         if sent_at >= self._valid_until:
-            self._let_go()
+            self.let_go()
         self.active = True
         self._valid_until = sent_at + ttl_s * TRUST
         self.spare += units - amount
@@ -132,14 +139,14 @@ class LocalLease:
     def report(self, now: float, *, keep_spare: bool) -> Settlement:
         """The totals to send at renewal; spare goes back unless kept, trusted and in use."""
         if now >= self._valid_until:
-            self._let_go()
+            self.let_go()
         elif not keep_spare or self.contended or not self._busy:
             self.returned += self.spare
             self.spare = 0
         self._busy = False
         return self.totals()
 
-    def _let_go(self) -> None:
+    def let_go(self) -> None:
         """Trust ran out: never serve the spare units again, and say so. If the executor still
         has the lease they go back to the pool; if it expired the lease, it ignores the report."""
         self.returned += self.spare
@@ -152,6 +159,11 @@ class LocalLease:
         """Apply the executor's answer to a renewal sent at ``sent_at``."""
         self.contended = contended
         self._valid_until = sent_at + ttl_s * TRUST
+
+    @property
+    def valid_until(self) -> float:
+        """When local trust in the lease ends, on the holder's monotonic clock."""
+        return self._valid_until
 
     @property
     def held(self) -> int:

@@ -83,6 +83,7 @@ class Grant:
     units: int
     ttl_s: float
     contended: bool  # others were still waiting: give spare units back soon
+    via: str | None = None  # a broker's own lease key, when the units were re-leased by a broker
 
 
 @dataclass(slots=True, eq=False)
@@ -551,6 +552,41 @@ class Scheduler:
             heapq.heappush(self._expiries, (expires, token_id, holder))
             contended[token_id] = self._resources[lease.resource].waiting > 0
         return contended
+
+    def adopt(self, token_id: str, from_key: str, to_key: str, units: int, returned: int,
+              used: int, debt: int) -> bool:
+        """Move ``units`` of the lease ``from_key`` into a new lease ``to_key`` whose totals
+        start at ``returned``, ``used`` and ``debt``: a broker's process re-attaching directly.
+
+        The process keeps serving the units it held from the broker, under its own key, with its
+        running totals as they were. ``debt`` is charged again, because the executor cannot tell
+        whether the broker passed it on before it failed: an overcharge, never an overgrant.
+        Returns False, changing nothing, if ``from_key`` no longer holds a lease (it expired,
+        and expiry settled its units) or ``to_key`` was used before; True if ``to_key`` is
+        already this adoption (a repeated call).
+        """
+        for what, value in (("units", units), ("returned", returned), ("used", used),
+                            ("debt", debt)):
+            _check_units(what, value, allow_zero=True)
+        if (token_id, to_key) in self._leases:
+            return True
+        source = self._leases.get((token_id, from_key))
+        if source is None or (token_id, to_key) in self._ended:
+            return False
+        moved = min(units, source.units)
+        source.units -= moved
+        now = self._clock()
+        lease = self._leases[(token_id, to_key)] = _Lease(
+            token_id, to_key, source.resource, moved, now + self.policy.lease_ttl_s,
+            returned=returned, used=used)
+        self._by_holder.setdefault(to_key, set()).add(token_id)
+        self._resources[source.resource].leases.add((token_id, to_key))
+        heapq.heappush(self._expiries, (lease.expires_at, token_id, to_key))
+        self._dirty_leases.update(((token_id, from_key), (token_id, to_key)))
+        if debt:
+            lease.debt = debt
+            self.give_back(token_id, to_key, debt=debt)
+        return True
 
     def take_recalls(self) -> dict[str, set[str]]:
         """Holders to tell, per token, that others now wait: they should stop serving locally

@@ -27,7 +27,7 @@ from ray_quota._errors import (
     TokenMovedError,
     TokenStateError,
 )
-from ray_quota._executor import Report
+from ray_quota._executor import Adoption, Renewed, Report
 from ray_quota._holder import LocalLease
 from ray_quota._scheduler import Grant, TokenInfo, _check_units
 from ray_quota._spec import Kind, ResourceSpec
@@ -147,7 +147,8 @@ class QuotaToken:
         while True:
             lease, sent_at, args = self._acquire_args(amount, timeout)
             try:
-                grant = self._translate(lambda: _client.call("acquire", *args, retry=False))
+                grant = self._translate(lambda: _client.lease_call("acquire", *args,
+                                                                   resource=self.resource))
                 return self._granted(lease, amount, grant, sent_at)
             except LeaseEndedError:
                 self._renew_lease(lease)
@@ -163,7 +164,8 @@ class QuotaToken:
         while True:
             lease, sent_at, args = self._acquire_args(amount, timeout)
             try:
-                grant = await _client.call_async("acquire", *args, retry=False)
+                grant = await _client.lease_call_async("acquire", *args,
+                                                        resource=self.resource)
                 return self._granted(lease, amount, grant, sent_at)
             except QuotaTerminated as exc:
                 self._terminate(exc)
@@ -209,6 +211,7 @@ class QuotaToken:
                 raise TokenClosedError("the token was released while this reservation waited")
             lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
                           contended=grant.contended)
+            lease.via = grant.via
         _observe.reserved(self._cluster, self._spec.name, self._label, _observe.EXECUTOR,
                           _observe.GRANTED, amount, time.monotonic() - sent_at)
         return Reservation(self, amount, lease)
@@ -297,7 +300,7 @@ class QuotaToken:
             raise TokenStateError("cannot merge a token that has open reservations")
         self._verify()
         other._verify()
-        _client.call("merge", self._id, self._generation, self._claimant, other._id,
+        _client.lease_call("merge", self._id, self._generation, self._claimant, other._id,
                      other._generation, other._final_reports())
         other._state = _State.CLOSED
         self._expected_use += other._expected_use
@@ -313,7 +316,7 @@ class QuotaToken:
             return
         reports = self._final_reports()
         self._state = _State.CLOSED
-        _client.call("close", self._id, self._generation, self._claimant, reports)
+        _client.lease_call("close", self._id, self._generation, self._claimant, reports)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
@@ -328,7 +331,7 @@ class QuotaToken:
         self._verify()
         reports = self._final_reports()
         self._state = _State.CLOSED
-        return bool(_client.call("merge_back", self._id, self._generation, self._claimant,
+        return bool(_client.lease_call("merge_back", self._id, self._generation, self._claimant,
                                  self._parent, reports))
 
     def __enter__(self) -> QuotaToken:
@@ -438,17 +441,34 @@ class QuotaToken:
                     self._retired.remove(lease)
             return reports
 
-    def _renewed(self, alive: dict[tuple[str, str], bool], sent_at: float, ttl_s: float) -> None:
+    def _renewed(self, alive: Renewed, sent_at: float) -> None:
         with self._lock:
             lease = self._lease
             if not lease.active:
                 return
-            contended = alive.get((self._id, lease.key))
-            if contended is None:
-                # The executor no longer knows this lease (it expired): start afresh.
+            answer = alive.get((self._id, lease.key))
+            if answer is None:
+                # The executor (or broker) no longer knows this lease (it expired): start afresh.
                 self._lease = self._new_lease()
             else:
+                contended, ttl_s = answer
                 lease.renewed(contended=contended, sent_at=sent_at, ttl_s=ttl_s)
+
+    def _adoptions(self) -> list[Adoption]:
+        """This handle's share of its broker's leases, to take over directly (the broker died)."""
+        with self._lock:
+            return [(self._id, lease.via, lease.key, lease.held, lease.returned, lease.used,
+                     lease.debt) for lease in self._leases()
+                    if lease.via is not None and lease.active and not lease.final]
+
+    def _adopted(self, adopted: set[tuple[str, str]]) -> None:
+        """Leases in ``adopted`` are now the executor's directly; the others are gone."""
+        with self._lock:
+            for lease in self._leases():
+                if lease.via is not None:
+                    lease.via = None
+                    if (self._id, lease.key) not in adopted and lease is self._lease:
+                        self._lease = self._new_lease()
 
 
 def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, generation: int,

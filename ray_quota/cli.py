@@ -218,10 +218,13 @@ def main() -> None:
 @click.option("--state-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Keep the executor's state (spent budgets, tokens) in this SQLite file, which "
                    "outlives the cluster [default: a file in the Ray session's folder].")
+@click.option("--brokers/--no-brokers", default=None,
+              help="Lease through a broker on each node, so the executor's load grows with "
+                   "nodes, not processes [default: on if the cluster has several nodes].")
 @_address_option
 @_edge
 def start(manifest: Path, environment: str, metrics_port: int | None, no_metrics: bool,
-          state_path: Path | None, address: str) -> None:
+          state_path: Path | None, brokers: bool | None, address: str) -> None:
     """Start the executor on a manifest.
 
     Harmless if it already runs that manifest. The executor is a detached actor: it keeps
@@ -236,6 +239,8 @@ def start(manifest: Path, environment: str, metrics_port: int | None, no_metrics
         options["metrics_port"] = None if no_metrics else metrics_port
     if state_path is not None:
         options["state_path"] = state_path
+    if brokers is not None:
+        options["brokers"] = brokers
     ray_quota.load_manifest(manifest).environment(environment)  # bad input: stop before Ray
     with _connected(address):
         try:
@@ -254,6 +259,7 @@ def start(manifest: Path, environment: str, metrics_port: int | None, no_metrics
                    f"{len(info.resources)} resources from {manifest}")
         where = ray_quota.metrics_address()
         click.echo(f"metrics: http://{where}/metrics" if where else "metrics: none served")
+        click.echo(f"node brokers: {'on' if info.brokers else 'off'}")
         _console().print(_table(info, ray_quota.status()))
 
 

@@ -265,9 +265,10 @@ def test_stop_then_status_says_no_executor_and_start_brings_it_back(tmp_path: Pa
 
     path = write_manifest(tmp_path / "quota.yaml", TEST_MANIFEST)
     started = run("start", "--manifest", str(path), "--environment", "test",
-                  "--metrics-port", "0")
+                  "--metrics-port", "0", "--brokers")
     assert started.exit_code == 0, started.output
     assert "executor started: environment 'test', 7 resources" in started.output
+    assert "node brokers: on" in started.output and ray_quota.info().brokers
     assert f"metrics: http://{ray_quota.metrics_address()}/metrics" in started.output
     assert "budget" in started.output  # and the status table
     again = run("start", "-m", str(path), "-e", "test")

@@ -6,7 +6,6 @@ executor's own counters.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 import ray
 from records import jain, max_overlap, max_rate_excess
+from workloads import backlog
 
 from ray_quota import FailedReservation, QuotaToken
 from tests.conftest import TEST_MANIFEST
@@ -72,18 +72,7 @@ class BackloggedWorker:
 
     async def backlog(self, token: QuotaToken, amount: int, start_at: float,
                       duration_s: float) -> list[tuple[float, int]]:
-        grants: list[tuple[float, int]] = []
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        stop = time.monotonic() + duration_s
-
-        async def loop() -> None:
-            while time.monotonic() < stop:
-                async with await token.reserve_async(amount) as reservation:
-                    reservation.commit(amount)
-                    grants.append((time.monotonic(), amount))
-
-        await asyncio.gather(*(loop() for _ in range(4)))
-        return sorted(grants)
+        return await backlog(token, amount, start_at, duration_s)
 
 
 def start_workers(count: int, kind: Any = Worker) -> list:

@@ -1,0 +1,391 @@
+"""A node's broker, its pure core: leases taken from the executor, re-leased to local processes.
+
+Pure and clock-free like the scheduler: the broker actor (``_broker_actor``) and the tests drive
+it with ``now``. Nothing here talks to Ray.
+
+Upstream, the broker is an ordinary holder: for each token used on its node it keeps one
+:class:`LocalLease` from the executor, under the broker's own key, and reports running totals for
+it. Downstream, each process lease is a *sub-lease* of that lease: units the broker hands to a
+process count as reserved in the upstream lease, and the process's running totals, as they
+arrive, move them on: returned units become the broker's spare again, used units are used
+upstream, and overuse is covered from the broker's spare before it becomes debt. So the
+executor's accounting of the broker's lease is exactly the sum of its processes' leases plus
+the broker's own spare, and every guarantee of a direct lease carries over:
+
+- safety: a process only ever serves units the executor granted to the broker;
+- fairness: the broker serves from its spare only while the executor says nobody waits, so under
+  contention every request goes through the executor's fair queue, as a direct one would;
+- expiry: a process's trust in a sub-lease ends before the broker's trust in the upstream lease
+  (answers carry the upstream lease's remaining trust as the time-to-live), and a sub-lease that
+  is not renewed expires at the broker, which charges or frees its units as the executor would.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ray_quota._holder import LocalLease, holder_of
+from ray_quota._scheduler import Grant
+from ray_quota._spec import Kind
+
+# A lease's running totals: token id, lease key, returned, used, debt, final (see _executor).
+Report = tuple[str, str, int, int, int, bool]
+_TOMBSTONES = 100_000  # ended sub-lease keys remembered, so late reports are not applied twice
+
+
+@dataclass(slots=True, eq=False)
+class _Sub:
+    """A process's sub-lease, as the broker counts it."""
+
+    key: str
+    up: _Up
+    expires_at: float
+    granted: int = 0
+    returned: int = 0
+    used: int = 0
+    debt: int = 0
+    pending: int = 0  # requests passed on to the executor and not answered yet
+
+    @property
+    def held(self) -> int:
+        return self.granted - self.returned - self.used
+
+
+@dataclass(slots=True, eq=False)
+class _Up:
+    """The broker's own lease of one token from the executor, and its sub-leases."""
+
+    token_id: str
+    lease: LocalLease
+    subs: dict[str, _Sub] = field(default_factory=dict)
+    claim: tuple[int, str] | None = None  # the generation and claimant the executor last accepted
+    retired: bool = False  # the executor no longer has it: no new sub-leases, report as final
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Ask the executor for ``amount`` plus ``prefetch`` units into the broker's lease ``key``."""
+
+    key: str
+    amount: int
+    prefetch: int
+
+
+class BrokerCore:
+    """The leases of one node's broker.
+
+    Example:
+        >>> core = BrokerCore(holder="broker-1", ttl_s=10.0)
+        >>> ask = core.acquire("t1", Kind.RATE, "proc-1:0", 10, prefetch=5, max_prefetch=100,
+        ...                    now=0.0)
+        >>> ask.amount, ask.prefetch           # nothing held yet: ask the executor
+        (10, 5)
+        >>> core.granted("t1", "proc-1:0", 10, 5, Grant(15, 10.0, False), sent_at=0.0,
+        ...              now=0.1).units
+        15
+        >>> ask = core.acquire("t1", Kind.RATE, "proc-1:0", 20, prefetch=5, max_prefetch=100,
+        ...                    now=1.0)
+        >>> ask.prefetch                       # the broker now prefetches for the node too
+        15
+        >>> grant = core.granted("t1", "proc-1:0", 20, 5, Grant(35, 10.0, False), sent_at=1.0,
+        ...                      now=1.1)
+        >>> grant.units, core.spare("t1")
+        (25, 10)
+        >>> core.acquire("t1", Kind.RATE, "proc-2:0", 5, prefetch=0, max_prefetch=100,
+        ...              now=1.2).units        # served on the node, without the executor
+        5
+    """
+
+    def __init__(self, *, holder: str, ttl_s: float) -> None:
+        self._holder = holder
+        self._ttl_s = ttl_s  # how long a sub-lease lives at the broker without renewal
+        self._keys = 0
+        self._ups: dict[str, _Up] = {}  # token id -> current upstream lease
+        self._retired: list[_Up] = []
+        self._subs: dict[tuple[str, str], _Sub] = {}  # (token id, process lease key) -> sub
+        self._ended: OrderedDict[tuple[str, str], int] = OrderedDict()  # -> debt applied
+        self.local_grants = 0  # requests served without the executor
+        self.forwarded = 0  # requests passed on to the executor
+        self.expiries = 0
+
+    # ------------------------------------------------------------------------------- requests
+
+    def acquire(self, token_id: str, kind: Kind, key: str, amount: int, *, prefetch: int,
+                max_prefetch: int, now: float, claim: tuple[int, str] | None = None
+                ) -> Grant | Forward:
+        """A process asks for ``amount`` (plus up to ``prefetch``) into its sub-lease ``key``.
+
+        Served from the broker's spare if the executor says nobody waits, the broker's lease is
+        trusted and ``claim`` (generation, claimant) is the one the executor last accepted for
+        the token; otherwise the answer says what to ask the executor for, which checks it.
+
+        Raises:
+            KeyError: ``key`` is a sub-lease that ended (the caller answers LeaseEndedError).
+        """
+        if (token_id, key) in self._ended:
+            raise KeyError(key)
+        sub = self._subs.get((token_id, key))
+        up = sub.up if sub is not None else self._current(token_id, kind, max_prefetch)
+        if up.retired:
+            raise KeyError(key)
+        lease = up.lease
+        extra = min(prefetch, max(0, lease.spare - amount))
+        if claim == up.claim and lease.take(amount + extra, now):
+            self.local_grants += 1
+            return self._hand_out(up, key, amount + extra, now)
+        self.forwarded += 1
+        if sub is None:  # so that the broker's lease is kept while the request is out
+            sub = self._subs[(token_id, key)] = up.subs[key] = _Sub(key, up, now + self._ttl_s)
+        sub.pending += 1  # a request may wait for long: the sub-lease lasts until it is answered
+        return Forward(lease.key, amount, prefetch + lease.prefetch())
+
+    def granted(self, token_id: str, key: str, amount: int, prefetch: int, grant: Grant, *,
+                sent_at: float, now: float, claim: tuple[int, str] | None = None) -> Grant:
+        """The executor granted a forwarded request: the process gets ``amount`` and what it may
+        prefetch; the rest stays with the broker as spare.
+
+        Raises:
+            KeyError: the broker's lease ended while the request waited; the units were
+                settled with it, so the process must ask again under a new key.
+        """
+        sub = self._subs.get((token_id, key))
+        if sub is None:  # the token was released while the request was out
+            raise KeyError(key)
+        sub.pending -= 1
+        up = sub.up
+        up.claim = claim
+        lease = up.lease
+        lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
+                      contended=grant.contended)
+        extra = 0 if grant.contended else min(prefetch, lease.spare)
+        lease.spare -= extra
+        lease.reserved += extra
+        return self._hand_out(up, key, amount + extra, now)
+
+    def _hand_out(self, up: _Up, key: str, units: int, now: float) -> Grant:
+        sub = self._subs.get((up.token_id, key))
+        if sub is None:
+            sub = self._subs[(up.token_id, key)] = _Sub(key, up, now + self._ttl_s)
+            up.subs[key] = sub
+        sub.granted += units
+        sub.expires_at = now + self._ttl_s
+        return Grant(units, self._trust_left(up, now), up.lease.contended, via=up.lease.key)
+
+    def refused(self, token_id: str, key: str, now: float) -> None:
+        """The executor answered a forwarded request with an error: nothing was granted."""
+        sub = self._subs.get((token_id, key))
+        if sub is not None:
+            sub.pending -= 1
+            sub.expires_at = now + self._ttl_s
+
+    def lost(self, token_id: str, up_key: str) -> None:
+        """The executor refused the broker's lease (it ended): retire it; sub-leases follow."""
+        up = self._ups.get(token_id)
+        if up is not None and up.lease.key == up_key:
+            self._retire(up)
+
+    # ---------------------------------------------------------------------------- settlement
+
+    def settle(self, reports: Iterable[Report], now: float) -> bool:
+        """Apply processes' running totals; returns whether the upstream totals should go out now
+        (debt grew, or spare came back while others wait)."""
+        urgent = False
+        for token_id, key, returned, used, debt, final in reports:
+            sub = self._subs.get((token_id, key))
+            if sub is None:
+                urgent |= self._late_debt(token_id, key, debt)
+                continue
+            urgent |= self._apply(sub, returned, used, debt)
+            if final:
+                self._end(sub, charge=False)
+        return urgent
+
+    def _apply(self, sub: _Sub, returned: int, used: int, debt: int) -> bool:
+        lease = sub.up.lease
+        fresh_used = min(max(0, used - sub.used), sub.held)
+        sub.used += fresh_used
+        fresh_returned = min(max(0, returned - sub.returned), sub.held)
+        sub.returned += fresh_returned
+        fresh_debt = max(0, debt - sub.debt)
+        sub.debt += fresh_debt
+        if fresh_used:
+            lease.settle(fresh_used, fresh_used)
+        if fresh_returned:
+            lease.settle(fresh_returned, 0)
+        grew = bool(fresh_debt) and lease.settle(0, fresh_debt)
+        return grew or (lease.contended and fresh_returned > 0)
+
+    def _late_debt(self, token_id: str, key: str, debt: int) -> bool:
+        """Overuse declared on a sub-lease after it ended is still owed upstream."""
+        applied = self._ended.get((token_id, key))
+        up = self._ups.get(token_id)
+        if applied is None or debt <= applied or up is None:
+            return False
+        self._ended[(token_id, key)] = debt
+        return up.lease.settle(0, debt - applied)
+
+    def _end(self, sub: _Sub, *, charge: bool) -> None:
+        """End a sub-lease. What it still holds goes back to the broker's spare, or, if the process
+        may have used it (expiry of rate and capacity units), counts as used."""
+        held = sub.held
+        if held:
+            lease = sub.up.lease
+            used = held if charge and lease.kind is not Kind.CONCURRENCY else 0
+            lease.settle(held, used)
+        del self._subs[(sub.up.token_id, sub.key)]
+        del sub.up.subs[sub.key]
+        self._ended[(sub.up.token_id, sub.key)] = sub.debt
+        if len(self._ended) > _TOMBSTONES:
+            self._ended.popitem(last=False)
+
+    # ------------------------------------------------------------------------------ renewals
+
+    def renew(self, reports: Iterable[Report], now: float) -> dict[tuple[str, str],
+                                                                   tuple[bool, float]]:
+        """A process's renewal, after :meth:`settle` applied its totals: extend its sub-leases.
+
+        Returns, per live sub-lease, whether others wait and how long it may be trusted (the
+        broker's own trust left); a sub-lease missing from the answer is gone.
+        """
+        alive = {}
+        for token_id, key, *_, final in reports:
+            sub = self._subs.get((token_id, key))
+            if final or sub is None:
+                continue
+            trust = self._trust_left(sub.up, now)
+            if sub.up.retired or trust <= 0:
+                self._end(sub, charge=True)  # the units may have been used; none are safe now
+                continue
+            sub.expires_at = now + self._ttl_s
+            alive[(token_id, key)] = (sub.up.lease.contended, trust)
+        return alive
+
+    def expire(self, now: float) -> None:
+        """End sub-leases whose processes stopped renewing: they are gone, or cut off."""
+        for sub in [sub for sub in self._subs.values()
+                    if sub.expires_at <= now and not sub.pending]:
+            self._end(sub, charge=True)
+            self.expiries += 1
+
+    def upstream_reports(self, now: float) -> list[Report]:
+        """The broker's own renewal: totals of every upstream lease. Spare goes back unless it
+        is in use and nobody waits; a lease with no sub-leases left is settled as final."""
+        reports = []
+        for up in [*self._ups.values(), *self._retired]:
+            lease = up.lease
+            if not lease.active:
+                continue
+            final = up.retired or not up.subs
+            if final:
+                if up.subs:
+                    continue  # retired, but processes still hold units from it
+                lease.release_all()
+                self._forget(up)
+            else:
+                lease.report(now, keep_spare=True)
+            lease.final = final
+            totals = lease.totals()
+            reports.append((up.token_id, lease.key, totals.returned, totals.used, totals.debt,
+                            final))
+        return reports
+
+    def report_of(self, token_id: str) -> list[Report]:
+        """The current totals of the token's upstream leases, to send at once."""
+        ups = [up for up in (self._ups.get(token_id), *self._retired)
+               if up is not None and up.token_id == token_id and up.lease.active]
+        return [(token_id, up.lease.key, *_astuple(up.lease), False) for up in ups]
+
+    def release(self, token_id: str) -> list[Report]:
+        """The token ends (closed, merged away): end its sub-leases and settle its upstream
+        leases as final; open reservations count as used, as the executor would count them."""
+        reports = []
+        for up in [up for up in (self._ups.get(token_id), *self._retired)
+                   if up is not None and up.token_id == token_id]:
+            for sub in list(up.subs.values()):
+                self._end(sub, charge=True)
+            if up.lease.active:
+                up.lease.release_all()
+                up.lease.final = True
+                reports.append((token_id, up.lease.key, *_astuple(up.lease), True))
+            self._forget(up)
+        return reports
+
+    def upstream_renewed(self, alive: dict[tuple[str, str], tuple[bool, float]],
+                         sent_at: float) -> None:
+        """Apply the executor's answer to the broker's renewal sent at ``sent_at``."""
+        for up in list(self._ups.values()):
+            if not up.lease.active or up.lease.final:
+                continue
+            answer = alive.get((up.token_id, up.lease.key))
+            if answer is None:
+                self._retire(up)  # the executor expired it: its units are settled there
+            else:
+                contended, ttl_s = answer
+                up.lease.renewed(contended=contended, sent_at=sent_at, ttl_s=ttl_s)
+
+    def recall(self, token_ids: Iterable[str]) -> tuple[list[Report], dict[str, set[str]]]:
+        """Others wait at the executor: give the broker's spare back, and say which processes
+        to tell (holder -> token ids) so that they give theirs back too."""
+        reports: list[Report] = []
+        tell: dict[str, set[str]] = {}
+        for token_id in token_ids:
+            up = self._ups.get(token_id)
+            if up is None:
+                continue
+            if up.lease.recall():
+                reports.extend(self.report_of(token_id))
+            for key in up.subs:
+                tell.setdefault(holder_of(key), set()).add(token_id)
+        return reports, tell
+
+    # ---------------------------------------------------------------------------- inspection
+
+    def spare(self, token_id: str) -> int:
+        up = self._ups.get(token_id)
+        return up.lease.spare if up is not None else 0
+
+    def held(self, token_id: str) -> int:
+        """Units of the token the broker holds from the executor (spare and sub-leased)."""
+        up = self._ups.get(token_id)
+        return up.lease.held if up is not None else 0
+
+    def sub_leases(self) -> int:
+        return len(self._subs)
+
+    def upstream_leases(self) -> int:
+        return len(self._ups) + len(self._retired)
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _current(self, token_id: str, kind: Kind, max_prefetch: int) -> _Up:
+        up = self._ups.get(token_id)
+        if up is None:
+            self._keys += 1
+            lease = LocalLease(kind, key=f"{self._holder}:{self._keys}",
+                               max_prefetch=max_prefetch)
+            up = self._ups[token_id] = _Up(token_id, lease)
+        return up
+
+    def _trust_left(self, up: _Up, now: float) -> float:
+        return max(0.0, up.lease.valid_until - now)
+
+    def _retire(self, up: _Up) -> None:
+        if self._ups.get(up.token_id) is up:
+            del self._ups[up.token_id]
+        up.retired = True
+        up.lease.let_go()  # the spare is not ours to serve any more
+        if up.subs:
+            self._retired.append(up)
+
+    def _forget(self, up: _Up) -> None:
+        if self._ups.get(up.token_id) is up:
+            del self._ups[up.token_id]
+        if up in self._retired:
+            self._retired.remove(up)
+
+
+def _astuple(lease: LocalLease) -> tuple[int, int, int]:
+    totals = lease.totals()
+    return totals.returned, totals.used, totals.debt

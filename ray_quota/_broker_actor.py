@@ -1,0 +1,211 @@
+"""The broker actor: one per node, between the node's processes and the executor.
+
+Processes call it with the executor's lease methods (``acquire``, ``settle``, ``renew``,
+``watch``, and the token calls that carry lease totals: ``close``, ``merge``, ``merge_back``);
+it answers from its :class:`BrokerCore` and, once a second, renews everything of its node with
+the executor in one call. So the executor serves one renewal and one recall watch per node,
+not per process, and requests the broker can serve from its spare never leave the node.
+
+Like the executor, methods return a :class:`QuotaError` rather than raise it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray_quota import _client, _observe
+from ray_quota._broker import BrokerCore, Forward, Report
+from ray_quota._errors import LeaseEndedError, QuotaError, UnknownResourceError
+from ray_quota._executor import ExecutorInfo, RecallBoard, Renewed
+from ray_quota._observe import Batch
+from ray_quota._scheduler import Grant
+from ray_quota._spec import Kind
+
+BROKER_PREFIX = "ray_quota_broker:"
+PREFETCH_FRACTION = 0.05  # as a process: the most asked for beyond a request, of the ceiling
+
+
+def broker_name(node_id: str) -> str:
+    return BROKER_PREFIX + node_id
+
+
+class Broker:
+    """Re-leases the executor's units to the processes of one node; see :mod:`ray_quota._broker`."""
+
+    def __init__(self, node_id: str) -> None:
+        self._node_id = node_id
+        self._core: BrokerCore | None = None
+        self._info: ExecutorInfo | None = None
+        self._board = RecallBoard()
+        self._started: asyncio.Lock | None = None
+        self._push: set[str] = set()  # tokens whose totals should reach the executor soon
+        self.counts: dict[str, int] = {}
+
+    # -------------------------------------------------------------------------- lease calls
+
+    async def acquire(self, resource: str, token_id: str, generation: int, claimant: str,
+                      key: str, amount: int, prefetch: int,
+                      timeout: float | None) -> Grant | QuotaError:
+        core, info = await self._ready("acquire")
+        spec = info.resources.get(resource)
+        if spec is None:
+            return UnknownResourceError(f"no resource named {resource!r}")
+        cap = 0 if spec.kind is Kind.CONCURRENCY else max(1, int(spec.ceiling * PREFETCH_FRACTION))
+        claim = (generation, claimant)
+        try:
+            answer = core.acquire(token_id, spec.kind, key, amount, prefetch=prefetch,
+                                  max_prefetch=cap, now=time.monotonic(), claim=claim)
+        except KeyError:
+            return _ended()
+        if not isinstance(answer, Forward):
+            return answer
+        sent_at = time.monotonic()
+        try:
+            grant = await _client.call_async("acquire", token_id, generation, claimant,
+                                              answer.key, answer.amount, answer.prefetch, timeout,
+                                              retry=False)
+        except QuotaError as exc:
+            core.refused(token_id, key, time.monotonic())
+            if isinstance(exc, LeaseEndedError):
+                core.lost(token_id, answer.key)
+            return exc
+        try:
+            return core.granted(token_id, key, amount, prefetch, grant, sent_at=sent_at,
+                                now=time.monotonic(), claim=claim)
+        except KeyError:
+            return _ended()
+
+    async def settle(self, reports: list[Report]) -> None:
+        core, _ = await self._ready("settle")
+        if core.settle(reports, time.monotonic()):
+            self._send_now({report[0] for report in reports})
+
+    async def renew(self, holder: str, reports: list[Report],
+                    observed: Batch | None = None) -> Renewed:
+        core, _ = await self._ready("renew")
+        _observe.ACCUMULATOR.restore(observed)  # goes on with the broker's own renewal
+        now = time.monotonic()
+        urgent = core.settle(reports, now)
+        alive = core.renew(reports, now)
+        if urgent:
+            self._send_now({report[0] for report in reports})
+        return alive
+
+    async def watch(self, holder: str, timeout_s: float) -> list[str]:
+        await self._ready("watch")
+        return await self._board.wait(holder, timeout_s)
+
+    # ---------------------------------------------------------- token calls with lease totals
+
+    async def close(self, token_id: str, generation: int, claimant: str,
+                    reports: list[Report]) -> Any:
+        return await self._ending("close", token_id, reports,
+                                  (token_id, generation, claimant))
+
+    async def merge(self, token_id: str, generation: int, claimant: str, other_id: str,
+                    other_generation: int, reports: list[Report]) -> Any:
+        return await self._ending("merge", other_id, reports,
+                                  (token_id, generation, claimant, other_id, other_generation))
+
+    async def merge_back(self, token_id: str, generation: int, claimant: str, parent_id: str,
+                         reports: list[Report]) -> Any:
+        return await self._ending("merge_back", token_id, reports,
+                                  (token_id, generation, claimant, parent_id))
+
+    async def _ending(self, method: str, ending: str, reports: list[Report],
+                      args: tuple[Any, ...]) -> Any:
+        """A token's leases end with the call: apply the process's final totals, settle the
+        broker's leases of the token as final, and make the call with those totals."""
+        core, _ = await self._ready(method)
+        core.settle(reports, time.monotonic())
+        upstream = core.release(ending)
+        try:
+            return await _client.call_async(method, *args, upstream)
+        except QuotaError as exc:
+            return exc
+
+    # --------------------------------------------------------------------------- inspection
+
+    async def stats(self) -> dict[str, int]:
+        """Calls served, requests served on the node or passed on, and leases, for tests."""
+        core = self._core
+        counts = dict(self.counts)
+        if core is not None:
+            counts.update(local_grants=core.local_grants, forwarded=core.forwarded,
+                          expiries=core.expiries, sub_leases=core.sub_leases(),
+                          upstream_leases=core.upstream_leases())
+        return counts
+
+    async def node_id(self) -> str:
+        return self._node_id
+
+    # ---------------------------------------------------------------------------- internals
+
+    async def _ready(self, method: str) -> tuple[BrokerCore, ExecutorInfo]:
+        """Count the call; on the first, learn the executor's settings and start the loops.
+        (Ray runs ``__init__`` outside the actor's event loop.)"""
+        self.counts[method] = self.counts.get(method, 0) + 1
+        if self._core is None or self._info is None:
+            if self._started is None:
+                self._started = asyncio.Lock()
+            async with self._started:
+                if self._core is None:
+                    self._info = await _client.call_async("info")
+                    self._core = BrokerCore(holder=_client.HOLDER,
+                                            ttl_s=self._info.lease_ttl_s)
+                    loop = asyncio.get_running_loop()
+                    self._tasks = [loop.create_task(self._renew_loop()),
+                                   loop.create_task(self._watch_loop())]
+        assert self._core is not None and self._info is not None
+        return self._core, self._info
+
+    def _send_now(self, token_ids: set[str]) -> None:
+        """Overuse or spare given back under contention: tell the executor without waiting."""
+        assert self._core is not None
+        reports = [report for token_id in token_ids for report in self._core.report_of(token_id)]
+        if reports:
+            _client.send("settle", reports)
+
+    async def _renew_loop(self) -> None:
+        """Once per interval: expire silent sub-leases, then renew the node's leases upstream."""
+        assert self._core is not None
+        core = self._core
+        while True:
+            await asyncio.sleep(_client.RENEW_INTERVAL_S)
+            now = time.monotonic()
+            core.expire(now)
+            reports = core.upstream_reports(now)
+            observed = _observe.ACCUMULATOR.drain()
+            if not reports and observed is None:
+                continue
+            sent_at = time.monotonic()
+            try:
+                alive = await _client.call_async("renew", _client.HOLDER, reports, observed)
+            except Exception:  # noqa: BLE001 - a missed renewal only shortens trust
+                _observe.ACCUMULATOR.restore(observed)
+                continue
+            core.upstream_renewed(alive, sent_at)
+
+    async def _watch_loop(self) -> None:
+        """Keep one recall watch open at the executor for the whole node, and pass recalls on."""
+        assert self._core is not None
+        core = self._core
+        while True:
+            try:
+                recalled = await _client.call_async("watch", _client.HOLDER,
+                                                    _client.WATCH_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - no executor right now; renewals still shrink
+                await asyncio.sleep(_client.RENEW_INTERVAL_S)
+                continue
+            if recalled:
+                reports, tell = core.recall(recalled)
+                if reports:
+                    _client.send("settle", reports)
+                for holder, token_ids in tell.items():
+                    self._board.post(holder, token_ids)
+
+
+def _ended() -> LeaseEndedError:
+    return LeaseEndedError("this lease ended at the node's broker; ask under a new lease key")

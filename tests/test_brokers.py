@@ -1,0 +1,93 @@
+"""Node brokers on the session's single-node Ray: processes lease through their node's broker.
+
+Multi-node behaviour (fairness across nodes, a broker killed, a node removed) is in
+test_brokers_multinode.py; the broker's accounting is in test_broker_core.py.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+from conftest import TEST_MANIFEST
+
+import ray_quota
+from ray_quota import QuotaToken, _client
+from ray_quota._broker_actor import broker_name
+
+WORKERS = 6
+SECONDS = 4.0
+
+
+@pytest.fixture
+def brokered(ray_cluster: None) -> Iterator[Any]:
+    ray_quota.shutdown()
+    info = ray_quota.init(manifest=TEST_MANIFEST, environment="test", brokers=True,
+                          policy=ray_quota.Policy(lease_ttl_s=3.0), metrics_port=None)
+    yield info
+    _client.flush()
+    ray_quota.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class Spender:
+    def ready(self) -> bool:
+        return True
+
+    def spend(self, budget: QuotaToken, seconds: float, seed: int) -> int:
+        rng = random.Random(seed)
+        used = 0
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            with budget.reserve(rng.randint(1, 20)) as reservation:
+                spent = rng.randint(0, reservation.amount)
+                reservation.commit(spent)
+                used += spent
+            time.sleep(0.02)  # the budget (10,000) lasts the whole run
+        budget.close()
+        return used
+
+
+def executor_counts() -> dict[str, int]:
+    return dict(ray.get(_client.executor().call_counts.remote()))
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_single_node_cluster_leases_directly_unless_asked() -> None:
+    ray_quota.shutdown()
+    info = ray_quota.init(manifest=TEST_MANIFEST, environment="test", metrics_port=None)
+    try:
+        assert not info.brokers
+    finally:
+        ray_quota.shutdown()
+
+
+def test_processes_renew_through_their_brokers_and_every_used_unit_is_charged(
+        brokered: Any) -> None:
+    spenders = [Spender.remote() for _ in range(WORKERS)]
+    ray.get([s.ready.remote() for s in spenders], timeout=120)
+    warm_up = [s.spend.remote(QuotaToken("budget", expected_use=100), 0.2, 0) for s in spenders]
+    used = ray.get(warm_up, timeout=120)  # the first reservation starts the node's broker
+    broker = ray.get_actor(broker_name(ray.get_runtime_context().get_node_id()),
+                           namespace="ray_quota")
+    before, broker_before = executor_counts(), ray.get(broker.stats.remote())
+    started = time.monotonic()
+    used += ray.get([s.spend.remote(QuotaToken("budget", expected_use=100), SECONDS, seed)
+                     for seed, s in enumerate(spenders)], timeout=120)
+    elapsed = time.monotonic() - started
+    after, stats = executor_counts(), ray.get(broker.stats.remote())
+    for spender in spenders:
+        ray.kill(spender)
+    # Each process renews with the broker once a second; the broker, once for all of them.
+    executor_renewals = after.get("renew", 0) - before.get("renew", 0)
+    broker_renewals = stats["renew"] - broker_before["renew"]
+    assert executor_renewals <= elapsed + 2, (executor_renewals, elapsed)
+    assert broker_renewals >= 3 * executor_renewals, (broker_renewals, executor_renewals)
+    assert stats["local_grants"] + stats["forwarded"] == stats["acquire"]
+    budget = next(s for s in ray_quota.status() if s.name == "budget")
+    assert budget.in_use == sum(used)  # closed tokens: exactly what was used is spent
+    assert budget.leased_units == 0
