@@ -17,7 +17,12 @@ from typing import Any
 
 from ray_quota import _client, _observe
 from ray_quota._broker import BrokerCore, Forward, Report
-from ray_quota._errors import LeaseEndedError, QuotaError, UnknownResourceError
+from ray_quota._errors import (
+    ExecutorUnavailableError,
+    LeaseEndedError,
+    QuotaError,
+    UnknownResourceError,
+)
 from ray_quota._executor import ExecutorInfo, RecallBoard, Renewed
 from ray_quota._observe import Batch
 from ray_quota._scheduler import Grant
@@ -68,7 +73,10 @@ class Broker:
                                               retry=False)
         except QuotaError as exc:
             core.refused(token_id, key, time.monotonic())
-            if isinstance(exc, LeaseEndedError):
+            if isinstance(exc, (LeaseEndedError, ExecutorUnavailableError)):
+                # The lease ended, or the answer was lost with whatever it granted: either way
+                # the broker's totals for it can no longer be trusted. Retire it; once its
+                # processes let go, its final settlement gives back what the executor counts.
                 core.lost(token_id, answer.key)
             return exc
         try:

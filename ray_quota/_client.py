@@ -179,7 +179,7 @@ def lease_call(method: str, *args: Any, resource: str | None = None) -> Any:
     broker, or to the executor. ``resource`` names the token's resource, which the broker
     needs for ``acquire``.
 
-    If the broker fails, this process takes its leases over directly; the call is then made
+    If the broker dies, this process takes its leases over directly; the call is then made
     to the executor, except ``acquire``, whose outcome is unknown: it raises
     :class:`ExecutorUnavailableError` and the caller retries under a new lease.
     """
@@ -189,10 +189,13 @@ def lease_call(method: str, *args: Any, resource: str | None = None) -> Any:
     try:
         extra = (resource,) if method == "acquire" else ()
         return _unwrap(ray.get(getattr(handle, method).remote(*extra, *args)))
-    except ray.exceptions.RayError as exc:
+    except ray.exceptions.RayActorError as exc:
         _broker_failed(handle)
         if method == "acquire":
             raise ExecutorUnavailableError(f"this node's ray_quota broker failed: {exc}") from exc
+    except ray.exceptions.RayError as exc:
+        raise ExecutorUnavailableError(f"this node's ray_quota broker failed {method}: "
+                                       f"{exc}") from exc
     return call(method, *args)
 
 
@@ -204,10 +207,13 @@ async def lease_call_async(method: str, *args: Any, resource: str | None = None)
     try:
         extra = (resource,) if method == "acquire" else ()
         return _unwrap(await getattr(handle, method).remote(*extra, *args))
-    except ray.exceptions.RayError as exc:
+    except ray.exceptions.RayActorError as exc:
         await asyncio.to_thread(_broker_failed, handle)
         if method == "acquire":
             raise ExecutorUnavailableError(f"this node's ray_quota broker failed: {exc}") from exc
+    except ray.exceptions.RayError as exc:
+        raise ExecutorUnavailableError(f"this node's ray_quota broker failed {method}: "
+                                       f"{exc}") from exc
     return await call_async(method, *args)
 
 
