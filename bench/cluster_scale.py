@@ -39,7 +39,11 @@ MANIFEST = {"environments": {"bench": {
 
 @ray.remote(num_cpus=0)
 class Worker:
-    def ready(self) -> str:
+    def ready(self, token: QuotaToken) -> str:
+        """One reservation before the clock starts: it starts the node's broker, if any."""
+        with token.reserve(1):
+            pass
+        token.close()
         return ray.get_runtime_context().get_node_id()
 
     def run(self, token: QuotaToken, start_at: float, seconds: float) -> int:
@@ -65,7 +69,8 @@ def measure(brokers: bool, processes: int, seconds: float) -> dict[str, Any]:
     """One mode: start the executor, run the workers, count the executor's calls."""
     ray_quota.init(manifest=MANIFEST, environment="bench", metrics_port=None, brokers=brokers)
     workers = [Worker.options(resources={f"n{i % NODES}": 1}).remote() for i in range(processes)]
-    nodes = ray.get([w.ready.remote() for w in workers], timeout=300)
+    nodes = ray.get([w.ready.remote(QuotaToken("llm-tokens", expected_use=1))
+                     for w in workers], timeout=300)
     tokens = [QuotaToken("llm-tokens", expected_use=1000) for _ in workers]
     start_at = time.time() + 2.0
     refs = [w.run.remote(t, start_at, seconds) for w, t in zip(workers, tokens)]
