@@ -158,7 +158,7 @@ class BrokerCore:
         up.claim = claim
         lease = up.lease
         lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
-                      contended=grant.contended)
+                      contended=grant.contended, waited_s=grant.waited_s)
         extra = 0 if grant.contended else min(prefetch, lease.spare)
         lease.spare -= extra
         lease.reserved += extra
@@ -312,11 +312,15 @@ class BrokerCore:
             self._forget(up)
         return reports
 
-    def upstream_renewed(self, alive: dict[tuple[str, str], tuple[bool, float]],
+    def upstream_renewed(self, reports: Iterable[Report],
+                         alive: dict[tuple[str, str], tuple[bool, float]],
                          sent_at: float) -> None:
-        """Apply the executor's answer to the broker's renewal sent at ``sent_at``."""
+        """Apply the executor's answer to the broker's renewal of ``reports``, sent at
+        ``sent_at``. Only leases the renewal reported are judged by it: one first granted while
+        it was out is not in the answer, and is not gone."""
+        reported = {(token_id, key) for token_id, key, *_, final in reports if not final}
         for up in list(self._ups.values()):
-            if not up.lease.active or up.lease.final:
+            if (up.token_id, up.lease.key) not in reported or up.lease.final:
                 continue
             answer = alive.get((up.token_id, up.lease.key))
             if answer is None:

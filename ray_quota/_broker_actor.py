@@ -40,6 +40,7 @@ class Broker:
     """Re-leases the executor's units to the processes of one node; see :mod:`ray_quota._broker`."""
 
     def __init__(self, node_id: str) -> None:
+        _client.lease_directly()  # this process is the broker: its own calls go upstream
         self._node_id = node_id
         self._core: BrokerCore | None = None
         self._info: ExecutorInfo | None = None
@@ -194,7 +195,7 @@ class Broker:
             except Exception:  # noqa: BLE001 - a missed renewal only shortens trust
                 _observe.ACCUMULATOR.restore(observed)
                 continue
-            core.upstream_renewed(alive, sent_at)
+            core.upstream_renewed(reports, alive, sent_at)
 
     async def _watch_loop(self) -> None:
         """Keep one recall watch open at the executor for the whole node, and pass recalls on."""

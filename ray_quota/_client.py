@@ -47,6 +47,7 @@ class _State:
     renewer: _Renewer | None = None
     broker: Any = None  # this node's broker, while this process leases through it
     direct_for: str | None = None  # the cluster whose broker failed us: lease directly there
+    is_broker = False  # this process is a broker: it leases from the executor itself
     lock = threading.Lock()
     failover = threading.Lock()
 
@@ -155,6 +156,8 @@ def broker() -> Any:
     handle = _State.broker
     if handle is not None:
         return handle
+    if _State.is_broker:
+        return None
     settings = info()
     if not settings.brokers or _State.direct_for == settings.cluster_id:
         return None
@@ -172,6 +175,11 @@ def broker() -> Any:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             ).remote(node)
         return _State.broker
+
+
+def lease_directly() -> None:
+    """Make every lease call of this process go to the executor (the broker's own process)."""
+    _State.is_broker = True
 
 
 def lease_call(method: str, *args: Any, resource: str | None = None) -> Any:

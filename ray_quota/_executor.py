@@ -8,6 +8,7 @@ futures inside the actor: a blocked reservation never delays commits, renewals o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import time
@@ -73,7 +74,7 @@ class Executor:
             self._cluster_id = cluster_id or secrets.token_hex(8)
             self._store.start(self._cluster_id, environment)
         self._store.write(self._sched.drain_changes())
-        self._futures: dict[int, asyncio.Future[Grant | QuotaError]] = {}
+        self._futures: dict[int, asyncio.Future[tuple[Grant | QuotaError, float]]] = {}
         self._kick: asyncio.Event | None = None
         self._board = RecallBoard()
         self.calls = 0  # grants, renewals and adoptions served, for tests of the local path
@@ -158,10 +159,12 @@ class Executor:
             assert self._kick is not None
             self._kick.set()  # the next wake-up may now be sooner
             try:
-                outcome = await future
+                outcome, resolved_at = await future
             except asyncio.CancelledError:
                 self._sched.cancel(ticket)
                 raise
+            if isinstance(outcome, Grant):
+                outcome = dataclasses.replace(outcome, waited_s=resolved_at - arrived)
         self._pump()
         self._metrics.acquired(token_id, outcome, time.monotonic() - arrived, waited)
         return outcome
@@ -287,7 +290,7 @@ class Executor:
         for ticket in tickets:
             future = self._futures.pop(ticket.id, None)
             if future is not None and not future.done() and ticket.outcome is not None:
-                future.set_result(ticket.outcome)
+                future.set_result((ticket.outcome, time.monotonic()))
         for key, token_ids in self._sched.take_recalls().items():
             self._board.post(holder_of(key), token_ids)
 

@@ -82,12 +82,16 @@ class LocalLease:
         return 0 if self.contended else self._prefetch
 
     def granted(self, amount: int, *, units: int, sent_at: float, ttl_s: float,
-                contended: bool) -> None:
-        """Record a grant of ``units`` for a request of ``amount``, and reserve ``amount``."""
+                contended: bool, waited_s: float = 0.0) -> None:
+        """Record a grant of ``units`` for a request of ``amount``, and reserve ``amount``.
+
+        The grant renewed the lease ``waited_s`` after the request, sent at ``sent_at``, reached
+        the executor. A renewal answered meanwhile may vouch for longer: trust never moves back.
+        """
         if sent_at >= self._valid_until:
             self.let_go()
         self.active = True
-        self._valid_until = sent_at + ttl_s * TRUST
+        self._valid_until = max(self._valid_until, sent_at + waited_s + ttl_s * TRUST)
         self.spare += units - amount
         self.reserved += amount
         self._busy = True
@@ -158,7 +162,7 @@ class LocalLease:
     def renewed(self, *, contended: bool, sent_at: float, ttl_s: float) -> None:
         """Apply the executor's answer to a renewal sent at ``sent_at``."""
         self.contended = contended
-        self._valid_until = sent_at + ttl_s * TRUST
+        self._valid_until = max(self._valid_until, sent_at + ttl_s * TRUST)
 
     @property
     def valid_until(self) -> float:

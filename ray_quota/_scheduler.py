@@ -84,6 +84,9 @@ class Grant:
     ttl_s: float
     contended: bool  # others were still waiting: give spare units back soon
     via: str | None = None  # a broker's own lease key, when the units were re-leased by a broker
+    # How long the request waited before the grant, on the granting side's clock: the lease was
+    # renewed that much after the request was sent, so its holder may trust it that much longer.
+    waited_s: float = 0.0
 
 
 @dataclass(slots=True, eq=False)

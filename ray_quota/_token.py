@@ -210,7 +210,7 @@ class QuotaToken:
                 self._usable()
                 raise TokenClosedError("the token was released while this reservation waited")
             lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
-                          contended=grant.contended)
+                          contended=grant.contended, waited_s=grant.waited_s)
             lease.via = grant.via
         _observe.reserved(self._cluster, self._spec.name, self._label, _observe.EXECUTOR,
                           _observe.GRANTED, amount, time.monotonic() - sent_at)

@@ -99,7 +99,7 @@ class Node:
             w.sched.settle(token_id, key, returned, used, debt, final=final)
             if not final and (contended := w.sched.renew_lease(token_id, key)) is not None:
                 alive[(token_id, key)] = (contended, TTL)
-        self.core.upstream_renewed(alive, sent_at=w.now)
+        self.core.upstream_renewed(reports, alive, sent_at=w.now)
 
     def recalls(self) -> None:
         recalled = {t for keys in self.world.sched.take_recalls().values() for t in keys}
@@ -261,6 +261,17 @@ def test_when_the_brokers_trust_runs_out_its_sub_leases_end_at_the_next_renewal(
     proc.renew()
     assert proc.lease.key != old_key  # a new lease: the old one is gone
     assert node.core.sub_leases() == 0
+
+
+def test_a_lease_first_granted_while_a_renewal_was_out_is_not_judged_by_it() -> None:
+    w, node, token, proc = one_process(capacity())
+    w.clock.advance(1.0)
+    reports = node.core.upstream_reports(w.now)  # the broker's renewal leaves: nothing yet
+    assert proc.reserve(10)  # the first grant lands meanwhile
+    node.core.upstream_renewed(reports, {}, sent_at=w.now)  # its answer knows no lease
+    assert node.core.upstream_leases() == 1 and node.core.held(token) == 10
+    proc.renew()
+    assert node.core.sub_leases() == 1  # still the process's
 
 
 # ------------------------------------------------------------------------- expiry and ends

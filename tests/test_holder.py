@@ -241,3 +241,17 @@ def test_every_granted_unit_is_held_returned_used_or_forfeited(
         if kind is not Kind.CONCURRENCY:
             assert granted == lease.held + totals.returned + totals.used + forfeited
             assert totals.used + totals.debt == total_used
+
+
+def test_a_grant_after_a_long_wait_is_trusted_from_when_it_was_granted() -> None:
+    lease = new_lease()
+    lease.granted(5, units=10, sent_at=0.0, ttl_s=TTL, contended=False, waited_s=9.0)
+    assert lease.valid_until == 9.0 + TTL * TRUST  # not 8 s after sending: 1 s before the grant
+
+
+def test_trust_never_moves_back() -> None:
+    lease = granted_lease(sent_at=5.0)
+    lease.granted(1, units=1, sent_at=1.0, ttl_s=TTL, contended=False)  # an older request
+    assert lease.valid_until == 5.0 + TTL * TRUST
+    lease.renewed(contended=False, sent_at=2.0, ttl_s=TTL)  # an older renewal
+    assert lease.valid_until == 5.0 + TTL * TRUST
