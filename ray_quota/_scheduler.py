@@ -248,6 +248,7 @@ class Scheduler:
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._leases: dict[tuple[str, str], _Lease] = {}
         self._by_holder: dict[str, set[str]] = {}
+        self._lease_count: dict[str, int] = {}  # token id -> its live leases
         self._deadlines: list[tuple[float, int, _Waiter]] = []
         self._expiries: list[tuple[float, str, str]] = []
         self._resolved: list[Ticket] = []
@@ -411,9 +412,10 @@ class Scheduler:
             self._push(res, waiter)
         self._dispatch(res, now)
         if ticket.outcome is None:
-            estimate = self._estimate(res, waiter, now)
             if deadline <= now or (spec.enforcement is not Enforcement.THROTTLE
-                                   and estimate is not None and now + estimate > deadline):
+                                   and deadline != math.inf
+                                   and (estimate := self._estimate(res, waiter, now)) is not None
+                                   and now + estimate > deadline):
                 self._fail(res, waiter, now)
             else:
                 if deadline != math.inf:
@@ -579,13 +581,10 @@ class Scheduler:
         moved = min(units, source.units)
         source.units -= moved
         now = self._clock()
-        lease = self._leases[(token_id, to_key)] = _Lease(
-            token_id, to_key, source.resource, moved, now + self.policy.lease_ttl_s,
-            returned=returned, used=used)
-        self._by_holder.setdefault(to_key, set()).add(token_id)
-        self._resources[source.resource].leases.add((token_id, to_key))
-        heapq.heappush(self._expiries, (lease.expires_at, token_id, to_key))
-        self._dirty_leases.update(((token_id, from_key), (token_id, to_key)))
+        lease = self._add_lease(_Lease(token_id, to_key, source.resource, moved,
+                                       now + self.policy.lease_ttl_s, returned=returned,
+                                       used=used))
+        self._dirty_leases.add((token_id, from_key))
         if debt:
             lease.debt = debt
             self.give_back(token_id, to_key, debt=debt)
@@ -747,14 +746,10 @@ class Scheduler:
             res = self._resources.get(saved_lease.resource)
             if res is None:
                 continue
-            key = (saved_lease.token_id, saved_lease.holder)
-            self._leases[key] = _Lease(saved_lease.token_id, saved_lease.holder,
-                                       saved_lease.resource, saved_lease.units, expires,
-                                       saved_lease.returned, saved_lease.used, saved_lease.debt)
-            self._by_holder.setdefault(saved_lease.holder, set()).add(saved_lease.token_id)
-            res.leases.add(key)
+            self._add_lease(_Lease(saved_lease.token_id, saved_lease.holder,
+                                   saved_lease.resource, saved_lease.units, expires,
+                                   saved_lease.returned, saved_lease.used, saved_lease.debt))
             res.leased += saved_lease.units
-            heapq.heappush(self._expiries, (expires, saved_lease.token_id, saved_lease.holder))
         self.drain_changes()
 
     # -------------------------------------------------------------------------------- internals
@@ -841,6 +836,8 @@ class Scheduler:
             if head.ticket.amount <= available:
                 self._grant(res, head, available, now)
                 continue
+            if available < 1 or head.bypassed >= self._bypass_budget(head):
+                return  # nobody can pass the head: skip the scan
             for waiter in self._may_pass(res, head):
                 amount = waiter.ticket.amount
                 if amount <= available and head.bypassed + amount <= self._bypass_budget(head):
@@ -885,12 +882,11 @@ class Scheduler:
         lease = self._leases.get(key)
         expires = now + self.policy.lease_ttl_s
         if lease is None:
-            lease = self._leases[key] = _Lease(token.id, ticket.holder, token.resource, 0, expires)
-            self._by_holder.setdefault(ticket.holder, set()).add(token.id)
-            res.leases.add(key)
+            lease = self._add_lease(_Lease(token.id, ticket.holder, token.resource, 0, expires))
+        else:
+            lease.expires_at = expires
+            heapq.heappush(self._expiries, (expires, token.id, ticket.holder))
         lease.units += units
-        lease.expires_at = expires
-        heapq.heappush(self._expiries, (expires, token.id, ticket.holder))
         res.leased += units
         self._dirty_tokens.add(token.id)
         self._dirty_leases.add(key)
@@ -956,7 +952,7 @@ class Scheduler:
         # A token whose every holder stopped renewing belongs to processes that are gone (or
         # cut off for a whole time-to-live): release it after a grace period in which a Ray
         # retry of its task may take it up, or it would count as live for ever.
-        if not any(key[0] == lease.token_id for key in res.leases):
+        if lease.token_id not in self._lease_count:
             self._orphans[lease.token_id] = now + self.policy.orphan_grace_s
         self._dispatch(res, now)
 
@@ -968,7 +964,7 @@ class Scheduler:
             elif due <= now:
                 del self._orphans[token_id]
                 res = self._resources[token.resource]
-                if not token.waiters and not any(key[0] == token_id for key in res.leases):
+                if not token.waiters and token_id not in self._lease_count:
                     self._forget(token)
 
     def _recall(self, res: _Resource) -> None:
@@ -981,8 +977,21 @@ class Scheduler:
             self._ended.popitem(last=False)
         self._drop_lease(lease)
 
+    def _add_lease(self, lease: _Lease) -> _Lease:
+        key = (lease.token_id, lease.holder)
+        self._leases[key] = lease
+        self._by_holder.setdefault(lease.holder, set()).add(lease.token_id)
+        self._resources[lease.resource].leases.add(key)
+        self._lease_count[lease.token_id] = self._lease_count.get(lease.token_id, 0) + 1
+        heapq.heappush(self._expiries, (lease.expires_at, lease.token_id, lease.holder))
+        self._dirty_leases.add(key)
+        return lease
+
     def _drop_lease(self, lease: _Lease) -> None:
         del self._leases[(lease.token_id, lease.holder)]
+        left = self._lease_count.pop(lease.token_id) - 1
+        if left:
+            self._lease_count[lease.token_id] = left
         self._dirty_leases.add((lease.token_id, lease.holder))
         self._dirty_resources.add(lease.resource)
         self._resources[lease.resource].leases.discard((lease.token_id, lease.holder))
