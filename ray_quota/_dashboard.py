@@ -20,6 +20,7 @@ from typing import Any
 
 from ray_quota._metrics import (
     AVAILABLE,
+    EXECUTOR_CALLS,
     EXPECTED_USE,
     IN_USE,
     LEASE_EXPIRIES,
@@ -151,6 +152,11 @@ ROWS: tuple[Row, ...] = (
                   f"sum(increase({LEASE_EXPIRIES}{select(resource=False)}[{RATE_WINDOW}]))",
                   "expiries"),)),
         Panel("Live tokens", "Tokens open.", (_by_resource(LIVE_TOKENS),)),
+        Panel("Executor calls per second", "Token and lease calls the executor served, by "
+              "method (all resources). With node brokers, renewals and watches follow the "
+              "number of nodes, not of processes.", (Query(
+                  f"sum by (method) ({rate(EXECUTOR_CALLS, resource=False)})",
+                  "{{method}}"),)),
     )),
 )
 

@@ -82,7 +82,7 @@ class Executor:
         from ray_quota._metrics import ExecutorMetrics  # here: only the actor needs it
 
         self._metrics = ExecutorMetrics(lambda: self._sched, environment, self._cluster_id,
-                                        metrics_port)
+                                        metrics_port, calls=lambda: self.counts)
 
     # ---------------------------------------------------------------------------- identity
 

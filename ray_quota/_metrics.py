@@ -70,13 +70,14 @@ LIVE_TOKENS = "ray_quota_live_tokens"
 EXPECTED_USE = "ray_quota_expected_use"
 LEASE_EXPIRIES = "ray_quota_lease_expiries_total"
 OBSERVATIONS_DROPPED = "ray_quota_observations_dropped_total"
+EXECUTOR_CALLS = "ray_quota_executor_calls_total"
 
 # Every series name a scrape may show, for checks that a query names a real metric.
 SERIES = frozenset({
     f"{RESERVE_LATENCY}_bucket", f"{RESERVE_LATENCY}_sum", f"{RESERVE_LATENCY}_count",
     UNITS_RESERVED, UNITS_COMMITTED, UNITS_REFUNDED, UNITS_OVERUSED, REJECTIONS, TERMINATIONS,
     THROTTLED_SECONDS, WAITERS, AVAILABLE, LIMIT, IN_USE, LEASED_UNITS, LEASES, LIVE_TOKENS,
-    EXPECTED_USE, LEASE_EXPIRIES, OBSERVATIONS_DROPPED,
+    EXPECTED_USE, LEASE_EXPIRIES, OBSERVATIONS_DROPPED, EXECUTOR_CALLS,
 })
 
 MAX_LABELS = 50  # distinct token labels per resource; more are counted as OTHER
@@ -99,6 +100,7 @@ class Snapshot:
     # (resource, label) -> (live tokens, their expected use)
     by_label: Mapping[tuple[str, str | None], tuple[int, int]] = field(default_factory=dict)
     lease_expiries: int = 0
+    calls: Mapping[str, int] = field(default_factory=dict)  # executor calls served, by method
 
 
 class Metrics:
@@ -246,6 +248,13 @@ class Metrics:
                                        "their process stopped renewing.", labels=("environment",))
         expiries.add_metric((env,), float(snap.lease_expiries))
         yield expiries
+        calls = CounterMetricFamily(_family(EXECUTOR_CALLS), "Token and lease calls the executor "
+                                    "served, by method: with node brokers, renewals and watches "
+                                    "grow with nodes, not processes.",
+                                    labels=("environment", "method"))
+        for method, count in sorted(snap.calls.items()):
+            calls.add_metric((env, method), float(count))
+        yield calls
 
 
 class _Latency:
@@ -302,7 +311,8 @@ class _StateCollector:
         names = (WAITERS, AVAILABLE, LIMIT, IN_USE, LEASED_UNITS, LEASES, LIVE_TOKENS,
                  EXPECTED_USE)
         return [GaugeMetricFamily(name, "") for name in names] + [
-            CounterMetricFamily(_family(LEASE_EXPIRIES), "")]
+            CounterMetricFamily(_family(LEASE_EXPIRIES), ""),
+            CounterMetricFamily(_family(EXECUTOR_CALLS), "")]
 
     def collect(self) -> Iterator[Metric]:
         return self._metrics._state()
@@ -338,8 +348,10 @@ class ExecutorMetrics:
 
     def __init__(self, scheduler: Callable[[], SchedulerView], environment: str,
                  cluster_id: str, port: int | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 calls: Callable[[], Mapping[str, int]] = dict) -> None:
         self._scheduler = scheduler
+        self._calls = calls  # the executor's calls served so far, by method
         self._cluster_id = cluster_id
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics = Metrics(registry or CollectorRegistry(), environment,
@@ -403,7 +415,8 @@ class ExecutorMetrics:
 
     def _read(self) -> Snapshot:
         sched = self._scheduler()
-        return Snapshot(sched.status(), sched.expected_use_by_label(), sched.lease_expiries)
+        return Snapshot(sched.status(), sched.expected_use_by_label(), sched.lease_expiries,
+                        dict(self._calls()))
 
     async def _read_async(self) -> Snapshot:
         return self._read()

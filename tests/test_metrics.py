@@ -292,7 +292,7 @@ async def _call_renewed(em: ExecutorMetrics) -> None:
 
 @pytest.fixture
 def served(sched: Scheduler) -> Iterator[ExecutorMetrics]:
-    em = ExecutorMetrics(lambda: sched, ENV, CLUSTER, port=0)
+    em = ExecutorMetrics(lambda: sched, ENV, CLUSTER, port=0, calls=lambda: {"open_token": 1})
     yield em
     em.close()
 
@@ -306,6 +306,7 @@ def test_endpoint_serves_every_family_on_the_bound_port(served: ExecutorMetrics,
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     names = set(re.findall(r"^(ray_quota_\w+)[{ ]", text, re.MULTILINE))
     assert _metrics.SERIES <= names
+    assert 'ray_quota_executor_calls_total{environment="test",method="open_token"} 1.0' in text
 
 
 def test_scrape_config_is_a_yaml_job_for_the_address() -> None:
