@@ -46,7 +46,11 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     Raises:
         ManifestError: the manifest is invalid, names no such environment, or differs from the
             running executor's and ``apply`` was not given.
+        TypeError: ``brokers`` is not True, False or None.
     """
+    if brokers is not None and not isinstance(brokers, bool):
+        raise TypeError(f"brokers must be True, False or None (on with several nodes), "
+                        f"not {brokers!r}")
     plain = None
     if manifest is not None:
         loaded = load_manifest(manifest)

@@ -120,6 +120,8 @@ CASES: dict[str, tuple[Callable[[World], Any], type[Exception], str]] = {
         **TEST_MANIFEST["environments"]["test"],
         "new": {"limit": {"type": "capacity", "value": 5}}}}}, environment="test"),
         ManifestError, "add or remove"),
+    "brokers not a bool": (lambda w: ray_quota.init(manifest=TEST_MANIFEST, environment="test",
+                                                    brokers="yes"), TypeError, "brokers"),
     "manifest file missing": (lambda w: ray_quota.init(manifest=Path("/nonexistent.yaml"),
                                                        environment="test"), ManifestError,
                               "nonexistent"),
