@@ -136,8 +136,7 @@ class BrokerCore:
             self.local_grants += 1
             return self._hand_out(up, key, amount + extra, now)
         self.forwarded += 1
-        if sub is None:  # so that the broker's lease is kept while the request is out
-            sub = self._subs[(token_id, key)] = up.subs[key] = _Sub(key, up, now + self._ttl_s)
+        sub = sub or self._sub(up, key, now)  # it keeps the broker's lease while the request is out
         sub.pending += 1  # a request may wait for long: the sub-lease lasts until it is answered
         return Forward(lease.key, amount, prefetch + lease.prefetch())
 
@@ -165,10 +164,7 @@ class BrokerCore:
         return self._hand_out(up, key, amount + extra, now)
 
     def _hand_out(self, up: _Up, key: str, units: int, now: float) -> Grant:
-        sub = self._subs.get((up.token_id, key))
-        if sub is None:
-            sub = self._subs[(up.token_id, key)] = _Sub(key, up, now + self._ttl_s)
-            up.subs[key] = sub
+        sub = self._sub(up, key, now)
         sub.granted += units
         sub.expires_at = now + self._ttl_s
         return Grant(units, self._trust_left(up, now), up.lease.contended, via=up.lease.key)
@@ -285,30 +281,23 @@ class BrokerCore:
                 self._forget(up)
             else:
                 lease.report(now, keep_spare=True)
-            lease.final = final
-            totals = lease.totals()
-            reports.append((up.token_id, lease.key, totals.returned, totals.used, totals.debt,
-                            final))
+            reports.append(_report(up, final=final))
         return reports
 
     def report_of(self, token_id: str) -> list[Report]:
         """The current totals of the token's upstream leases, to send at once."""
-        ups = [up for up in (self._ups.get(token_id), *self._retired)
-               if up is not None and up.token_id == token_id and up.lease.active]
-        return [(token_id, up.lease.key, *_astuple(up.lease), False) for up in ups]
+        return [_report(up, final=False) for up in self._ups_of(token_id) if up.lease.active]
 
     def release(self, token_id: str) -> list[Report]:
         """The token ends (closed, merged away): end its sub-leases and settle its upstream
         leases as final; open reservations count as used, as the executor would count them."""
         reports = []
-        for up in [up for up in (self._ups.get(token_id), *self._retired)
-                   if up is not None and up.token_id == token_id]:
+        for up in self._ups_of(token_id):
             for sub in list(up.subs.values()):
                 self._end(sub, charge=True)
             if up.lease.active:
                 up.lease.release_all()
-                up.lease.final = True
-                reports.append((token_id, up.lease.key, *_astuple(up.lease), True))
+                reports.append(_report(up, final=True))
             self._forget(up)
         return reports
 
@@ -372,6 +361,19 @@ class BrokerCore:
             up = self._ups[token_id] = _Up(token_id, lease)
         return up
 
+    def _sub(self, up: _Up, key: str, now: float) -> _Sub:
+        """The process's sub-lease ``key`` of ``up``, started if it has none."""
+        sub = self._subs.get((up.token_id, key))
+        if sub is None:
+            sub = self._subs[(up.token_id, key)] = up.subs[key] = _Sub(key, up,
+                                                                      now + self._ttl_s)
+        return sub
+
+    def _ups_of(self, token_id: str) -> list[_Up]:
+        """The token's upstream leases: the current one and any retired ones."""
+        return [up for up in (self._ups.get(token_id), *self._retired)
+                if up is not None and up.token_id == token_id]
+
     def _trust_left(self, up: _Up, now: float) -> float:
         return max(0.0, up.lease.valid_until - now)
 
@@ -390,6 +392,9 @@ class BrokerCore:
             self._retired.remove(up)
 
 
-def _astuple(lease: LocalLease) -> tuple[int, int, int]:
+def _report(up: _Up, *, final: bool) -> Report:
+    """The running totals of the broker's lease ``up``, as it reports them upstream."""
+    lease = up.lease
+    lease.final = lease.final or final
     totals = lease.totals()
-    return totals.returned, totals.used, totals.debt
+    return (up.token_id, lease.key, totals.returned, totals.used, totals.debt, final)

@@ -6,7 +6,6 @@ test_brokers_multinode.py; the broker's accounting is in test_broker_core.py.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 import ray
 from conftest import TEST_MANIFEST
+from workloads import spend
 
 import ray_quota
 from ray_quota import QuotaToken, _client
@@ -39,17 +39,8 @@ class Spender:
         return True
 
     def spend(self, budget: QuotaToken, seconds: float, seed: int) -> int:
-        rng = random.Random(seed)
-        used = 0
-        stop = time.monotonic() + seconds
-        while time.monotonic() < stop:
-            with budget.reserve(rng.randint(1, 20)) as reservation:
-                spent = rng.randint(0, reservation.amount)
-                reservation.commit(spent)
-                used += spent
-            time.sleep(0.02)  # the budget (10,000) lasts the whole run
-        budget.close()
-        return used
+        # Slow enough that the budget (10,000) lasts the whole run.
+        return spend(budget, seconds, seed=seed, most=20, pause_s=0.02)[0]
 
 
 def executor_counts() -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 from ray_quota import QuotaToken
@@ -25,3 +26,22 @@ async def backlog(token: QuotaToken, amount: int, start_at: float,
 
     await asyncio.gather(*(loop() for _ in range(4)))
     return sorted(grants)
+
+
+def spend(budget: QuotaToken, seconds: float, *, seed: int, most: int,
+          pause_s: float) -> tuple[int, int]:
+    """Reserve 1 to ``most`` units of ``budget`` at a time for ``seconds``, commit a random part
+    of each, pause ``pause_s`` between, then close the token; returns (units used, reservations),
+    by this worker's own count."""
+    rng = random.Random(seed)
+    used = reservations = 0
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        with budget.reserve(rng.randint(1, most)) as reservation:
+            spent = rng.randint(0, reservation.amount)
+            reservation.commit(spent)
+            used += spent
+            reservations += 1
+        time.sleep(pause_s)
+    budget.close()
+    return used, reservations

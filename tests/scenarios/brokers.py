@@ -15,7 +15,6 @@ one JSON line of what it observed. ``--long`` runs the fairness phase for longer
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 
@@ -25,7 +24,7 @@ from ray.cluster_utils import Cluster
 import ray_quota
 from ray_quota import QuotaToken
 from ray_quota._broker_actor import BROKER_PREFIX, broker_name
-from tests.workloads import backlog
+from tests.workloads import backlog, spend
 
 TTL_S = 3.0
 MANIFEST = {"environments": {"test": {
@@ -56,17 +55,7 @@ class Spender:
         return ray.get_runtime_context().get_node_id()
 
     def spend(self, budget: QuotaToken, seconds: float) -> dict[str, int]:
-        rng = random.Random(7)
-        used = reservations = 0
-        stop = time.monotonic() + seconds
-        while time.monotonic() < stop:
-            with budget.reserve(rng.randint(1, 500)) as reservation:
-                spent = rng.randint(0, reservation.amount)
-                reservation.commit(spent)
-                used += spent
-                reservations += 1
-            time.sleep(0.002)
-        budget.close()
+        used, reservations = spend(budget, seconds, seed=7, most=500, pause_s=0.002)
         return {"used": used, "reservations": reservations}
 
     def hold(self, conn: QuotaToken, slots: int) -> int:
