@@ -48,19 +48,22 @@ from typing import Any, Protocol
 import numpy as np
 
 from bench import check
-from ray_quota._broker import BrokerCore, Forward, Report
+from ray_quota._core.broker import BrokerCore, Forward
 from ray_quota._errors import LeaseEndedError, QuotaError
-from ray_quota._holder import LocalLease, holder_of
-from ray_quota._pools import RatePool
-from ray_quota._scheduler import Grant, Policy, Scheduler, TokenInfo
+from ray_quota._core.holder import LocalLease
+from ray_quota._core.pools import RatePool
+from ray_quota._core.protocol import (
+    IDLE_TICK_S,
+    PREFETCH_FRACTION,
+    RENEW_INTERVAL_S,
+    WATCH_TIMEOUT_S,
+    Grant,
+    Report,
+    TokenInfo,
+    holder_of,
+)
+from ray_quota._core.scheduler import Policy, Scheduler
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
-
-# The client's and actors' timing, as in ray_quota/_client.py, _executor.py and _token.py (not
-# imported: those modules import Ray). tests/test_scale_model.py checks they still agree.
-RENEW_INTERVAL_S = 1.0
-WATCH_TIMEOUT_S = 2.0
-IDLE_TICK_S = 0.5
-PREFETCH_FRACTION = 0.05
 
 RESOURCE = "llm-tokens"
 OUT_DIR = Path(__file__).resolve().parent
@@ -1006,7 +1009,7 @@ class Process:
         lease.final = lease.final or final
         totals = lease.totals()
         assert self.token_id is not None
-        return (self.token_id, lease.key, totals.returned, totals.used, totals.debt, final)
+        return Report(self.token_id, lease.key, totals.returned, totals.used, totals.debt, final)
 
     def _send_settle(self, lease: LocalLease) -> None:
         report = self._report(lease, final=False)

@@ -13,9 +13,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_quota import _client
 from ray_quota._errors import InvalidAmountError, ManifestError, UnknownResourceError
-from ray_quota._executor import EXECUTOR_NAME, NAMESPACE, Executor, ExecutorInfo
+from ray_quota._actors.executor import EXECUTOR_NAME, NAMESPACE, Executor, ExecutorInfo
 from ray_quota._manifest import load_manifest
-from ray_quota._scheduler import MAX_UNITS, Policy, ResourceStatus
+from ray_quota._core.scheduler import Policy, ResourceStatus
+from ray_quota._spec import MAX_UNITS
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -124,7 +125,7 @@ def shutdown() -> None:
 
 def _stop_brokers() -> None:
     """Stop every node's broker: they belong to the executor that just stopped."""
-    from ray_quota._broker_actor import BROKER_PREFIX
+    from ray_quota._actors.broker import BROKER_PREFIX
 
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == NAMESPACE and entry["name"].startswith(BROKER_PREFIX):
@@ -172,5 +173,5 @@ def set_limit(resource: str, value: int) -> None:
 
 def metrics_address() -> str | None:
     """``host:port`` of the executor's Prometheus endpoint (``/metrics``), or None if it serves
-    none; :func:`ray_quota._metrics.prometheus_scrape_config` turns it into a scrape job."""
+    none; :func:`ray_quota._observability.metrics.prometheus_scrape_config` turns it into a scrape job."""
     return info().metrics_address

@@ -19,17 +19,14 @@ from typing import TYPE_CHECKING, Any
 import ray
 import ray.exceptions
 
-from ray_quota import _observe
+from ray_quota._observability import observe as _observe
 from ray_quota._errors import ExecutorUnavailableError, NotInitializedError, QuotaError
-from ray_quota._executor import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
+from ray_quota._actors.executor import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
+from ray_quota._core.protocol import RENEW_INTERVAL_S, WATCH_TIMEOUT_S
 
 if TYPE_CHECKING:
     from ray_quota._token import QuotaToken
 
-RENEW_INTERVAL_S = 1.0
-# Short, because Ray lets an actor that ends normally finish its calls in flight first, and kills
-# it (no __ray_shutdown__, no final flush) if that takes over ~5 s (kill_worker_timeout).
-WATCH_TIMEOUT_S = 2.0
 
 # One holder id per process: leases belong to processes, not to tasks.
 HOLDER = f"{os.getpid()}-{secrets.token_hex(8)}"
@@ -163,7 +160,7 @@ def broker() -> Any:
         return None
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ray_quota._broker_actor import Broker, broker_name
+    from ray_quota._actors.broker import Broker, broker_name
 
     node = ray.get_runtime_context().get_node_id()
     with _State.lock:

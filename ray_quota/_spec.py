@@ -8,6 +8,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ray_quota._errors import InvalidAmountError
+
+MAX_UNITS = 2**53  # amounts above this lose integer precision in the float arithmetic of rates
+
 
 class Kind(str, enum.Enum):
     """How a resource's units come back."""
@@ -61,3 +65,16 @@ class Environment:
 
     name: str
     resources: dict[str, ResourceSpec]
+
+
+def check_units(what: str, value: object, *, allow_zero: bool = False) -> None:
+    """Refuse anything but a whole number of units from 1 (or 0) to :data:`MAX_UNITS`.
+
+    Raises:
+        InvalidAmountError: naming ``what`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidAmountError(f"{what} must be a whole number of units, not {value!r}")
+    low = 0 if allow_zero else 1
+    if not low <= value <= MAX_UNITS:
+        raise InvalidAmountError(f"{what} must be from {low} to {MAX_UNITS}, not {value}")

@@ -16,7 +16,8 @@ from typing import Any
 
 import ray
 
-from ray_quota import _client, _observe
+from ray_quota import _client
+from ray_quota._observability import observe as _observe
 from ray_quota._errors import (
     ExecutorUnavailableError,
     ForgedTokenError,
@@ -27,12 +28,9 @@ from ray_quota._errors import (
     TokenMovedError,
     TokenStateError,
 )
-from ray_quota._executor import Adoption, Renewed, Report
-from ray_quota._holder import LocalLease
-from ray_quota._scheduler import Grant, TokenInfo, _check_units
-from ray_quota._spec import Kind, ResourceSpec
-
-_PREFETCH_FRACTION = 0.05  # the most a process asks to hold beyond a request, of the ceiling
+from ray_quota._core.holder import LocalLease
+from ray_quota._core.protocol import Adoption, Grant, Renewed, Report, TokenInfo, prefetch_cap
+from ray_quota._spec import ResourceSpec, check_units
 
 
 class _State(enum.Enum):
@@ -62,7 +60,7 @@ class QuotaToken:
                  "_scope", "_claimant", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
-        _check_units("expected_use", expected_use)
+        check_units("expected_use", expected_use)
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be a string, not {type(label).__name__}")
         claimant = _client.claimant()
@@ -179,7 +177,7 @@ class QuotaToken:
         started = time.perf_counter()
         self._usable()
         if type(amount) is not int or amount < 1:
-            _check_units("amount", amount)  # raises; the ceiling is checked by the executor,
+            check_units("amount", amount)  # raises; the ceiling is checked by the executor,
             # whose limits may have changed since this handle learned them
         if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
             raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
@@ -240,8 +238,7 @@ class QuotaToken:
 
     def _new_lease(self) -> LocalLease:
         spec = self._spec
-        cap = 0 if spec.kind is Kind.CONCURRENCY else max(1, int(spec.ceiling * _PREFETCH_FRACTION))
-        return LocalLease(spec.kind, key=_client.lease_key(), max_prefetch=cap)
+        return LocalLease(spec.kind, key=_client.lease_key(), max_prefetch=prefetch_cap(spec))
 
     def _translate(self, fn: Any) -> Any:
         try:
@@ -267,7 +264,7 @@ class QuotaToken:
                 which knows what children gave back); nothing changes.
         """
         self._usable()
-        _check_units("child_expected_use", child_expected_use)
+        check_units("child_expected_use", child_expected_use)
         self._verify()
         opened, self._expected_use = _client.call("split", self._id, self._generation,
                                                   self._claimant, child_expected_use)
@@ -410,7 +407,7 @@ class QuotaToken:
     def _report_of(self, lease: LocalLease, *, final: bool) -> Report:
         lease.final = lease.final or final
         totals = lease.totals()
-        return (self._id, lease.key, totals.returned, totals.used, totals.debt, final)
+        return Report(self._id, lease.key, totals.returned, totals.used, totals.debt, final)
 
     def _final_reports(self) -> list[Report]:
         """Release every lease of this handle: open reservations count as used in full."""
@@ -457,8 +454,8 @@ class QuotaToken:
     def _adoptions(self) -> list[Adoption]:
         """This handle's share of its broker's leases, to take over directly (the broker died)."""
         with self._lock:
-            return [(self._id, lease.via, lease.key, lease.held, lease.returned, lease.used,
-                     lease.debt) for lease in self._leases()
+            return [Adoption(self._id, lease.via, lease.key, lease.held, lease.returned, lease.used,
+                             lease.debt) for lease in self._leases()
                     if lease.via is not None and lease.active and not lease.final]
 
     def _adopted(self, adopted: set[tuple[str, str]]) -> None:
@@ -510,7 +507,7 @@ class Reservation:
         if not self._open:
             raise TokenStateError("this reservation was already committed")
         used = self.amount if used is None else used
-        _check_units("used", used, allow_zero=True)
+        check_units("used", used, allow_zero=True)
         if self._token._state is _State.CLOSED:
             raise TokenClosedError("the token was closed; its open reservations were charged")
         self._open = False

@@ -444,7 +444,7 @@ def prometheus_config(target: str | None, job_name: str, scrape_interval: str,
     The job scrapes the executor's /metrics endpoint.
     Paste it under scrape_configs: in prometheus.yml.
     """
-    from ray_quota._metrics import prometheus_scrape_config
+    from ray_quota._observability.metrics import prometheus_scrape_config
 
     if not re.fullmatch(r"[A-Za-z0-9_.:-]+", job_name):
         raise click.BadParameter(f"{job_name!r}: use letters, digits and _ . : -",

@@ -13,10 +13,11 @@ import random
 import pytest
 from fakes import FakeClock
 
-from ray_quota._broker import BrokerCore, Forward
+from ray_quota._core.broker import BrokerCore, Forward
 from ray_quota._errors import InvalidAmountError
-from ray_quota._holder import LocalLease
-from ray_quota._scheduler import Grant, Policy, ResourceStatus, Scheduler
+from ray_quota._core.holder import LocalLease
+from ray_quota._core.protocol import Grant, Report
+from ray_quota._core.scheduler import Policy, ResourceStatus, Scheduler
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
 TTL = 10.0
@@ -145,7 +146,8 @@ class Proc:
 
     def report(self, *, final: bool = False) -> tuple[str, str, int, int, int, bool]:
         totals = self.lease.totals()
-        return (self.token_id, self.lease.key, totals.returned, totals.used, totals.debt, final)
+        return Report(self.token_id, self.lease.key, totals.returned, totals.used, totals.debt,
+                      final)
 
     def renew(self) -> None:
         w = self.node.world
@@ -333,7 +335,7 @@ def test_overuse_declared_after_a_sub_lease_ended_is_still_owed() -> None:
     assert proc.reserve(10)
     proc.commit(10)
     proc.close()
-    late = (token, proc.lease.key, *proc.report()[2:4], 25, True)
+    late = Report(token, proc.lease.key, *proc.report()[2:4], 25, True)
     assert node.core.settle([late], w.now)  # debt: send upstream now
     node.renew_upstream()
     assert w.status().in_use >= 35

@@ -17,7 +17,7 @@ from workloads import spend
 
 import ray_quota
 from ray_quota import QuotaToken, _client
-from ray_quota._broker_actor import broker_name
+from ray_quota._actors.broker import broker_name
 
 WORKERS = 6
 SECONDS = 4.0

@@ -282,7 +282,7 @@ def test_stop_then_status_says_no_executor_and_start_brings_it_back(tmp_path: Pa
 @pytest.mark.usefixtures("unchanged_executor")
 def test_prometheus_config_prints_a_scrape_job_for_the_metrics_endpoint() -> None:
     try:
-        metrics = importlib.import_module("ray_quota._metrics")
+        metrics = importlib.import_module("ray_quota._observability.metrics")
     except ImportError:
         metrics = None
     if not hasattr(metrics, "prometheus_scrape_config"):

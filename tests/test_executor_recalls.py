@@ -12,8 +12,8 @@ from pathlib import Path
 from conftest import TEST_MANIFEST
 
 from ray_quota import Policy
-from ray_quota._executor import Executor
-from ray_quota._scheduler import Grant, TokenInfo
+from ray_quota._actors.executor import Executor
+from ray_quota._core.protocol import Grant, TokenInfo
 
 
 async def recall_reaches_watcher(path: Path) -> list[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_quota._holder import TRUST, LocalLease, Settlement
+from ray_quota._core.holder import LocalLease, Settlement
+from ray_quota._core.protocol import TRUST
 from ray_quota._spec import Kind
 
 TTL = 10.0

@@ -14,11 +14,13 @@ import yaml
 from fakes import FakeClock
 from prometheus_client import CollectorRegistry
 
-from ray_quota import _dashboard, _metrics, _observe
+from ray_quota._observability import dashboard as _dashboard
+from ray_quota._observability import metrics as _metrics
+from ray_quota._observability import observe as _observe
 from ray_quota._errors import FailedReservation, QuotaTerminated
-from ray_quota._metrics import ExecutorMetrics, Metrics, Snapshot, prometheus_scrape_config
-from ray_quota._observe import BUCKETS, EXECUTOR, GRANTED, LOCAL, Accumulator
-from ray_quota._scheduler import Scheduler
+from ray_quota._observability.metrics import ExecutorMetrics, Metrics, Snapshot, prometheus_scrape_config
+from ray_quota._observability.observe import BUCKETS, EXECUTOR, GRANTED, LOCAL, Accumulator
+from ray_quota._core.scheduler import Scheduler
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
 CLUSTER = "cluster-1"
@@ -323,7 +325,7 @@ def test_scrape_config_is_a_yaml_job_for_the_address() -> None:
 
 def test_committed_dashboard_is_generated_from_the_panel_definitions() -> None:
     assert _dashboard.PATH.read_text() == _dashboard.render(), (
-        "dashboards/ray_quota.json is stale: run `python -m ray_quota._dashboard`")
+        "dashboards/ray_quota.json is stale: run `python -m ray_quota._observability.dashboard`")
 
 
 def test_every_dashboard_query_names_only_declared_metrics() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ray_quota._pools import CapacityPool, ConcurrencyPool, RatePool, make_pool
+from ray_quota._core.pools import CapacityPool, ConcurrencyPool, RatePool, make_pool
 from ray_quota._spec import Kind, ResourceSpec
 
 

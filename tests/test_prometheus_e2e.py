@@ -29,8 +29,9 @@ import pytest
 import ray
 
 import ray_quota
-from ray_quota import FailedReservation, QuotaTerminated, QuotaToken, _client, _dashboard
-from ray_quota._metrics import (
+from ray_quota import FailedReservation, QuotaTerminated, QuotaToken, _client
+from ray_quota._observability import dashboard as _dashboard
+from ray_quota._observability.metrics import (
     LIMIT,
     REJECTIONS,
     TERMINATIONS,

@@ -124,16 +124,6 @@ def test_with_brokers_no_sub_lease_ends_while_its_process_runs() -> None:
     assert result["accounting"]["units_out"] == result["accounting"]["units_used"]
 
 
-def test_the_models_timings_are_the_clients() -> None:
-    from ray_quota import _broker_actor, _client, _executor, _token
-
-    assert scale_model.RENEW_INTERVAL_S == _client.RENEW_INTERVAL_S
-    assert scale_model.WATCH_TIMEOUT_S == _client.WATCH_TIMEOUT_S
-    assert scale_model.IDLE_TICK_S == _executor._IDLE_TICK_S
-    assert scale_model.PREFETCH_FRACTION == _token._PREFETCH_FRACTION
-    assert scale_model.PREFETCH_FRACTION == _broker_actor.PREFETCH_FRACTION
-
-
 def test_the_command_writes_the_results_the_table_and_the_chart(tmp_path: Path) -> None:
     assert scale_model.main(["--quick", "--quiet", "--jobs", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "scale_results.json").read_text())

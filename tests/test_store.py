@@ -9,8 +9,8 @@ from typing import Any
 from conftest import TEST_MANIFEST
 
 from ray_quota import FailedReservation, Policy
-from ray_quota._executor import Executor
-from ray_quota._scheduler import Grant
+from ray_quota._actors.executor import Executor
+from ray_quota._core.protocol import Grant, Report
 from ray_quota._spec import Kind, ResourceSpec
 from ray_quota._store import StateStore
 
@@ -77,7 +77,7 @@ def test_restored_leases_expire_unless_their_holder_renews(tmp_path: Path) -> No
         held = next(s for s in await second.status() if s.name == "conn").in_use
         for _ in range(4):  # only "alive" renews
             await asyncio.sleep(0.15)
-            await second.renew("alive", [(token.id, "alive:0", 0, 0, 0, False)])
+            await second.renew("alive", [Report(token.id, "alive:0", 0, 0, 0, False)])
         await second.renew("alive", [])  # let the expiry run
         left = next(s for s in await second.status() if s.name == "conn").in_use
         return held, left

@@ -23,7 +23,7 @@ from ray.cluster_utils import Cluster
 
 import ray_quota
 from ray_quota import QuotaToken
-from ray_quota._broker_actor import BROKER_PREFIX, broker_name
+from ray_quota._actors.broker import BROKER_PREFIX, broker_name
 from tests.workloads import backlog, spend
 
 TTL_S = 3.0

@@ -13,16 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ray_quota._core.protocol import TRUST
 from ray_quota._spec import Kind
-
-# A lease is trusted locally for this share of its time-to-live, measured from when the request
-# that granted or renewed it was *sent*, so the holder always stops before the executor expires it.
-TRUST = 0.8
-
-
-def holder_of(key: str) -> str:
-    """The holder (a process, or a broker) whose lease key this is: keys are ``holder:n``."""
-    return key.rpartition(":")[0] or key
 
 
 @dataclass(frozen=True, slots=True)

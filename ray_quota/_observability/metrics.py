@@ -1,7 +1,7 @@
 """Every ray_quota metric, declared once, on a registry the caller gives.
 
 The executor owns one :class:`Metrics` and serves it on one HTTP endpoint for the whole cluster.
-Worker processes never touch prometheus_client: they count in :mod:`ray_quota._observe` and their
+Worker processes never touch prometheus_client: they count in :mod:`ray_quota._observability.observe` and their
 counts reach :meth:`Metrics.merge` with each lease renewal. Gauges of the scheduler's state are read
 at scrape time.
 
@@ -33,7 +33,7 @@ from prometheus_client.metrics_core import (
 )
 
 from ray_quota._errors import FailedReservation, QuotaTerminated
-from ray_quota._observe import (
+from ray_quota._observability.observe import (
     BUCKETS,
     EXECUTOR,
     OUTCOMES,
@@ -48,7 +48,7 @@ from ray_quota._observe import (
 from ray_quota._spec import Enforcement
 
 if TYPE_CHECKING:
-    from ray_quota._scheduler import ResourceStatus
+    from ray_quota._core.scheduler import ResourceStatus
     from ray_quota._spec import ResourceSpec
 
 # The names PromQL sees (counters with their ``_total``). The dashboard is built from these.

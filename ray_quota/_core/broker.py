@@ -26,12 +26,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ray_quota._holder import LocalLease, holder_of
-from ray_quota._scheduler import Grant
+from ray_quota._core.holder import LocalLease
+from ray_quota._core.protocol import Grant, LeaseAnswer, Renewed, Report, holder_of
 from ray_quota._spec import Kind
-
-# A lease's running totals: token id, lease key, returned, used, debt, final (see _executor).
-Report = tuple[str, str, int, int, int, bool]
 _TOMBSTONES = 100_000  # ended sub-lease keys remembered, so late reports are not applied twice
 
 
@@ -238,24 +235,23 @@ class BrokerCore:
 
     # ------------------------------------------------------------------------------ renewals
 
-    def renew(self, reports: Iterable[Report], now: float) -> dict[tuple[str, str],
-                                                                   tuple[bool, float]]:
+    def renew(self, reports: Iterable[Report], now: float) -> Renewed:
         """A process's renewal, after :meth:`settle` applied its totals: extend its sub-leases.
 
         Returns, per live sub-lease, whether others wait and how long it may be trusted (the
         broker's own trust left); a sub-lease missing from the answer is gone.
         """
-        alive = {}
-        for token_id, key, *_, final in reports:
-            sub = self._subs.get((token_id, key))
-            if final or sub is None:
+        alive: Renewed = {}
+        for report in reports:
+            sub = self._subs.get((report.token_id, report.key))
+            if report.final or sub is None:
                 continue
             trust = self._trust_left(sub.up, now)
             if sub.up.retired or trust <= 0:
                 self._end(sub, charge=True)  # the units may have been used; none are safe now
                 continue
             sub.expires_at = now + self._ttl_s
-            alive[(token_id, key)] = (sub.up.lease.contended, trust)
+            alive[(report.token_id, report.key)] = LeaseAnswer(sub.up.lease.contended, trust)
         return alive
 
     def expire(self, now: float) -> None:
@@ -302,12 +298,12 @@ class BrokerCore:
         return reports
 
     def upstream_renewed(self, reports: Iterable[Report],
-                         alive: dict[tuple[str, str], tuple[bool, float]],
+                         alive: Renewed,
                          sent_at: float) -> None:
         """Apply the executor's answer to the broker's renewal of ``reports``, sent at
         ``sent_at``. Only leases the renewal reported are judged by it: one first granted while
         it was out is not in the answer, and is not gone."""
-        reported = {(token_id, key) for token_id, key, *_, final in reports if not final}
+        reported = {(report.token_id, report.key) for report in reports if not report.final}
         for up in list(self._ups.values()):
             if (up.token_id, up.lease.key) not in reported or up.lease.final:
                 continue
@@ -397,4 +393,4 @@ def _report(up: _Up, *, final: bool) -> Report:
     lease = up.lease
     lease.final = lease.final or final
     totals = lease.totals()
-    return (up.token_id, lease.key, totals.returned, totals.used, totals.debt, final)
+    return Report(up.token_id, lease.key, totals.returned, totals.used, totals.debt, final)

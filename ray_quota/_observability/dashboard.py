@@ -1,6 +1,6 @@
 """The Grafana dashboard, as data: rows of panels whose queries name metrics from ``_metrics``.
 
-``python -m ray_quota._dashboard [path]`` writes ``dashboards/ray_quota.json``; a test fails when
+``python -m ray_quota._observability.dashboard [path]`` writes ``dashboards/ray_quota.json``; a test fails when
 the committed file is stale, and another runs every query against a real Prometheus.
 
 Example:
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_quota._metrics import (
+from ray_quota._observability.metrics import (
     AVAILABLE,
     EXECUTOR_CALLS,
     EXPECTED_USE,

@@ -15,21 +15,27 @@ import asyncio
 import time
 from typing import Any
 
-from ray_quota import _client, _observe
-from ray_quota._broker import BrokerCore, Forward, Report
+from ray_quota import _client
+from ray_quota._observability import observe as _observe
+from ray_quota._core.broker import BrokerCore, Forward
 from ray_quota._errors import (
     ExecutorUnavailableError,
     LeaseEndedError,
     QuotaError,
     UnknownResourceError,
 )
-from ray_quota._executor import ExecutorInfo, RecallBoard, Renewed
-from ray_quota._observe import Batch
-from ray_quota._scheduler import Grant
-from ray_quota._spec import Kind
+from ray_quota._actors.executor import ExecutorInfo, RecallBoard
+from ray_quota._observability.observe import Batch
+from ray_quota._core.protocol import (
+    RENEW_INTERVAL_S,
+    WATCH_TIMEOUT_S,
+    Grant,
+    Renewed,
+    Report,
+    prefetch_cap,
+)
 
 BROKER_PREFIX = "ray_quota_broker:"
-PREFETCH_FRACTION = 0.05  # as a process: the most asked for beyond a request, of the ceiling
 
 
 def broker_name(node_id: str) -> str:
@@ -37,7 +43,7 @@ def broker_name(node_id: str) -> str:
 
 
 class Broker:
-    """Re-leases the executor's units to the processes of one node; see :mod:`ray_quota._broker`."""
+    """Re-leases the executor's units to the processes of one node; see :mod:`ray_quota._core.broker`."""
 
     def __init__(self, node_id: str) -> None:
         _client.lease_directly()  # this process is the broker: its own calls go upstream
@@ -58,7 +64,7 @@ class Broker:
         spec = info.resources.get(resource)
         if spec is None:
             return UnknownResourceError(f"no resource named {resource!r}")
-        cap = 0 if spec.kind is Kind.CONCURRENCY else max(1, int(spec.ceiling * PREFETCH_FRACTION))
+        cap = prefetch_cap(spec)
         claim = (generation, claimant)
         try:
             answer = core.acquire(token_id, spec.kind, key, amount, prefetch=prefetch,
@@ -89,7 +95,7 @@ class Broker:
     async def settle(self, reports: list[Report]) -> None:
         core, _ = await self._ready("settle")
         if core.settle(reports, time.monotonic()):
-            self._send_now({report[0] for report in reports})
+            self._send_now({report.token_id for report in reports})
 
     async def renew(self, holder: str, reports: list[Report],
                     observed: Batch | None = None) -> Renewed:
@@ -99,7 +105,7 @@ class Broker:
         urgent = core.settle(reports, now)
         alive = core.renew(reports, now)
         if urgent:
-            self._send_now({report[0] for report in reports})
+            self._send_now({report.token_id for report in reports})
         return alive
 
     async def watch(self, holder: str, timeout_s: float) -> list[str]:
@@ -182,7 +188,7 @@ class Broker:
         assert self._core is not None
         core = self._core
         while True:
-            await asyncio.sleep(_client.RENEW_INTERVAL_S)
+            await asyncio.sleep(RENEW_INTERVAL_S)
             now = time.monotonic()
             core.expire(now)
             reports = core.upstream_reports(now)
@@ -204,9 +210,9 @@ class Broker:
         while True:
             try:
                 recalled = await _client.call_async("watch", _client.HOLDER,
-                                                    _client.WATCH_TIMEOUT_S)
+                                                    WATCH_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - no executor right now; renewals still shrink
-                await asyncio.sleep(_client.RENEW_INTERVAL_S)
+                await asyncio.sleep(RENEW_INTERVAL_S)
                 continue
             if recalled:
                 reports, tell = core.recall(recalled)

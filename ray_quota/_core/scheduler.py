@@ -44,12 +44,12 @@ from ray_quota._errors import (
     TokenStateError,
     UnknownResourceError,
 )
-from ray_quota._pools import Pool, RatePool, make_pool
-from ray_quota._spec import Enforcement, Kind, ResourceSpec
+from ray_quota._core.pools import Pool, RatePool, make_pool
+from ray_quota._core.protocol import PREFETCH_FRACTION, Grant, TokenInfo
+from ray_quota._spec import Enforcement, Kind, ResourceSpec, check_units
 
 Clock = Callable[[], float]
 
-MAX_UNITS = 2**53  # amounts above this lose integer precision in the float arithmetic of rates
 _TOMBSTONES = 100_000  # closed token ids remembered, so late use says "closed", not "forged"
 _BACKFILL_SCAN = 64  # waiters looked at when the head is blocked
 
@@ -71,22 +71,11 @@ class Policy:
 
     credit_factor: float = 1.0
     lease_ttl_s: float = 10.0
-    max_lease_fraction: float = 0.05
+    max_lease_fraction: float = PREFETCH_FRACTION
     bypass_factor: float = 1.0
     orphan_grace_s: float = 60.0
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """Units granted into a holder's lease: the amount asked for plus any prefetch."""
-
-    units: int
-    ttl_s: float
-    contended: bool  # others were still waiting: give spare units back soon
-    via: str | None = None  # a broker's own lease key, when the units were re-leased by a broker
-    # How long the request waited before the grant, on the granting side's clock: the lease was
-    # renewed that much after the request was sent, so its holder may trust it that much longer.
-    waited_s: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -164,13 +153,6 @@ class ResourceStatus:
     leased_units: int
 
 
-@dataclass(frozen=True, slots=True)
-class TokenInfo:
-    """What a client learns when it opens or splits a token."""
-
-    id: str
-    spec: ResourceSpec
-    generation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +252,7 @@ class Scheduler:
                    label: str | None = None) -> TokenInfo:
         """Create a token with no credit yet; ``claimant`` is the process that will use it."""
         res = self._resource(resource)
-        _check_units("expected_use", expected_use)
+        check_units("expected_use", expected_use)
         token = _Token(self._new_id(), resource, expected_use, self._vtime_now(res), claimant,
                        label)
         self._tokens[token.id] = token
@@ -282,7 +264,7 @@ class Scheduler:
               child_expected_use: int) -> TokenInfo:
         """Move ``child_expected_use`` and the same share of credit (or debt) into a new token."""
         token = self._live(token_id, generation, claimant)
-        _check_units("child_expected_use", child_expected_use)
+        check_units("child_expected_use", child_expected_use)
         if child_expected_use > token.expected_use:
             raise InvalidAmountError(
                 f"cannot split {child_expected_use} from a token whose expected use is "
@@ -389,7 +371,7 @@ class Scheduler:
                                   "new lease key")
         res = self._resources[token.resource]
         spec = res.spec
-        _check_units("amount", amount)
+        check_units("amount", amount)
         if amount > spec.ceiling:
             raise InvalidAmountError(
                 f"{spec.name!r}: {amount} units is more than the limit can ever grant "
@@ -465,9 +447,9 @@ class Scheduler:
         Accepted whatever the token's generation: settling is always safe. Units of a lease
         that already expired are ignored, since expiry settled them; debt is charged regardless.
         """
-        _check_units("units", units, allow_zero=True)
-        _check_units("used", used, allow_zero=True)
-        _check_units("debt", debt, allow_zero=True)
+        check_units("units", units, allow_zero=True)
+        check_units("used", used, allow_zero=True)
+        check_units("debt", debt, allow_zero=True)
         now = self._clock()
         lease = self._leases.get((token_id, holder))
         token = self._tokens.get(token_id)
@@ -572,7 +554,7 @@ class Scheduler:
         """
         for what, value in (("units", units), ("returned", returned), ("used", used),
                             ("debt", debt)):
-            _check_units(what, value, allow_zero=True)
+            check_units(what, value, allow_zero=True)
         if (token_id, to_key) in self._leases:
             return True
         source = self._leases.get((token_id, from_key))
@@ -1006,12 +988,6 @@ def _finish(waiter: _Waiter) -> float:
     return waiter.token.pass_ + waiter.ticket.amount / waiter.token.expected_use
 
 
-def _check_units(what: str, value: object, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidAmountError(f"{what} must be a whole number of units, not {value!r}")
-    low = 0 if allow_zero else 1
-    if not low <= value <= MAX_UNITS:
-        raise InvalidAmountError(f"{what} must be from {low} to {MAX_UNITS}, not {value}")
 
 
 def _wait_allowed(spec: ResourceSpec, timeout: float | None) -> float:

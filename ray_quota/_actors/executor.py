@@ -17,25 +17,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_quota._errors import IncompatibleTokensError, ManifestError, QuotaError
-from ray_quota._holder import holder_of
 from ray_quota._manifest import Manifest, load_manifest
-from ray_quota._observe import Batch
-from ray_quota._scheduler import Grant, Policy, ResourceStatus, Scheduler, TokenInfo
+from ray_quota._observability.observe import Batch
+from ray_quota._core.protocol import (
+    IDLE_TICK_S,
+    Adoption,
+    Grant,
+    LeaseAnswer,
+    Renewed,
+    Report,
+    TokenInfo,
+    holder_of,
+)
+from ray_quota._core.scheduler import Policy, ResourceStatus, Scheduler
 from ray_quota._spec import Environment, ResourceSpec
 from ray_quota._store import StateStore
 
 NAMESPACE = "ray_quota"
 EXECUTOR_NAME = "ray_quota_executor"
-_IDLE_TICK_S = 0.5  # how often the loop looks for expired leases when nothing is due sooner
-
-# A lease's running totals, as a holder reports them: token id, the holder's lease key, units
-# returned, units used, debt, and whether the holder is done with the lease (final).
-Report = tuple[str, str, int, int, int, bool]
-# The answer to a renewal: per live lease (token id, key), whether others wait and its trust.
-Renewed = dict[tuple[str, str], tuple[bool, float]]
-# A process taking over its share of a failed broker's lease: token id, the broker's lease key,
-# the process's lease key, units it holds, and its running totals (returned, used, debt).
-Adoption = tuple[str, str, str, int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +78,7 @@ class Executor:
         self._board = RecallBoard()
         self.calls = 0  # grants, renewals and adoptions served, for tests of the local path
         self.counts: Counter[str] = Counter()  # every token and lease call, by method
-        from ray_quota._metrics import ExecutorMetrics  # here: only the actor needs it
+        from ray_quota._observability.metrics import ExecutorMetrics  # here: only the actor needs it
 
         self._metrics = ExecutorMetrics(lambda: self._sched, environment, self._cluster_id,
                                         metrics_port, calls=lambda: self.counts)
@@ -190,9 +189,11 @@ class Executor:
         self._settle(reports)
         alive = {}
         ttl = self._sched.policy.lease_ttl_s
-        for token_id, key, *_, final in reports:
-            if not final and (contended := self._sched.renew_lease(token_id, key)) is not None:
-                alive[(token_id, key)] = (contended, ttl)
+        for report in reports:
+            if report.final:
+                continue
+            if (contended := self._sched.renew_lease(report.token_id, report.key)) is not None:
+                alive[(report.token_id, report.key)] = LeaseAnswer(contended, ttl)
         return alive
 
     async def adopt(self, entries: list[Adoption]) -> list[tuple[str, str]] | QuotaError:
@@ -305,7 +306,7 @@ class Executor:
         assert self._kick is not None
         while True:
             wake = self._sched.next_wakeup()
-            delay = _IDLE_TICK_S if wake is None else min(_IDLE_TICK_S,
+            delay = IDLE_TICK_S if wake is None else min(IDLE_TICK_S,
                                                           max(0.0, wake - time.monotonic()))
             try:
                 await asyncio.wait_for(self._kick.wait(), timeout=delay)

@@ -1,0 +1,1 @@
+"""Metrics: what workers observe, what the executor exports, and the Grafana dashboard."""
