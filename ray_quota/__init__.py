@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 # Each public name, and the private module that defines it.
 _WHERE = {
     "Enforcement": "_spec",
-    "ExecutorInfo": "_actors.executor",
+    "ExecutorInfo": "_core.protocol",
     "FailedReservation": "_errors",
     "ForgedTokenError": "_errors",
     "IncompatibleTokensError": "_errors",
@@ -71,9 +71,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from ray_quota._actors.executor import ExecutorInfo
     from ray_quota._api import apply, info, init, metrics_address, set_limit, shutdown, status
     from ray_quota._context import current_token
+    from ray_quota._core.protocol import ExecutorInfo
     from ray_quota._core.scheduler import Policy, ResourceStatus
     from ray_quota._decorate import QuotaExecutor, quota
     from ray_quota._errors import (

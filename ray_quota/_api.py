@@ -13,7 +13,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_quota import _client
 from ray_quota._errors import InvalidAmountError, ManifestError, UnknownResourceError
-from ray_quota._actors.executor import EXECUTOR_NAME, NAMESPACE, Executor, ExecutorInfo
+from ray_quota._actors.executor import Executor
+from ray_quota._core.protocol import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
 from ray_quota._manifest import load_manifest
 from ray_quota._core.scheduler import Policy, ResourceStatus
 from ray_quota._spec import MAX_UNITS

@@ -21,8 +21,13 @@ import ray.exceptions
 
 from ray_quota._observability import observe as _observe
 from ray_quota._errors import ExecutorUnavailableError, NotInitializedError, QuotaError
-from ray_quota._actors.executor import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
-from ray_quota._core.protocol import RENEW_INTERVAL_S, WATCH_TIMEOUT_S
+from ray_quota._core.protocol import (
+    EXECUTOR_NAME,
+    NAMESPACE,
+    RENEW_INTERVAL_S,
+    WATCH_TIMEOUT_S,
+    ExecutorInfo,
+)
 
 if TYPE_CHECKING:
     from ray_quota._token import QuotaToken

@@ -16,7 +16,7 @@ from records import max_overlap
 
 import ray_quota
 from ray_quota import FailedReservation, QuotaToken
-from ray_quota._actors.executor import EXECUTOR_NAME, NAMESPACE
+from ray_quota._core.protocol import EXECUTOR_NAME, NAMESPACE
 
 pytestmark = pytest.mark.usefixtures("executor")
 TTL_S = 3.0  # the executor fixture's lease time-to-live

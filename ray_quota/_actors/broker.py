@@ -24,11 +24,12 @@ from ray_quota._errors import (
     QuotaError,
     UnknownResourceError,
 )
-from ray_quota._actors.executor import ExecutorInfo, RecallBoard
+from ray_quota._actors.executor import RecallBoard
 from ray_quota._observability.observe import Batch
 from ray_quota._core.protocol import (
     RENEW_INTERVAL_S,
     WATCH_TIMEOUT_S,
+    ExecutorInfo,
     Grant,
     Renewed,
     Report,

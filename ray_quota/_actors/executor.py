@@ -13,13 +13,13 @@ import os
 import secrets
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from ray_quota._errors import IncompatibleTokensError, ManifestError, QuotaError
 from ray_quota._manifest import Manifest, load_manifest
 from ray_quota._observability.observe import Batch
 from ray_quota._core.protocol import (
+    ExecutorInfo,
     IDLE_TICK_S,
     Adoption,
     Grant,
@@ -33,20 +33,6 @@ from ray_quota._core.scheduler import Policy, ResourceStatus, Scheduler
 from ray_quota._spec import Environment, ResourceSpec
 from ray_quota._store import StateStore
 
-NAMESPACE = "ray_quota"
-EXECUTOR_NAME = "ray_quota_executor"
-
-
-@dataclass(frozen=True, slots=True)
-class ExecutorInfo:
-    """Who the running executor is and what it enforces."""
-
-    cluster_id: str
-    environment: str
-    resources: dict[str, ResourceSpec]
-    lease_ttl_s: float
-    metrics_address: str | None = None  # host:port of the metrics endpoint, if it serves one
-    brokers: bool = False  # processes lease through their node's broker
 
 
 class Executor:

@@ -20,6 +20,10 @@ from typing import NamedTuple
 
 from ray_quota._spec import ResourceSpec
 
+# Where every process finds the executor: one named, detached actor per cluster.
+NAMESPACE = "ray_quota"
+EXECUTOR_NAME = "ray_quota_executor"
+
 # How often a process (or broker) renews its leases and reports its observations.
 RENEW_INTERVAL_S = 1.0
 # How long one recall watch stays open. Short, because Ray lets an actor that ends normally finish
@@ -47,6 +51,18 @@ def prefetch_cap(spec: ResourceSpec) -> int:
 def holder_of(key: str) -> str:
     """The holder (a process, or a broker) whose lease key this is: keys are ``holder:n``."""
     return key.rpartition(":")[0] or key
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorInfo:
+    """Who the running executor is and what it enforces."""
+
+    cluster_id: str
+    environment: str
+    resources: dict[str, ResourceSpec]
+    lease_ttl_s: float
+    metrics_address: str | None = None  # host:port of the metrics endpoint, if it serves one
+    brokers: bool = False  # processes lease through their node's broker
 
 
 @dataclass(frozen=True, slots=True)
