@@ -1,6 +1,7 @@
 """The Grafana dashboard, as data: rows of panels whose queries name metrics from ``_metrics``.
 
-``python -m ray_quota._observability.dashboard [path]`` writes ``dashboards/ray_quota.json``; a test fails when
+``python -m ray_quota._observability.dashboard [path]`` writes ``dashboards/ray_quota.json``; a test
+fails when
 the committed file is stale, and another runs every query against a real Prometheus.
 
 Example:
@@ -39,7 +40,7 @@ from ray_quota._observability.metrics import (
     WAITERS,
 )
 
-PATH = Path(__file__).resolve().parent.parent / "dashboards" / "ray_quota.json"
+PATH = Path(__file__).resolve().parents[2] / "dashboards" / "ray_quota.json"
 UID = "ray-quota"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE_WINDOW = "$__rate_interval"
