@@ -74,7 +74,7 @@ class FairQueue:
         ('heavy', 2)
     """
 
-    __slots__ = ("_heap", "_bypass_factor", "waiting")
+    __slots__ = ("_bypass_factor", "_heap", "waiting")
 
     def __init__(self, bypass_factor: float = 1.0) -> None:
         self._heap: list[tuple[float, int, int, Waiter]] = []

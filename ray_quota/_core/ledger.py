@@ -57,8 +57,16 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         (False, True)
     """
 
-    __slots__ = ("_leases", "_by_holder", "_by_resource", "_count", "_expiries", "_ended",
-                 "_recalls", "_changes")
+    __slots__ = (
+        "_by_holder",
+        "_by_resource",
+        "_changes",
+        "_count",
+        "_ended",
+        "_expiries",
+        "_leases",
+        "_recalls",
+    )
 
     def __init__(self, changes: ChangeLog | None = None) -> None:
         self._leases: dict[LeaseKey, Lease] = {}

@@ -69,8 +69,18 @@ class Resource:
     hands out at its next poll; what it changes is recorded in ``changes``.
     """
 
-    __slots__ = ("spec", "pool", "queue", "vtime", "tokens", "leased", "_policy", "_leases",
-                 "_changes", "_resolved")
+    __slots__ = (
+        "_changes",
+        "_leases",
+        "_policy",
+        "_resolved",
+        "leased",
+        "pool",
+        "queue",
+        "spec",
+        "tokens",
+        "vtime",
+    )
 
     def __init__(self, spec: ResourceSpec, now: float, policy: Policy, leases: LeaseLedger,
                  changes: ChangeLog, resolved: list[Ticket]) -> None:
@@ -115,10 +125,9 @@ class Resource:
             lease.units -= units + used
             self.leased -= units + used
             self.pool.give_back(units, now)
-        if lease is not None and units:
-            if token is not None and token.expected_use:
-                floor = self.vtime - self.max_credit(token) / token.expected_use
-                token.pass_ = max(floor, token.pass_ - units / token.expected_use)
+        if lease is not None and units and token is not None and token.expected_use:
+            floor = self.vtime - self.max_credit(token) / token.expected_use
+            token.pass_ = max(floor, token.pass_ - units / token.expected_use)
         if debt:
             self.pool.charge_debt(debt, now)
             if token is not None and token.expected_use:

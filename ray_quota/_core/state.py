@@ -71,7 +71,7 @@ class ChangeLog:
         (['t1'], False)
     """
 
-    __slots__ = ("resources", "tokens", "leases")
+    __slots__ = ("leases", "resources", "tokens")
 
     def __init__(self, resources: Iterable[str] = ()) -> None:
         self.resources: set[str] = set(resources)

@@ -51,7 +51,7 @@ class TokenRegistry(Mapping[str, Token]):
         False
     """
 
-    __slots__ = ("_tokens", "_closed", "_orphans", "_new_id", "_changes")
+    __slots__ = ("_changes", "_closed", "_new_id", "_orphans", "_tokens")
 
     def __init__(self, new_id: Callable[[], str], changes: ChangeLog | None = None) -> None:
         self._tokens: dict[str, Token] = {}
