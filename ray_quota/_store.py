@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ray_quota._core.scheduler import Changes, SavedLease, SavedResource, SavedToken
+from ray_quota._core.state import Changes, SavedLease, SavedResource, SavedToken
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
 _SCHEMA = """

@@ -1,0 +1,184 @@
+"""The waiters of one resource, in the order stride scheduling serves them.
+
+How passes move, and why, is the scheduler's (:mod:`ray_quota._core.scheduler`); this module only
+orders by them. The rule, written into the data structure: each token's waiters form a FIFO, and
+only the first of each is in a heap keyed ``(pass, seq, version)``, so the lowest pass goes first
+and, at equal passes, the request that arrived first. When a first waiter leaves or its token's
+pass moves, the token's (new) first waiter is pushed again with a higher version; the entries left
+behind are stale and skipped when they come up, never searched for.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from ray_quota._core.protocol import Grant
+from ray_quota._errors import QuotaError
+
+BACKFILL_SCAN = 64  # waiters looked at when the head is blocked
+
+
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """One acquire request; ``outcome`` is None while it waits."""
+
+    id: int
+    token_id: str
+    holder: str
+    amount: int
+    outcome: Grant | QuotaError | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    """A token as its queue sees it: its pass in virtual time, its weight, its waiters in order."""
+
+    pass_: float
+    expected_use: int
+    waiters: deque[Waiter] = field(default_factory=deque)
+
+
+@dataclass(slots=True, eq=False)
+class Waiter:
+    """A queued ticket. ``seq`` orders arrivals; ``version`` tells its live heap entry."""
+
+    ticket: Ticket
+    token: Flow
+    prefetch: int
+    deadline: float
+    seq: int
+    version: int = 0
+    bypassed: int = 0  # units granted past it while it was a blocked head
+    done: bool = False
+
+    def finish(self) -> float:
+        """Its finish tag: its token's pass once it is granted."""
+        return self.token.pass_ + self.ticket.amount / self.token.expected_use
+
+
+class FairQueue:
+    """The waiters of one resource: per-token FIFOs, tokens in a heap by (pass, arrival).
+
+    Example:
+        >>> queue = FairQueue()
+        >>> light, heavy = Flow(pass_=0.0, expected_use=1), Flow(pass_=0.0, expected_use=4)
+        >>> first = Waiter(Ticket(1, "light", "p", 2), light, prefetch=0, deadline=9.0, seq=1)
+        >>> queue.join(first)
+        >>> queue.join(Waiter(Ticket(2, "heavy", "p", 2), heavy, prefetch=0, deadline=9.0, seq=2))
+        >>> light.pass_ = 2.0; queue.rekey(light)  # light was granted 2 units elsewhere
+        >>> queue.head().ticket.token_id, queue.waiting
+        ('heavy', 2)
+    """
+
+    __slots__ = ("_bypass_factor", "_heap", "waiting")
+
+    def __init__(self, bypass_factor: float = 1.0) -> None:
+        self._heap: list[tuple[float, int, int, Waiter]] = []
+        self._bypass_factor = bypass_factor
+        self.waiting = 0  # waiters queued, every token's
+
+    # ------------------------------------------------------------------------ join and leave
+
+    def join(self, waiter: Waiter) -> None:
+        """Queue ``waiter`` behind its token's earlier waiters."""
+        waiters = waiter.token.waiters
+        waiters.append(waiter)
+        self.waiting += 1
+        if len(waiters) == 1:
+            self._push(waiter)
+
+    def leave(self, waiter: Waiter) -> None:
+        """Take ``waiter`` out, wherever it stands; its token's next waiter competes next."""
+        waiters = waiter.token.waiters
+        was_first = waiters and waiters[0] is waiter
+        waiters.remove(waiter)
+        waiter.done = True
+        self.waiting -= 1
+        if was_first and waiters:
+            self._push(waiters[0])
+
+    def rekey(self, token: Flow) -> None:
+        """Re-place ``token`` after its pass moved."""
+        if token.waiters:
+            self._push(token.waiters[0])
+
+    def _push(self, waiter: Waiter) -> None:
+        waiter.version += 1
+        heapq.heappush(self._heap, (waiter.token.pass_, waiter.seq, waiter.version, waiter))
+
+    @staticmethod
+    def _live(entries: Iterable[tuple[float, int, int, Waiter]]) -> Iterator[Waiter]:
+        for _, _, version, waiter in entries:
+            if not waiter.done and version == waiter.version:
+                yield waiter
+
+    # ------------------------------------------------------------------------------- order
+
+    def head(self) -> Waiter | None:
+        """The waiter served next: the lowest pass, then the earliest arrival."""
+        heap = self._heap
+        while heap:
+            _, _, version, waiter = heap[0]
+            if not waiter.done and version == waiter.version:
+                return waiter
+            heapq.heappop(heap)
+        return None
+
+    def waiters(self) -> list[Waiter]:
+        """Every queued waiter, token by token, each token's in arrival order."""
+        return [waiter for first in list(self._live(self._heap))
+                for waiter in list(first.token.waiters)]
+
+    def may_pass(self, head: Waiter) -> list[Waiter]:
+        """Waiters allowed past a blocked head, within its bypass budget: those no further on in
+        virtual time than the head, or that a fluid fair share would finish before it. Others
+        would let a token of small requests take a large one's share."""
+        budget = self._budget(head) - head.bypassed
+        if budget < 1:
+            return []
+        head_pass, head_finish = head.token.pass_, head.finish()
+        return [w for w in self._live(heapq.nsmallest(BACKFILL_SCAN, self._heap))
+                if w is not head and w.ticket.amount <= budget
+                and (w.token.pass_ <= head_pass or w.finish() <= head_finish)]
+
+    def admit_past(self, head: Waiter, waiter: Waiter) -> bool:
+        """Count ``waiter`` against ``head``'s bypass budget if it still fits; whether it did."""
+        bypassed = head.bypassed + waiter.ticket.amount
+        if bypassed > self._budget(head):
+            return False
+        head.bypassed = bypassed
+        return True
+
+    def _budget(self, head: Waiter) -> int:
+        """Units, as multiples of a blocked head's request, smaller waiters may take before it."""
+        return math.ceil(head.ticket.amount * self._bypass_factor)
+
+    # ------------------------------------------------------------------------------- ahead
+
+    @staticmethod
+    def pass_after(token: Flow, before_seq: float = math.inf) -> float:
+        """The token's pass once its waiters that arrived before ``before_seq`` are granted."""
+        queued = sum(w.ticket.amount for w in token.waiters if w.seq < before_seq)
+        return token.pass_ + queued / max(token.expected_use, 1)
+
+    def ahead(self, key: float, seq: float, mine: Waiter | None = None) -> int:
+        """Units that stride order serves before a request keyed (key, seq): every queued
+        request, each keyed by its token's pass once the requests before it are granted."""
+        ahead = 0
+        for first in self._live(self._heap):
+            token = first.token
+            pass_ = token.pass_
+            for waiter in token.waiters:
+                if waiter is mine or (pass_, waiter.seq) >= (key, seq):
+                    break
+                ahead += waiter.ticket.amount
+                pass_ += waiter.ticket.amount / max(token.expected_use, 1)
+        return ahead
+
+    def ahead_of(self, waiter: Waiter) -> int:
+        """Units that stride order serves before the queued ``waiter``."""
+        return self.ahead(self.pass_after(waiter.token, waiter.seq), waiter.seq, waiter)

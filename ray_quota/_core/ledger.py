@@ -1,0 +1,192 @@
+"""The lease ledger: which holder holds how many units of which token, until when.
+
+A lease is addressed by (token id, lease key). A holder (a process, or a broker that re-leases)
+uses one key per token until that lease ends, then a new one: the ledger remembers ended keys
+(with the debt applied by then) so that a late report is never applied to a fresh lease. The
+ledger keeps the books only; what units and credit a lease's events are worth is the
+scheduler's to decide.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+
+from ray_quota._core.state import ChangeLog, LeaseKey, SavedLease
+
+TOMBSTONES = 100_000  # ended lease keys (and closed token ids) remembered, oldest forgotten first
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """Units of one token held under one lease key, and the holder's totals applied so far."""
+
+    token_id: str
+    holder: str  # the lease key (the store's column keeps this name)
+    resource: str
+    units: int
+    expires_at: float
+    # Running totals the holder reported and that were applied: settling is idempotent.
+    returned: int = 0
+    used: int = 0
+    debt: int = 0
+
+    @property
+    def key(self) -> LeaseKey:
+        return (self.token_id, self.holder)
+
+    def saved(self) -> SavedLease:
+        return SavedLease(self.token_id, self.holder, self.resource, self.units, self.returned,
+                          self.used, self.debt)
+
+
+class LeaseLedger(Mapping[LeaseKey, Lease]):
+    """The live leases by (token id, lease key), their expiry order, and the keys that ended.
+
+    Adding and dropping a lease is recorded in the :class:`ChangeLog` it is given.
+
+    Example:
+        >>> ledger = LeaseLedger()
+        >>> lease = ledger.add(Lease("t1", "proc-1:1", "tok", units=5, expires_at=10.0))
+        >>> [l.units for l in ledger.due(now=10.0)], ledger.is_ended(("t1", "proc-1:1"))
+        ([5], False)
+        >>> ledger.end(lease)
+        >>> ("t1", "proc-1:1") in ledger, ledger.is_ended(("t1", "proc-1:1"))
+        (False, True)
+    """
+
+    __slots__ = (
+        "_by_holder",
+        "_by_resource",
+        "_changes",
+        "_count",
+        "_ended",
+        "_expiries",
+        "_leases",
+        "_recalls",
+    )
+
+    def __init__(self, changes: ChangeLog | None = None) -> None:
+        self._leases: dict[LeaseKey, Lease] = {}
+        self._by_holder: dict[str, set[str]] = {}  # lease key -> token ids
+        self._by_resource: dict[str, set[LeaseKey]] = {}
+        self._count: dict[str, int] = {}  # token id -> its live leases
+        # (expires_at, token id, lease key): an entry is stale once its lease was renewed or
+        # ended, and is skipped when it comes up.
+        self._expiries: list[tuple[float, str, str]] = []
+        self._ended: OrderedDict[LeaseKey, int] = OrderedDict()  # -> debt applied by then
+        self._recalls: dict[str, set[str]] = {}  # lease key -> token ids
+        self._changes = changes if changes is not None else ChangeLog()
+
+    # ------------------------------------------------------------------------------- mapping
+
+    def __getitem__(self, key: LeaseKey) -> Lease:
+        return self._leases[key]
+
+    def __iter__(self) -> Iterator[LeaseKey]:
+        return iter(self._leases)
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    # ------------------------------------------------------------------------- add, renew, end
+
+    def add(self, lease: Lease) -> Lease:
+        """Record a new lease under a key that holds none; returns it."""
+        key = lease.key
+        self._leases[key] = lease
+        self._by_holder.setdefault(lease.holder, set()).add(lease.token_id)
+        self._by_resource.setdefault(lease.resource, set()).add(key)
+        self._count[lease.token_id] = self._count.get(lease.token_id, 0) + 1
+        heapq.heappush(self._expiries, (lease.expires_at, lease.token_id, lease.holder))
+        self._changes.leases.add(key)
+        return lease
+
+    def extend(self, lease: Lease, expires_at: float) -> None:
+        """Move the lease's expiry to ``expires_at``."""
+        lease.expires_at = expires_at
+        heapq.heappush(self._expiries, (expires_at, lease.token_id, lease.holder))
+
+    def extend_holder(self, holder: str, expires_at: float) -> list[Lease]:
+        """Move the expiry of every lease under the lease key ``holder``; returns them."""
+        leases = [self._leases[(token_id, holder)] for token_id in self._by_holder.get(holder, ())]
+        for lease in leases:
+            self.extend(lease, expires_at)
+        return leases
+
+    def end(self, lease: Lease) -> None:
+        """Drop the lease and remember its key as ended, with the debt it had applied."""
+        self.mark_ended(lease.key, lease.debt)
+        if len(self._ended) > TOMBSTONES:
+            self._ended.popitem(last=False)
+        self._drop(lease)
+
+    def mark_ended(self, key: LeaseKey, debt: int) -> None:
+        """Remember ``key`` as ended (before its lease is dropped, or again with later debt)."""
+        self._ended[key] = debt
+
+    def ended_debt(self, key: LeaseKey) -> int | None:
+        """The debt applied under ``key`` when it ended, or None if it has not ended."""
+        return self._ended.get(key)
+
+    def is_ended(self, key: LeaseKey) -> bool:
+        """Whether ``key`` ended: it is never used for a lease again."""
+        return key in self._ended
+
+    def _drop(self, lease: Lease) -> None:
+        key = lease.key
+        del self._leases[key]
+        left = self._count.pop(lease.token_id) - 1
+        if left:
+            self._count[lease.token_id] = left
+        self._changes.leases.add(key)
+        self._changes.resources.add(lease.resource)
+        self._by_resource[lease.resource].discard(key)
+        tokens = self._by_holder[lease.holder]
+        tokens.discard(lease.token_id)
+        if not tokens:
+            del self._by_holder[lease.holder]
+
+    # -------------------------------------------------------------------------------- expiry
+
+    def due(self, now: float) -> Iterator[Lease]:
+        """Leases whose expiry is at or before ``now``, earliest first.
+
+        Each is taken off the expiry order as it is yielded; the caller ends it (or renews it)
+        before asking for the next, and leases added or renewed meanwhile are seen.
+        """
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, token_id, holder = heapq.heappop(self._expiries)
+            lease = self._leases.get((token_id, holder))
+            if lease is not None and lease.expires_at == expires_at:
+                yield lease
+
+    def next_expiry(self) -> float | None:
+        """The earliest expiry on record (possibly of a lease renewed since), or None."""
+        return self._expiries[0][0] if self._expiries else None
+
+    # --------------------------------------------------------------------------- by owner
+
+    def has_leases(self, token_id: str) -> bool:
+        """Whether any lease of the token is live."""
+        return token_id in self._count
+
+    def leases_of(self, token_id: str) -> int:
+        """How many leases of the token are live."""
+        return self._count.get(token_id, 0)
+
+    def tokens_of(self, holder: str) -> Collection[str]:
+        """The tokens the lease key ``holder`` holds a lease of."""
+        return self._by_holder.get(holder, set())
+
+    def recall(self, resource: str) -> None:
+        """Mark every holder of a lease of ``resource`` to be told to give spare units back."""
+        for token_id, holder in self._by_resource.get(resource, ()):
+            self._recalls.setdefault(holder, set()).add(token_id)
+
+    def take_recalls(self) -> dict[str, set[str]]:
+        """The recalls marked since the last call, per lease key: the token ids to give back."""
+        recalls, self._recalls = self._recalls, {}
+        return recalls

@@ -1,0 +1,306 @@
+"""One resource at run time: its pool, its virtual time and its fair queue.
+
+A :class:`Resource` grants its waiters in stride order into leases of the ledger, fails those whose
+wait ran out, estimates waits and moves its tokens' passes (credit, refunds, debt). The algorithm
+is explained once, in :mod:`ray_quota._core.scheduler`; tokens' lifecycle is the scheduler's too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
+from ray_quota._core.ledger import Lease, LeaseLedger
+from ray_quota._core.pools import Pool, RatePool, make_pool
+from ray_quota._core.protocol import PREFETCH_FRACTION, Grant
+from ray_quota._core.state import ChangeLog, SavedResource
+from ray_quota._errors import (
+    FailedReservation,
+    InvalidAmountError,
+    LeaseEndedError,
+    QuotaError,
+    QuotaTerminated,
+)
+from ray_quota._spec import Enforcement, Kind, ResourceSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Scheduler tuning; the defaults suit most resources.
+
+    Attributes:
+        credit_factor: a token's maximum credit, in multiples of its expected use.
+        lease_ttl_s: how long a lease lives without renewal.
+        max_lease_fraction: the most a holder may hold beyond what it asked for, as a fraction of
+            the largest single grant the resource allows.
+        bypass_factor: how many units, as multiples of a blocked head's request, smaller waiters
+            may take before it.
+        orphan_grace_s: how long a token whose every lease expired is kept for a Ray retry of
+            its task to take it up again, before it is released.
+    """
+
+    credit_factor: float = 1.0
+    lease_ttl_s: float = 10.0
+    max_lease_fraction: float = PREFETCH_FRACTION
+    bypass_factor: float = 1.0
+    orphan_grace_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceStatus:
+    """A snapshot of one resource, for status tables and metrics."""
+
+    name: str
+    kind: str
+    limit: int
+    available: int
+    in_use: int
+    waiters: int
+    tokens: int
+    leases: int
+    leased_units: int
+
+
+class Resource:
+    """One resource's pool, virtual time and queue, and the grants it makes into the ledger.
+
+    Tickets it resolves (granted or failed) are appended to ``resolved``, which the scheduler
+    hands out at its next poll; what it changes is recorded in ``changes``.
+    """
+
+    __slots__ = (
+        "_changes",
+        "_leases",
+        "_policy",
+        "_resolved",
+        "leased",
+        "pool",
+        "queue",
+        "spec",
+        "tokens",
+        "vtime",
+    )
+
+    def __init__(self, spec: ResourceSpec, now: float, policy: Policy, leases: LeaseLedger,
+                 changes: ChangeLog, resolved: list[Ticket]) -> None:
+        self.spec = spec
+        self.pool: Pool = make_pool(spec, now)
+        self.queue = FairQueue(policy.bypass_factor)
+        self.vtime = 0.0
+        self.tokens = 0  # live tokens of this resource
+        self.leased = 0  # units in leases
+        self._policy = policy
+        self._leases = leases
+        self._changes = changes
+        self._resolved = resolved
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # ----------------------------------------------------------------------------------- credit
+
+    def max_credit(self, token: Flow) -> float:
+        return self._policy.credit_factor * token.expected_use
+
+    def credit(self, token: Flow) -> float:
+        """The token's credit in units: how far its pass lags the virtual time, capped."""
+        return min(self.max_credit(token), (self.vtime - token.pass_) * token.expected_use)
+
+    def start_pass(self) -> float:
+        """Where a token joining now starts: never ahead of the most-behind waiter, so a stream
+        of new tokens cannot starve those already waiting."""
+        head = self.queue.head()
+        return self.vtime if head is None else max(self.vtime, head.token.pass_)
+
+    def give_back(self, lease: Lease | None, token: Flow | None, units: int, used: int,
+                  debt: int, now: float) -> None:
+        """Settle part of a lease (see :meth:`Scheduler.give_back`); the caller dispatches."""
+        if self.spec.kind is Kind.CONCURRENCY:
+            units, used = units + used, 0  # a slot is free again however it was "used"
+        if lease is not None and (units or used):
+            used = min(used, lease.units)
+            units = min(units, lease.units - used)
+            lease.units -= units + used
+            self.leased -= units + used
+            self.pool.give_back(units, now)
+        if lease is not None and units and token is not None and token.expected_use:
+            floor = self.vtime - self.max_credit(token) / token.expected_use
+            token.pass_ = max(floor, token.pass_ - units / token.expected_use)
+        if debt:
+            self.pool.charge_debt(debt, now)
+            if token is not None and token.expected_use:
+                token.pass_ += debt / token.expected_use
+        if token is not None:
+            self.queue.rekey(token)
+
+    def expire(self, lease: Lease, now: float) -> None:
+        """Take back what an expired lease held: concurrency slots are free again; rate and
+        capacity units stay charged, since its holder may have used them."""
+        if self.spec.kind is Kind.CONCURRENCY:
+            self.pool.give_back(lease.units, now)
+        self.leased -= lease.units
+
+    # ---------------------------------------------------------------------------------- waiters
+
+    def check_amount(self, amount: int) -> None:
+        """Refuse an amount above the most the resource can ever grant at once."""
+        if amount > self.spec.ceiling:
+            raise self._too_large(amount, "limit")
+
+    def _too_large(self, amount: int, limit: str) -> InvalidAmountError:
+        return InvalidAmountError(f"{self.name!r}: {amount} units is more than the {limit} can "
+                                  f"ever grant ({self.spec.ceiling})")
+
+    def admit(self, waiter: Waiter, now: float) -> bool:
+        """Queue ``waiter`` and grant what fits; fail it at once if it cannot be granted in time.
+
+        Returns whether it waits with a deadline to watch.
+        """
+        token, spec, deadline = waiter.token, self.spec, waiter.deadline
+        if not token.waiters:
+            # A returning token regains at most its maximum credit.
+            token.pass_ = max(token.pass_, self.vtime - self.max_credit(token) / token.expected_use)
+            self._changes.tokens.add(waiter.ticket.token_id)
+        self.queue.join(waiter)
+        contention_starts = self.queue.waiting == 1
+        self.dispatch(now)
+        if waiter.ticket.outcome is not None:
+            return False
+        if deadline <= now or (spec.enforcement is not Enforcement.THROTTLE
+                               and deadline != math.inf
+                               and (estimate := self._estimate(waiter, now)) is not None
+                               and now + estimate > deadline):
+            self.fail(waiter, now)
+            return False
+        if contention_starts:
+            self._leases.recall(spec.name)
+        return deadline != math.inf
+
+    def dispatch(self, now: float) -> None:
+        """Grant waiters in stride order while they fit, letting smaller ones past a blocked
+        head within its bypass budget."""
+        pool, queue = self.pool, self.queue
+        while (head := queue.head()) is not None:
+            available = pool.available(now)
+            if head.ticket.amount <= available:
+                self._grant(head, available, now)
+                continue
+            if available < 1:
+                return  # nobody can pass the head: skip the scan
+            for waiter in queue.may_pass(head):
+                if waiter.ticket.amount <= available and queue.admit_past(head, waiter):
+                    self._grant(waiter, available, now)
+                    available = pool.available(now)
+            return
+
+    def _grant(self, waiter: Waiter, available: int, now: float) -> None:
+        token, ticket, policy = waiter.token, waiter.ticket, self._policy
+        key = (ticket.token_id, ticket.holder)
+        self.queue.leave(waiter)
+        if self._leases.is_ended(key):
+            # Its lease ended while it waited: granting under that key would start a fresh
+            # lease that the holder's running totals no longer match.
+            self.resolve(waiter, LeaseEndedError("this lease ended while the request waited; "
+                                                 "ask under a new lease key"))
+            return
+        extra = 0
+        if waiter.prefetch and self.queue.waiting == 0:
+            cap = max(1, int(self.spec.ceiling * policy.max_lease_fraction))
+            extra = max(0, min(waiter.prefetch, cap, available - ticket.amount))
+        units = ticket.amount + extra
+        self.pool.take(units, now)
+        self.vtime = max(self.vtime, token.pass_)
+        token.pass_ += units / token.expected_use
+        self.queue.rekey(token)
+        lease = self._leases.get(key)
+        expires = now + policy.lease_ttl_s
+        if lease is None:
+            lease = self._leases.add(Lease(ticket.token_id, ticket.holder, self.name, 0, expires))
+        else:
+            self._leases.extend(lease, expires)
+        lease.units += units
+        self.leased += units
+        self._changes.tokens.add(ticket.token_id)
+        self._changes.leases.add(key)
+        self._changes.resources.add(self.name)
+        self.resolve(waiter, Grant(units, policy.lease_ttl_s, self.queue.waiting > 0))
+
+    def fail(self, waiter: Waiter, now: float) -> None:
+        """Fail a waiter whose wait ran out (or would): reject or terminate, by enforcement."""
+        spec = self.spec
+        estimate = self._estimate(waiter, now)
+        self.queue.leave(waiter)
+        error: QuotaError
+        if spec.enforcement is Enforcement.TERMINATE:
+            error = QuotaTerminated(spec.name, waiter.ticket.amount)
+        else:
+            error = FailedReservation(spec.name, waiter.ticket.amount, estimate)
+        self.resolve(waiter, error)
+        self.dispatch(now)  # a blocked head leaving may unblock the rest
+
+    def resolve(self, waiter: Waiter, outcome: Grant | QuotaError) -> None:
+        waiter.done = True
+        waiter.ticket.outcome = outcome
+        self._resolved.append(waiter.ticket)
+
+    def _estimate(self, waiter: Waiter, now: float) -> float | None:
+        if not isinstance(self.pool, RatePool):
+            return None
+        return self.pool.time_until(self.queue.ahead_of(waiter) + waiter.ticket.amount, now)
+
+    def estimate_wait(self, token: Flow, amount: int, now: float) -> float | None:
+        """Seconds until ``amount`` units could be granted to ``token`` if it asked now (rate
+        resources only: for the others it depends on when holders give back)."""
+        if not isinstance(self.pool, RatePool):
+            return None
+        if token.waiters:  # behind its own queued requests
+            key = self.queue.pass_after(token)
+        else:
+            key = max(token.pass_,
+                      self.vtime - self.max_credit(token) / max(token.expected_use, 1))
+        return self.pool.time_until(self.queue.ahead(key, math.inf) + amount, now)
+
+    def wakeup(self, now: float) -> float | None:
+        """When a rate pool's head, or a smaller waiter allowed past it, next fits; or None."""
+        head = self.queue.head()
+        if head is None or not isinstance(self.pool, RatePool):
+            return None
+        smallest = min((w.ticket.amount for w in self.queue.may_pass(head)),
+                       default=head.ticket.amount)
+        wait = self.pool.time_until(min(head.ticket.amount, smallest), now)
+        return None if wait is None else now + wait
+
+    # ---------------------------------------------------------------------------------- limits
+
+    def set_limit(self, spec: ResourceSpec, now: float) -> None:
+        """Change the limit, keeping what is spent or in use; fail waiters it can never grant."""
+        if spec.kind is not self.spec.kind:
+            raise InvalidAmountError(
+                f"{spec.name!r}: cannot change a {self.spec.kind.value} resource into "
+                f"{spec.kind.value}")
+        self.pool.resize(spec, now)
+        self.spec = spec
+        for waiter in self.queue.waiters():
+            if waiter.ticket.amount > spec.ceiling:
+                self.queue.leave(waiter)
+                self.resolve(waiter, self._too_large(waiter.ticket.amount, "new limit"))
+        self._changes.resources.add(spec.name)
+        self._leases.recall(spec.name)  # holders give spare units back: the new limit binds now
+        self.dispatch(now)
+
+    def status(self, now: float, leases: int) -> ResourceStatus:
+        return ResourceStatus(self.name, self.spec.kind.value, self.spec.value,
+                              self.pool.available(now), self.pool.in_use(now),
+                              self.queue.waiting, self.tokens, leases, self.leased)
+
+    def saved(self, now: float) -> SavedResource:
+        return SavedResource(self.spec, self.pool.save(now), self.vtime)
+
+    def load(self, saved: SavedResource, elapsed_s: float, now: float) -> None:
+        """Take up a saved definition, pool level and virtual time, ``elapsed_s`` seconds old."""
+        self.spec = saved.spec
+        self.pool = make_pool(saved.spec, now)
+        self.pool.load(saved.pool, elapsed_s, now)
+        self.vtime = saved.vtime

@@ -1,0 +1,141 @@
+"""The token registry: live tokens by id, who may use each, and the ids of closed ones.
+
+A token is used by one process at a time. Passing it to another process raises its generation;
+the first use at the new generation takes it up (the claimant changes), and from then on the old
+owner is refused. Tokens whose every lease expired belong to processes presumed gone: the registry
+keeps them as orphans for a grace period, in which a Ray retry of their task may take them up.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from ray_quota._core.fair_queue import Flow
+from ray_quota._core.ledger import TOMBSTONES
+from ray_quota._core.state import ChangeLog, SavedToken
+from ray_quota._errors import ForgedTokenError, TokenClosedError, TokenMovedError
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class Token(Flow):
+    """A token: its place in its resource's queue, and who owns it."""
+
+    id: str
+    resource: str
+    claimant: str | None
+    label: str | None
+    generation: int = 0
+
+    def saved(self) -> SavedToken:
+        return SavedToken(self.id, self.resource, self.expected_use, self.pass_, self.generation,
+                          self.claimant, self.label)
+
+    @classmethod
+    def from_saved(cls, saved: SavedToken) -> Token:
+        return cls(id=saved.id, resource=saved.resource, expected_use=saved.expected_use,
+                   pass_=saved.pass_, claimant=saved.claimant, label=saved.label,
+                   generation=saved.generation)
+
+
+class TokenRegistry(Mapping[str, Token]):
+    """Live tokens by id; closed ids (so late use says "closed", not "forged"); orphans.
+
+    Example:
+        >>> tokens = TokenRegistry(new_id=iter(["t1", "t2"]).__next__)
+        >>> token = tokens.open("tok", 5, pass_=0.0, claimant="task-1", label=None)
+        >>> tokens.live("t1", generation=1, claimant="task-2").claimant  # moved: taken up
+        'task-2'
+        >>> tokens.close(token); "t1" in tokens
+        False
+    """
+
+    __slots__ = ("_changes", "_closed", "_new_id", "_orphans", "_tokens")
+
+    def __init__(self, new_id: Callable[[], str], changes: ChangeLog | None = None) -> None:
+        self._tokens: dict[str, Token] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()
+        self._orphans: dict[str, float] = {}  # token id -> when to release it
+        self._new_id = new_id
+        self._changes = changes if changes is not None else ChangeLog()
+
+    def __getitem__(self, token_id: str) -> Token:
+        return self._tokens[token_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def open(self, resource: str, expected_use: int, *, pass_: float, claimant: str | None,
+             label: str | None) -> Token:
+        """A new token under a fresh id."""
+        token = Token(id=self._new_id(), resource=resource, expected_use=expected_use,
+                      pass_=pass_, claimant=claimant, label=label)
+        self.add(token)
+        return token
+
+    def add(self, token: Token) -> None:
+        self._tokens[token.id] = token
+        self._changes.tokens.add(token.id)
+
+    def live(self, token_id: str, generation: int, claimant: str | None) -> Token:
+        """The token, if ``claimant`` at ``generation`` may use it; taken up on first use
+        after a move.
+
+        Raises:
+            TokenClosedError, ForgedTokenError: no such live token.
+            TokenMovedError: the token belongs to another process now.
+        """
+        token = self._tokens.get(token_id)
+        if token is None:
+            if token_id in self._closed:
+                raise TokenClosedError("the token was closed or merged into another")
+            raise ForgedTokenError("this executor never issued that token")
+        if generation > token.generation:
+            # First use after a move: the receiving process takes the token up.
+            token.generation, token.claimant = generation, claimant
+            self._changes.tokens.add(token.id)
+        elif generation < token.generation:
+            raise TokenMovedError("the token was passed to another process, which owns it now")
+        elif token.claimant is not None and claimant != token.claimant:
+            raise TokenMovedError("the token was already taken up by another process")
+        return token
+
+    def close(self, token: Token) -> None:
+        """Remove the token and remember its id as closed."""
+        del self._tokens[token.id]
+        self._changes.tokens.add(token.id)
+        self._closed[token.id] = None
+        if len(self._closed) > TOMBSTONES:
+            self._closed.popitem(last=False)
+
+    def orphaned(self, token_id: str, release_at: float) -> None:
+        """The token's last lease expired: release it at ``release_at`` unless taken up."""
+        self._orphans[token_id] = release_at
+
+    def orphans_due(self, now: float) -> Iterator[Token]:
+        """Orphans whose grace ran out, each forgotten as an orphan as it is yielded; the caller
+        releases those still without lease or waiter."""
+        for token_id, due in list(self._orphans.items()):
+            token = self._tokens.get(token_id)
+            if token is None:
+                del self._orphans[token_id]
+            elif due <= now:
+                del self._orphans[token_id]
+                yield token
+
+    @property
+    def has_orphans(self) -> bool:
+        return bool(self._orphans)
+
+    def expected_use_by_label(self) -> dict[tuple[str, str | None], tuple[int, int]]:
+        """Live tokens and their total expected use, per resource and label (for metrics)."""
+        totals: dict[tuple[str, str | None], tuple[int, int]] = {}
+        for token in self._tokens.values():
+            count, use = totals.get((token.resource, token.label), (0, 0))
+            totals[(token.resource, token.label)] = (count + 1, use + token.expected_use)
+        return totals
+
