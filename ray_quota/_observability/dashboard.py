@@ -1,8 +1,8 @@
 """The Grafana dashboard, as data: rows of panels whose queries name metrics from ``_metrics``.
 
-``python -m ray_quota._observability.dashboard [path]`` writes ``dashboards/ray_quota.json``; a test
-fails when
-the committed file is stale, and another runs every query against a real Prometheus.
+``python -m ray_quota._observability.dashboard [path]`` writes ``dashboards/ray_quota.json``; a
+test fails when the committed file is stale, and another runs every query against a real
+Prometheus.
 
 Example:
     >>> [row.title for row in ROWS][:2]
