@@ -28,9 +28,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, resource TEXT NOT NULL, expected_use INTEGER NOT NULL,
     pass REAL NOT NULL, generation INTEGER NOT NULL, claimant TEXT, label TEXT);
 CREATE TABLE IF NOT EXISTS leases (
-    token_id TEXT NOT NULL, holder TEXT NOT NULL, resource TEXT NOT NULL,
+    token_id TEXT NOT NULL, lease_key TEXT NOT NULL, resource TEXT NOT NULL,
     units INTEGER NOT NULL, returned INTEGER NOT NULL, used INTEGER NOT NULL,
-    debt INTEGER NOT NULL, PRIMARY KEY (token_id, holder));
+    debt INTEGER NOT NULL, PRIMARY KEY (token_id, lease_key));
 """
 
 
@@ -63,6 +63,9 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
+        if "holder" in columns:  # written by 0.1, which called the lease key a holder
+            self._db.execute("ALTER TABLE leases RENAME COLUMN holder TO lease_key")
         self._specs: dict[str, ResourceSpec] = {}  # as last written: most writes keep them
 
     def load(self) -> SavedState | None:
@@ -76,7 +79,7 @@ class StateStore:
         tokens = [SavedToken(*row) for row in self._db.execute(
             "SELECT id, resource, expected_use, pass, generation, claimant, label FROM tokens")]
         leases = [SavedLease(*row) for row in self._db.execute(
-            "SELECT token_id, holder, resource, units, returned, used, debt FROM leases")]
+            "SELECT token_id, lease_key, resource, units, returned, used, debt FROM leases")]
         return SavedState(meta["cluster_id"], meta["environment"],
                           float(meta.get("saved_at", time.time())), resources, tokens, leases)
 
@@ -104,9 +107,9 @@ class StateStore:
             db.executemany("DELETE FROM tokens WHERE id = ?",
                            [(token_id,) for token_id in changes.closed_tokens])
             db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)", [
-                (lease.token_id, lease.holder, lease.resource, lease.units, lease.returned,
+                (lease.token_id, lease.key, lease.resource, lease.units, lease.returned,
                  lease.used, lease.debt) for lease in changes.leases])
-            db.executemany("DELETE FROM leases WHERE token_id = ? AND holder = ?",
+            db.executemany("DELETE FROM leases WHERE token_id = ? AND lease_key = ?",
                            changes.dropped_leases)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('saved_at', ?)", (repr(time.time()),))
         self._specs.update((r.spec.name, r.spec) for r in changed_specs)

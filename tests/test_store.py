@@ -92,3 +92,21 @@ def test_a_new_environment_on_old_state_starts_afresh(tmp_path: Path) -> None:
     store.close()
     fresh = start(state)
     assert run(fresh.info()).cluster_id != "old-cluster"
+
+
+def test_a_state_file_written_by_0_1_is_read_with_its_leases(tmp_path: Path) -> None:
+    import sqlite3
+
+    state = tmp_path / "state.sqlite"
+    first = start(state)
+    token = run(first.open_token("budget", 100, "me", None))
+    assert isinstance(run(acquire(first, token.id, 70, key="proc:3")), Grant)
+    del first
+    db = sqlite3.connect(state)  # 0.1 called the lease key column "holder"
+    db.execute("ALTER TABLE leases RENAME COLUMN lease_key TO holder")
+    db.commit()
+    db.close()
+    saved = StateStore(state).load()
+    assert saved is not None
+    assert [(lease.token_id, lease.key, lease.units) for lease in saved.leases] == [
+        (token.id, "proc:3", 70)]

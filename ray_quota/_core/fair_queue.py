@@ -28,7 +28,7 @@ class Ticket:
 
     id: int
     token_id: str
-    holder: str
+    key: str  # the lease key to grant into
     amount: int
     outcome: Grant | QuotaError | None = None
 

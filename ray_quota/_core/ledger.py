@@ -24,7 +24,7 @@ class Lease:
     """Units of one token held under one lease key, and the holder's totals applied so far."""
 
     token_id: str
-    holder: str  # the lease key (the store's column keeps this name)
+    key: str  # the lease key
     resource: str
     units: int
     expires_at: float
@@ -34,11 +34,12 @@ class Lease:
     debt: int = 0
 
     @property
-    def key(self) -> LeaseKey:
-        return (self.token_id, self.holder)
+    def ident(self) -> LeaseKey:
+        """How the ledger knows this lease: (token id, lease key)."""
+        return (self.token_id, self.key)
 
     def saved(self) -> SavedLease:
-        return SavedLease(self.token_id, self.holder, self.resource, self.units, self.returned,
+        return SavedLease(self.token_id, self.key, self.resource, self.units, self.returned,
                           self.used, self.debt)
 
 
@@ -58,7 +59,7 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
     """
 
     __slots__ = (
-        "_by_holder",
+        "_by_key",
         "_by_resource",
         "_changes",
         "_count",
@@ -70,7 +71,7 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
 
     def __init__(self, changes: ChangeLog | None = None) -> None:
         self._leases: dict[LeaseKey, Lease] = {}
-        self._by_holder: dict[str, set[str]] = {}  # lease key -> token ids
+        self._by_key: dict[str, set[str]] = {}  # lease key -> token ids
         self._by_resource: dict[str, set[LeaseKey]] = {}
         self._count: dict[str, int] = {}  # token id -> its live leases
         # (expires_at, token id, lease key): an entry is stale once its lease was renewed or
@@ -95,30 +96,30 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
 
     def add(self, lease: Lease) -> Lease:
         """Record a new lease under a key that holds none; returns it."""
-        key = lease.key
+        key = lease.ident
         self._leases[key] = lease
-        self._by_holder.setdefault(lease.holder, set()).add(lease.token_id)
+        self._by_key.setdefault(lease.key, set()).add(lease.token_id)
         self._by_resource.setdefault(lease.resource, set()).add(key)
         self._count[lease.token_id] = self._count.get(lease.token_id, 0) + 1
-        heapq.heappush(self._expiries, (lease.expires_at, lease.token_id, lease.holder))
+        heapq.heappush(self._expiries, (lease.expires_at, lease.token_id, lease.key))
         self._changes.leases.add(key)
         return lease
 
     def extend(self, lease: Lease, expires_at: float) -> None:
         """Move the lease's expiry to ``expires_at``."""
         lease.expires_at = expires_at
-        heapq.heappush(self._expiries, (expires_at, lease.token_id, lease.holder))
+        heapq.heappush(self._expiries, (expires_at, lease.token_id, lease.key))
 
-    def extend_holder(self, holder: str, expires_at: float) -> list[Lease]:
-        """Move the expiry of every lease under the lease key ``holder``; returns them."""
-        leases = [self._leases[(token_id, holder)] for token_id in self._by_holder.get(holder, ())]
+    def extend_key(self, key: str, expires_at: float) -> list[Lease]:
+        """Move the expiry of every lease under the lease key ``key``; returns them."""
+        leases = [self._leases[(token_id, key)] for token_id in self._by_key.get(key, ())]
         for lease in leases:
             self.extend(lease, expires_at)
         return leases
 
     def end(self, lease: Lease) -> None:
         """Drop the lease and remember its key as ended, with the debt it had applied."""
-        self.mark_ended(lease.key, lease.debt)
+        self.mark_ended(lease.ident, lease.debt)
         if len(self._ended) > TOMBSTONES:
             self._ended.popitem(last=False)
         self._drop(lease)
@@ -136,7 +137,7 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         return key in self._ended
 
     def _drop(self, lease: Lease) -> None:
-        key = lease.key
+        key = lease.ident
         del self._leases[key]
         left = self._count.pop(lease.token_id) - 1
         if left:
@@ -144,10 +145,10 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         self._changes.leases.add(key)
         self._changes.resources.add(lease.resource)
         self._by_resource[lease.resource].discard(key)
-        tokens = self._by_holder[lease.holder]
+        tokens = self._by_key[lease.key]
         tokens.discard(lease.token_id)
         if not tokens:
-            del self._by_holder[lease.holder]
+            del self._by_key[lease.key]
 
     # -------------------------------------------------------------------------------- expiry
 
@@ -158,8 +159,8 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         before asking for the next, and leases added or renewed meanwhile are seen.
         """
         while self._expiries and self._expiries[0][0] <= now:
-            expires_at, token_id, holder = heapq.heappop(self._expiries)
-            lease = self._leases.get((token_id, holder))
+            expires_at, token_id, key = heapq.heappop(self._expiries)
+            lease = self._leases.get((token_id, key))
             if lease is not None and lease.expires_at == expires_at:
                 yield lease
 
@@ -177,14 +178,14 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         """How many leases of the token are live."""
         return self._count.get(token_id, 0)
 
-    def tokens_of(self, holder: str) -> Collection[str]:
-        """The tokens the lease key ``holder`` holds a lease of."""
-        return self._by_holder.get(holder, set())
+    def tokens_of(self, key: str) -> Collection[str]:
+        """The tokens leased under the lease key ``key``."""
+        return self._by_key.get(key, set())
 
     def recall(self, resource: str) -> None:
         """Mark every holder of a lease of ``resource`` to be told to give spare units back."""
-        for token_id, holder in self._by_resource.get(resource, ()):
-            self._recalls.setdefault(holder, set()).add(token_id)
+        for token_id, key in self._by_resource.get(resource, ()):
+            self._recalls.setdefault(key, set()).add(token_id)
 
     def take_recalls(self) -> dict[str, set[str]]:
         """The recalls marked since the last call, per lease key: the token ids to give back."""

@@ -197,7 +197,7 @@ class Resource:
 
     def _grant(self, waiter: Waiter, available: int, now: float) -> None:
         token, ticket, policy = waiter.token, waiter.ticket, self._policy
-        key = (ticket.token_id, ticket.holder)
+        key = (ticket.token_id, ticket.key)
         self.queue.leave(waiter)
         if self._leases.is_ended(key):
             # Its lease ended while it waited: granting under that key would start a fresh
@@ -217,7 +217,7 @@ class Resource:
         lease = self._leases.get(key)
         expires = now + policy.lease_ttl_s
         if lease is None:
-            lease = self._leases.add(Lease(ticket.token_id, ticket.holder, self.name, 0, expires))
+            lease = self._leases.add(Lease(ticket.token_id, ticket.key, self.name, 0, expires))
         else:
             self._leases.extend(lease, expires)
         lease.units += units

@@ -198,9 +198,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------- acquire
 
-    def acquire(self, token_id: str, generation: int, claimant: str | None, holder: str,
+    def acquire(self, token_id: str, generation: int, claimant: str | None, key: str,
                 amount: int, *, prefetch: int = 0, timeout: float | None = None) -> Ticket:
-        """Ask for ``amount`` units (plus up to ``prefetch`` spare) into ``holder``'s lease.
+        """Ask for ``amount`` units (plus up to ``prefetch`` spare) into the lease ``key``.
 
         The ticket comes back granted, failed, or waiting; a waiting ticket is resolved by a later
         call and reported by :meth:`poll`.
@@ -210,7 +210,7 @@ class Scheduler:
             TokenStateError, ForgedTokenError: the token cannot be used.
         """
         token = self._tokens.live(token_id, generation, claimant)
-        if self._leases.is_ended((token_id, holder)):
+        if self._leases.is_ended((token_id, key)):
             raise LeaseEndedError("this lease ended (it expired or was settled); ask under a "
                                   "new lease key")
         res = self._resources[token.resource]
@@ -220,7 +220,7 @@ class Scheduler:
             raise TokenStateError("the token has no expected use left: merge a child back first")
         now = self._clock()
         self._seq += 1
-        ticket = Ticket(self._seq, token_id, holder, amount)
+        ticket = Ticket(self._seq, token_id, key, amount)
         deadline = now + _wait_allowed(res.spec, timeout)
         waiter = Waiter(ticket, token, max(0, int(prefetch)), deadline, self._seq)
         if res.admit(waiter, now):
@@ -251,7 +251,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------------- returns and leases
 
-    def give_back(self, token_id: str, holder: str, units: int = 0, *, used: int = 0,
+    def give_back(self, token_id: str, key: str, units: int = 0, *, used: int = 0,
                   debt: int = 0) -> None:
         """Settle part of a lease: ``units`` unused go back to the pool, ``used`` were consumed,
         ``debt`` were consumed beyond any grant (overuse).
@@ -263,7 +263,7 @@ class Scheduler:
         check_units("used", used, allow_zero=True)
         check_units("debt", debt, allow_zero=True)
         now = self._clock()
-        lease = self._leases.get((token_id, holder))
+        lease = self._leases.get((token_id, key))
         token = self._tokens.get(token_id)
         if lease is not None:
             res = self._resources[lease.resource]
@@ -274,11 +274,11 @@ class Scheduler:
         res.give_back(lease, token, units, used, debt, now)
         if token is not None:
             self._changes.tokens.add(token.id)
-        self._changes.leases.add((token_id, holder))
+        self._changes.leases.add((token_id, key))
         self._changes.resources.add(res.name)
         res.dispatch(now)
 
-    def settle(self, token_id: str, holder: str, returned: int, used: int, debt: int, *,
+    def settle(self, token_id: str, key: str, returned: int, used: int, debt: int, *,
                final: bool = False) -> None:
         """Apply a holder's running totals for its lease of the token.
 
@@ -287,18 +287,18 @@ class Scheduler:
         whatever it still holds by the executor's count (a grant whose answer was lost, say)
         goes back to the pool and the lease ends.
         """
-        key = (token_id, holder)
-        lease = self._leases.get(key)
+        lease_id = (token_id, key)
+        lease = self._leases.get(lease_id)
         if lease is None:
-            ended_debt = self._leases.ended_debt(key)
+            ended_debt = self._leases.ended_debt(lease_id)
             if ended_debt is not None and debt > ended_debt:
                 # Expiry settled the units, not overuse declared since: that is still owed.
-                self._leases.mark_ended(key, debt)
-                self.give_back(token_id, holder, debt=debt - ended_debt)
+                self._leases.mark_ended(lease_id, debt)
+                self.give_back(token_id, key, debt=debt - ended_debt)
             return
         if final:
             # Ended first, so that units freed below are not granted back under this key.
-            self._leases.mark_ended(key, lease.debt)
+            self._leases.mark_ended(lease_id, lease.debt)
         fresh_returned = max(0, returned - lease.returned)
         fresh_used = max(0, used - lease.used)
         fresh_debt = max(0, debt - lease.debt)
@@ -306,29 +306,30 @@ class Scheduler:
         lease.used += fresh_used
         lease.debt += fresh_debt
         if fresh_returned or fresh_used or fresh_debt:
-            self.give_back(token_id, holder, fresh_returned, used=fresh_used, debt=fresh_debt)
+            self.give_back(token_id, key, fresh_returned, used=fresh_used, debt=fresh_debt)
         if final:
             if lease.units:
-                self.give_back(token_id, holder, lease.units)
+                self.give_back(token_id, key, lease.units)
             self._leases.end(lease)
 
-    def renew_lease(self, token_id: str, holder: str) -> bool | None:
+    def renew_lease(self, token_id: str, key: str) -> bool | None:
         """Extend one lease; None if there is none (it expired), else whether others wait."""
-        lease = self._leases.get((token_id, holder))
+        lease = self._leases.get((token_id, key))
         if lease is None:
             return None
         self._leases.extend(lease, self._clock() + self.policy.lease_ttl_s)
         return self._resources[lease.resource].queue.waiting > 0
 
-    def renew(self, holder: str) -> dict[str, bool]:
-        """Extend every lease of ``holder``; returns, per token, whether others are waiting.
+    def renew(self, key: str) -> dict[str, bool]:
+        """Extend every lease under the lease key ``key``; returns, per token, whether others
+        wait.
 
         A token missing from the answer has no lease any more (it expired or was settled):
         the holder must not serve its spare units.
         """
         expires = self._clock() + self.policy.lease_ttl_s
         return {lease.token_id: self._resources[lease.resource].queue.waiting > 0
-                for lease in self._leases.extend_holder(holder, expires)}
+                for lease in self._leases.extend_key(key, expires)}
 
     def adopt(self, token_id: str, from_key: str, to_key: str, units: int, returned: int,
               used: int, debt: int) -> bool:
@@ -366,9 +367,9 @@ class Scheduler:
         and give spare units back. Drained by the call."""
         return self._leases.take_recalls()
 
-    def held(self, token_id: str, holder: str) -> int:
-        """Units in ``holder``'s lease of the token."""
-        lease = self._leases.get((token_id, holder))
+    def held(self, token_id: str, key: str) -> int:
+        """Units in the token's lease under ``key``."""
+        lease = self._leases.get((token_id, key))
         return lease.units if lease else 0
 
     # --------------------------------------------------------------------------------- the loop
@@ -467,7 +468,7 @@ class Scheduler:
         for saved_lease in leases:
             res = self._resources.get(saved_lease.resource)
             if res is not None:
-                self._leases.add(Lease(saved_lease.token_id, saved_lease.holder,
+                self._leases.add(Lease(saved_lease.token_id, saved_lease.key,
                                        saved_lease.resource, saved_lease.units, expires,
                                        saved_lease.returned, saved_lease.used, saved_lease.debt))
                 res.leased += saved_lease.units

@@ -34,7 +34,7 @@ class SavedToken:
 @dataclass(frozen=True, slots=True)
 class SavedLease:
     token_id: str
-    holder: str
+    key: str
     resource: str
     units: int
     returned: int

@@ -41,14 +41,14 @@ def test_a_renewed_lease_expires_at_its_new_time_not_the_old_one() -> None:
     assert list(ledger.due(now=12.0)) == [renewed]
 
 
-def test_extend_holder_renews_every_lease_of_one_key() -> None:
+def test_extend_key_renews_every_lease_of_one_key() -> None:
     ledger = LeaseLedger()
     mine = [ledger.add(lease("t1", "p1")), ledger.add(lease("t2", "p1"))]
     theirs = ledger.add(lease("t1", "p2"))
-    assert sorted(held.token_id for held in ledger.extend_holder("p1", 30.0)) == ["t1", "t2"]
+    assert sorted(held.token_id for held in ledger.extend_key("p1", 30.0)) == ["t1", "t2"]
     assert [held.expires_at for held in mine] == [30.0, 30.0] and theirs.expires_at == 10.0
     assert list(ledger.due(now=10.0)) == [theirs]
-    assert ledger.extend_holder("nobody", 30.0) == []
+    assert ledger.extend_key("nobody", 30.0) == []
 
 
 def test_a_lease_added_while_expiring_is_seen_by_the_same_pass() -> None:

@@ -114,13 +114,13 @@ class SchedulerMachine(RuleBasedStateMachine):
                 if outcome.units > ticket.amount:
                     event("grant with prefetch")
                 self.ledgers[resource].grant(self.now, outcome.units)
-                key = (ticket.token_id, ticket.holder)
+                key = (ticket.token_id, ticket.key)
                 lease = self.leases.get(key)
                 if lease is None:
                     lease = self.leases[key] = ModelLease(resource, 0, 0.0)
                 lease.units += outcome.units
                 lease.expires_at = self.now + MACHINE_POLICY.lease_ttl_s
-                self.open.append(Reservation(ticket.token_id, ticket.holder, resource,
+                self.open.append(Reservation(ticket.token_id, ticket.key, resource,
                                              ticket.amount, lease))
             elif isinstance(outcome, TokenClosedError):
                 assert ticket.token_id not in self.live
@@ -158,7 +158,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         expired: set[str] = set()
         for ticket, _, _ in self.pending:
             if isinstance(ticket.outcome, Grant):
-                fresh[(ticket.token_id, ticket.holder)] += ticket.outcome.units
+                fresh[(ticket.token_id, ticket.key)] += ticket.outcome.units
         for key, lease in list(self.leases.items()):
             if lease.expires_at > self.now:
                 continue
