@@ -20,8 +20,8 @@ from typing import Any
 
 from ray_quota._actors.recall_board import RecallBoard
 from ray_quota._core.protocol import (
-    ExecutorInfo,
     Adoption,
+    ExecutorInfo,
     Grant,
     Renewed,
     Report,
@@ -66,7 +66,9 @@ class Executor:
         if not self._deliver():
             # Nothing changed (a restore): the write still records when the state was last good.
             self._store.write(Changes([], [], [], [], []))
-        from ray_quota._observability.metrics import ExecutorMetrics  # here: only the actor needs it
+        from ray_quota._observability.metrics import (
+            ExecutorMetrics,  # here: only the actor needs it
+        )
 
         self._metrics = ExecutorMetrics(lambda: self._service.scheduler, environment,
                                         self._cluster_id, metrics_port,

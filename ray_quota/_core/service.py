@@ -106,8 +106,16 @@ class ExecutorService:
         counts: every token and lease call served, by method.
     """
 
-    __slots__ = ("_clock", "_sched", "_waiting", "_changes", "_resolved", "_recalls", "calls",
-                 "counts")
+    __slots__ = (
+        "_changes",
+        "_clock",
+        "_recalls",
+        "_resolved",
+        "_sched",
+        "_waiting",
+        "calls",
+        "counts",
+    )
 
     def __init__(self, resources: Mapping[str, ResourceSpec], *, clock: Clock,
                  policy: Policy = Policy(), new_id: Callable[[], str] | None = None) -> None:
@@ -120,6 +128,7 @@ class ExecutorService:
         self._recalls: list[Recall] = []
         self.calls = 0
         self.counts: Counter[str] = Counter()
+        self._pump()  # every resource's initial state, for the first drain
 
     @property
     def scheduler(self) -> Scheduler:
@@ -139,6 +148,7 @@ class ExecutorService:
         """Take up a saved state ``elapsed_s`` old (see :meth:`Scheduler.restore`); returns
         the resources as saved, which win over the manifest's."""
         self._sched.restore(resources, tokens, leases, elapsed_s=elapsed_s)
+        self._changes.clear()  # the initial state is superseded by the saved one, on disk
         return self._sched.specs()
 
     # ------------------------------------------------------------------------------ tokens
@@ -367,8 +377,6 @@ class ExecutorService:
 
         The first drain holds every resource's initial state (none after :meth:`restore`).
         """
-        if changes := self._sched.drain_changes():
-            self._changes.append(changes)  # made outside a call: the start
         outbox = Outbox(tuple(self._changes), tuple(self._resolved), tuple(self._recalls))
         self._changes.clear()
         self._resolved.clear()
