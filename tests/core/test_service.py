@@ -52,8 +52,12 @@ def clock() -> FakeClock:
     return FakeClock(100.0)
 
 
+OPENED: list[str] = []  # the ids of the tokens the current test opened
+
+
 @pytest.fixture
 def service(clock: FakeClock) -> ExecutorService:
+    OPENED.clear()
     made = ExecutorService(SPECS, clock=clock, policy=Policy(lease_ttl_s=TTL))
     made.drain()  # the initial state, written as the actor starts
     return made
@@ -63,6 +67,7 @@ def token(service: ExecutorService, resource: str = "tok", expected_use: int = 5
           claimant: str = "me") -> TokenInfo:
     info = service.open_token(resource, expected_use, claimant, None)
     assert isinstance(info, TokenInfo), info
+    OPENED.append(info.id)
     service.drain()
     return info
 
@@ -297,12 +302,16 @@ def test_calls_are_counted_by_method(service: ExecutorService) -> None:
 # ------------------------------------------------------------------------------------ limits
 
 
+KEYS = ("p:0", "p:1", "q:0", "q:1", "a:0", "b:0")  # every lease key the tests use
+
+
 def snapshot(service: ExecutorService) -> Any:
-    """What a refused call must not change (pools do not refill: the clock stands still)."""
+    """What a refused call must not change (pools do not refill: the clock stands still):
+    limits, pools, every token's expected use and credit, every lease's units."""
     sched = service.scheduler
-    return service.specs(), service.status(), dict(sched._leases.items()), {  # noqa: SLF001
-        token_id: (t.expected_use, t.pass_, t.generation)
-        for token_id, t in sched._tokens.items()}  # noqa: SLF001
+    return (service.specs(), service.status(), sched.expected_use_by_label(),
+            {(token_id, key): (sched.credit(token_id), sched.held(token_id, key))
+             for token_id in OPENED for key in KEYS})
 
 
 def test_apply_changes_limits_and_describes_each_change(service: ExecutorService) -> None:
