@@ -1,8 +1,8 @@
 """A scale model: the real scheduling core under a simulated cluster, with and without brokers.
 
-No Ray. A discrete-event simulation on a fake clock drives the real :class:`Scheduler`,
+No Ray. A discrete-event simulation on a fake clock drives the real :class:`ExecutorService`,
 :class:`BrokerCore` and :class:`LocalLease` objects the way the executor actor
-(``ray_quota/_executor.py``), the node broker (``_broker_actor.py``) and each process
+(``ray_quota/_actors/executor.py``), the node broker (``_actors/broker.py``) and each process
 (``_client.py``, ``_token.py``) drive them, and counts what reaches the executor.
 
 Example:
@@ -49,25 +49,25 @@ import numpy as np
 
 from bench import check
 from ray_quota._core.broker import BrokerCore, Forward
-from ray_quota._errors import LeaseEndedError, QuotaError
 from ray_quota._core.holder import LocalLease
 from ray_quota._core.pools import RatePool
 from ray_quota._core.protocol import (
-    IDLE_TICK_S,
     PREFETCH_FRACTION,
     RENEW_INTERVAL_S,
     WATCH_TIMEOUT_S,
     Grant,
+    Renewed,
     Report,
     TokenInfo,
-    holder_of,
+    prefetch_cap,
 )
-from ray_quota._core.scheduler import Policy, Scheduler
+from ray_quota._core.scheduler import Policy
+from ray_quota._core.service import ExecutorService
+from ray_quota._errors import LeaseEndedError, QuotaError
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
 RESOURCE = "llm-tokens"
 OUT_DIR = Path(__file__).resolve().parent
-Renewed = dict[tuple[str, str], tuple[bool, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,38 +426,46 @@ class Actor:
 
 
 class ExecutorModel(Actor):
-    """The executor actor around the real :class:`Scheduler`: same calls, same pumps."""
+    """The executor actor around the real :class:`ExecutorService`: same calls, same drains.
+
+    Only the shell is modelled here (a :class:`Server` for its thread, replies for its futures,
+    a :class:`Board` for its recall watches); every decision is the service's.
+    """
 
     def __init__(self, sim: Sim, spec: ResourceSpec, params: Params, stats: Stats) -> None:
         super().__init__(sim, params, stats, hop_s=params.cluster_hop_s,
                          call_s=params.executor_call_s)
         ids = itertools.count()
-        self.sched = Scheduler({spec.name: spec}, clock=sim, policy=Policy(),
-                               new_id=lambda: f"t{next(ids)}")
+        self.service = ExecutorService({spec.name: spec}, clock=sim, policy=Policy(),
+                                       new_id=lambda: f"t{next(ids)}")
+        self.sched = self.service.scheduler  # for reading only: status, expiries, the pool
         self.pool = self.sched.pool(spec.name)
-        self._parked: dict[int, tuple[Reply, float]] = {}  # waiting callers, since when
-        self._woken: list[tuple[Reply, list[str]]] = []  # watches the last pumps answered
+        self._parked: dict[int, Reply] = {}  # waiting callers, by ticket
+        self._woken: list[tuple[Reply, list[str]]] = []  # watches the last drains answered
         self._tick_at = math.inf
         self._tick_generation = 0
         self._schedule_tick(0.0)
+        self._deliver()  # the actor writes the initial state as it starts
 
     # ---------------------------------------------------------------------------- calls
 
     def open_token(self, resource: str, expected_use: int, claimant: str) -> TokenInfo:
         """Tenants' tokens, opened before the run starts (not timed)."""
         self._stats.executor_call("open_token", self._sim.now)
-        return self.sched.open_token(resource, expected_use, claimant=claimant)
+        info = self.service.open_token(resource, expected_use, claimant, None)
+        assert isinstance(info, TokenInfo), info
+        self._deliver()
+        return info
 
     def acquire(self, reply: Reply, token_id: str, generation: int, claimant: str, key: str,
                 amount: int, prefetch: int) -> None:
         def work() -> Any:
-            try:
-                ticket = self.sched.acquire(token_id, generation, claimant, key, amount,
-                                            prefetch=prefetch)
-            except QuotaError as exc:
-                return exc
+            ticket = self.service.acquire(token_id, generation, claimant, key, amount,
+                                          prefetch, None)
+            if isinstance(ticket, QuotaError):
+                return ticket
             if ticket.outcome is None:
-                self._parked[ticket.id] = (reply, self._sim.now)
+                self._parked[ticket.id] = reply
                 self._schedule_tick(self._sim.now)  # the actor kicks its ticker
                 return None
             return ticket.outcome
@@ -465,93 +473,66 @@ class ExecutorModel(Actor):
         self._call("acquire", reply, work)
 
     def settle(self, reports: list[Report]) -> None:
-        self._call("settle", None, lambda: self._settle(reports))
+        self._call("settle", None, lambda: self.service.settle(reports))
 
     def renew(self, reply: Reply, holder: str, reports: list[Report], observed: bool) -> None:
-        def work() -> Renewed:
-            self._settle(reports)
-            alive = {}
-            ttl = self.sched.policy.lease_ttl_s
-            for token_id, key, *_, final in reports:
-                if not final and (contended := self.sched.renew_lease(token_id, key)) is not None:
-                    alive[(token_id, key)] = (contended, ttl)
-            return alive
-
-        self._call("renew", reply, work, pump=False)
+        self._call("renew", reply, lambda: self.service.renew(holder, reports))
 
     def split(self, reply: Reply, token_id: str, generation: int, claimant: str,
               child_expected_use: int) -> None:
-        self._call("split", reply, lambda: self._guard(
-            self.sched.split, token_id, generation, claimant, child_expected_use))
+        def work() -> Any:
+            answer = self.service.split(token_id, generation, claimant, child_expected_use)
+            return answer if isinstance(answer, QuotaError) else answer[0]  # the child
+
+        self._call("split", reply, work)
 
     def merge_back(self, reply: Reply, token_id: str, generation: int, claimant: str,
                    parent_id: str, reports: list[Report]) -> None:
-        def work() -> Any:
-            self._settle(reports)
-            return self._guard(self.sched.merge_back, token_id, generation, claimant, parent_id)
-
-        self._call("merge_back", reply, work, pump=False)
+        self._call("merge_back", reply, lambda: self.service.merge_back(
+            token_id, generation, claimant, parent_id, reports))
 
     # ------------------------------------------------------------------------------ jobs
 
     def _count(self, method: str) -> None:
         self._stats.executor_call(method, self._sim.now)
 
-    def _call(self, method: str, reply: Reply | None, work: Callable[[], Any], *,
-              pump: bool = True) -> None:
-        """A call arrives: it waits its turn, runs ``work`` (and a pump, as the actor does),
-        and answers unless it parked (``work`` returned None)."""
+    def _call(self, method: str, reply: Reply | None, work: Callable[[], Any]) -> None:
+        """A call arrives: it waits its turn, runs ``work`` on the service, delivers what the
+        call set in motion, as the actor does, and answers unless it parked (``work``
+        returned None)."""
         self._count(method)
 
         def job() -> float:
             self.timer.start()
             result = work()
-            if pump:
-                self._pump()
+            self._deliver()
             cost = self._params.executor_call_s + self.timer.stop(method)
             return self._answer(cost, reply, result, self._take_woken())
 
         self.server.submit(job)
 
-    def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """As the actor's ``_guard``: errors are answers, and a pump follows."""
-        try:
-            return fn(*args)
-        except QuotaError as exc:
-            return exc
-        finally:
-            self._pump()
-
-    def _settle(self, reports: list[Report]) -> None:
-        for token_id, key, returned, used, debt, final in reports:
-            self.sched.settle(token_id, key, returned, used, debt, final=final)
-        self._pump()
-
     def _take_woken(self) -> list[tuple[Reply, list[str]]]:
         woken, self._woken = self._woken, []
         return woken
 
-    def _pump(self) -> None:
-        """Resolve waiting tickets, drain changes (the actor writes them to SQLite) and post
-        recalls to open watches. A resumed acquire is a job of its own: the actor's coroutine
-        pumps again when it wakes."""
-        for ticket in self.sched.poll():
-            parked = self._parked.pop(ticket.id, None)
-            if parked is not None:
-                reply, arrived = parked
-                outcome = ticket.outcome
-                if isinstance(outcome, Grant):  # as the actor: how long it waited here
-                    outcome = replace(outcome, waited_s=self._sim.now - arrived)
+    def _deliver(self) -> None:
+        """As the actor's: the changes would be written first (their cost is in the fixed call
+        overhead); then a resolved ticket resumes its call, as a job of its own (the actor's
+        coroutine looks again when it wakes), and recalls go to open watches."""
+        outbox = self.service.drain()
+        for resolved in outbox.resolved:
+            reply = self._parked.pop(resolved.ticket, None)
+            if reply is not None:
                 self._sim.at(self._sim.now, self.server.submit,
-                             functools.partial(self._resume_job, reply, outcome))
-        self.sched.drain_changes()
-        for key, token_ids in self.sched.take_recalls().items():
-            self._woken.extend(self._board.post(holder_of(key), token_ids))
+                             functools.partial(self._resume_job, reply, resolved.outcome))
+        for recall in outbox.recalls:
+            self._woken.extend(self._board.post(recall.holder, recall.token_ids))
         self._sample()
 
     def _resume_job(self, reply: Reply, outcome: Any) -> float:
         self.timer.start()
-        self._pump()
+        self.service.tick()
+        self._deliver()
         cost = self._params.reply_s + self.timer.stop("acquire resumed")
         return self._answer(cost, reply, outcome, self._take_woken())
 
@@ -569,16 +550,16 @@ class ExecutorModel(Actor):
             self.server.submit(self._tick_job)
 
     def _tick_job(self) -> float:
-        """The actor's ticker: pump for refills, deadlines and expiries, then sleep until the
-        core's next wake-up (at most the idle tick)."""
+        """The actor's ticker: a tick for refills, deadlines and expiries, then sleep until the
+        service's next wake-up."""
         self._stats.ticks += self._stats.window.holds(self._sim.now)
         self.timer.start()
-        self._pump()
-        wake = self.sched.next_wakeup()
+        self.service.tick()
+        self._deliver()
+        wake = self.service.next_wakeup()
         cost = self._answer(self._params.tick_s + self.timer.stop("ticker"), None, None,
                             self._take_woken())
-        delay = IDLE_TICK_S if wake is None else min(IDLE_TICK_S, max(0.0, wake - self._sim.now))
-        self._schedule_tick(self._sim.now + cost + delay)
+        self._schedule_tick(wake + cost)
         return cost
 
     # ------------------------------------------------------------------------- inspection
@@ -623,8 +604,7 @@ class BrokerModel(Actor):
         self.core = BrokerCore(holder=name, ttl_s=executor.sched.policy.lease_ttl_s)
         self._observed = False  # processes' metrics waiting to ride on the next renewal
         self._started = False
-        self._max_prefetch = max(1, int(executor.sched.specs()[RESOURCE].ceiling
-                                        * PREFETCH_FRACTION))
+        self._max_prefetch = prefetch_cap(executor.sched.specs()[RESOURCE])
 
     # ---------------------------------------------------------------------- lease calls
 
@@ -1498,8 +1478,9 @@ def _assumptions(params: dict[str, Any]) -> str:
                                              "tick_s", "node_hop_s", "cluster_hop_s")}
     low, high = params["reservations_per_task"]
     return (
-        "The model drives the real `Scheduler`, `BrokerCore` and `LocalLease` on a simulated "
-        "clock with the calls the executor actor, broker actor and client make: per process "
+        "The model drives the real `ExecutorService`, `BrokerCore` and `LocalLease` on a "
+        "simulated clock with the calls the executor actor, broker actor and client make: per "
+        "process "
         "a renewal 1 s after the last one returned, one recall watch (answered after 2 s at "
         "the latest), and `acquire`/`settle`/`split`/`merge_back` as the workload needs them; "
         "with brokers, processes call their node's broker, which renews and watches once per "

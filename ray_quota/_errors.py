@@ -12,6 +12,7 @@
     │   └── LeaseEndedError              a process's lease ended; it asks again under a new one
     ├── ForgedTokenError                 the token is not one this cluster's executor issued
     ├── IncompatibleTokensError (ValueError) merge across resources, environments or with itself
+    ├── ProtocolError (TypeError)        a message to the executor has a field of the wrong type
     ├── FailedReservation                a `reject` resource could not grant in time; `.estimated_wait_s`
     └── QuotaTerminated                  a `terminate` resource ended the task or actor that asked
 
@@ -76,6 +77,14 @@ class ForgedTokenError(QuotaError):
 
 class IncompatibleTokensError(QuotaError, ValueError):
     """Tokens of different resources or environments, or a token with itself, cannot merge."""
+
+
+class ProtocolError(QuotaError, TypeError):
+    """A message to the executor is malformed: a field has the wrong type or shape.
+
+    The executor is a trust boundary, so it checks every message it receives; numbers out of
+    range are :class:`InvalidAmountError` instead.
+    """
 
 
 class FailedReservation(QuotaError):

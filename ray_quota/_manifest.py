@@ -154,6 +154,11 @@ class Manifest:
             raise ManifestError(f"{self.source}: environments.{name}: unknown environment; "
                                 f"known: {known}") from None
 
+    def with_environment(self, name: str, resources: Mapping[str, ResourceSpec]) -> Manifest:
+        """A copy in which environment ``name`` holds ``resources`` (changed at run time)."""
+        return Manifest({**self.environments, name: Environment(name, dict(resources))},
+                        self.source)
+
     def to_dict(self) -> dict[str, Any]:
         """Return the manifest as plain dicts and scalars that `load_manifest` reads back equal.
 

@@ -24,7 +24,7 @@ from ray_quota._errors import (
     QuotaError,
     UnknownResourceError,
 )
-from ray_quota._actors.executor import RecallBoard
+from ray_quota._actors.recall_board import RecallBoard
 from ray_quota._observability.observe import Batch
 from ray_quota._core.protocol import (
     RENEW_INTERVAL_S,

@@ -15,10 +15,14 @@ from the answer has ended; its holder starts a new one under a new key.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from ray_quota._spec import ResourceSpec
+from ray_quota._errors import InvalidAmountError, ProtocolError
+from ray_quota._spec import ResourceSpec, check_units
 
 # Where every process finds the executor: one named, detached actor per cluster.
 NAMESPACE = "ray_quota"
@@ -101,6 +105,25 @@ class Report(NamedTuple):
     debt: int  # units consumed beyond any grant
     final: bool
 
+    @classmethod
+    def checked(cls, value: object, what: str = "report") -> Report:
+        """``value`` as a Report, if it is one: ids are strings, totals whole numbers from 0,
+        ``final`` a bool.
+
+        Raises:
+            ProtocolError: not a six-field report, or a field of the wrong type.
+            InvalidAmountError: a total that is not a whole number from 0.
+        """
+        fields = _fields(cls, value, what)
+        token_id, key, returned, used, debt, final = fields
+        check_id(f"{what}.token_id", token_id)
+        check_id(f"{what}.key", key)
+        for name, total in (("returned", returned), ("used", used), ("debt", debt)):
+            check_units(f"{what}.{name}", total, allow_zero=True)
+        if not isinstance(final, bool):
+            raise ProtocolError(f"{what}.final must be a bool, not {type(final).__name__}")
+        return value if isinstance(value, cls) else cls(*fields)
+
 
 class LeaseAnswer(NamedTuple):
     """A renewal's answer for one live lease."""
@@ -123,3 +146,82 @@ class Adoption(NamedTuple):
     returned: int
     used: int
     debt: int
+
+    @classmethod
+    def checked(cls, value: object, what: str = "adoption") -> Adoption:
+        """``value`` as an Adoption, if it is one: ids are strings, units and totals whole
+        numbers from 0.
+
+        Raises:
+            ProtocolError: not a seven-field adoption, or a field of the wrong type.
+            InvalidAmountError: units or a total that is not a whole number from 0.
+        """
+        fields = _fields(cls, value, what)
+        token_id, from_key, to_key, *amounts = fields
+        for name, text in (("token_id", token_id), ("from_key", from_key), ("to_key", to_key)):
+            check_id(f"{what}.{name}", text)
+        for name, amount in zip(("units", "returned", "used", "debt"), amounts):
+            check_units(f"{what}.{name}", amount, allow_zero=True)
+        return value if isinstance(value, cls) else cls(*fields)
+
+
+# ------------------------------------------------------------------ checks at the receiving edge
+# The executor runs them on every message before it changes anything: each raises a QuotaError
+# naming the field (ProtocolError for a wrong type or shape, InvalidAmountError for a number).
+
+
+def check_id(what: str, value: object) -> str:
+    """A token id, lease key, holder id, claimant or resource name: any string."""
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} must be a str, not {type(value).__name__}")
+    return value
+
+
+def check_label(value: object) -> str | None:
+    """A token's label: a string, or None."""
+    return None if value is None else check_id("label", value)
+
+
+def check_generation(value: object) -> int:
+    """How many times a token moved: an int (a wrong one is the executor's to refuse)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"generation must be an int, not {type(value).__name__}")
+    return value
+
+
+def check_timeout(what: str, value: object) -> float | None:
+    """None (as the resource says) or a number of seconds from 0; infinity waits as the
+    resource allows, as it does when a process passes it on from its caller."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) \
+            or value < 0:
+        raise InvalidAmountError(f"{what} must be None or a number of seconds from 0, "
+                                 f"not {value!r}")
+    return float(value)
+
+
+def check_reports(value: object) -> list[Report]:
+    """A list (or tuple) of :class:`Report`, each checked."""
+    return [Report.checked(item, f"reports[{i}]") for i, item in enumerate(_items(value,
+                                                                                  "reports"))]
+
+
+def check_adoptions(value: object) -> list[Adoption]:
+    """A list (or tuple) of :class:`Adoption`, each checked."""
+    return [Adoption.checked(item, f"entries[{i}]")
+            for i, item in enumerate(_items(value, "entries"))]
+
+
+def _items(value: object, what: str) -> Sequence[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise ProtocolError(f"{what} must be a list, not {type(value).__name__}")
+    return value
+
+
+def _fields(cls: type[tuple[Any, ...]], value: object, what: str) -> tuple[Any, ...]:
+    fields: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+    if not isinstance(value, tuple) or len(value) != len(fields):
+        raise ProtocolError(f"{what} must be a {cls.__name__} ({', '.join(fields)}), "
+                            f"not {type(value).__name__}")
+    return value
