@@ -88,7 +88,7 @@ def waiting(service: ExecutorService, info: TokenInfo, key: str, amount: int,
 
 
 def lease_keys(outbox: Outbox) -> set[tuple[str, str]]:
-    return {(lease.token_id, lease.holder) for changes in outbox.changes
+    return {(lease.token_id, lease.key) for changes in outbox.changes
             for lease in changes.leases}
 
 
