@@ -29,13 +29,11 @@ from pydantic import (
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ._errors import ManifestError
-from ._spec import Enforcement, Environment, Kind, ResourceSpec
+from ._spec import MAX_UNITS, PERIOD_WORDS, Enforcement, Environment, Kind, ResourceSpec
 
 __all__ = ["Manifest", "load_manifest", "parse_duration"]
 
-_MAX_VALUE = 2**53  # beyond this, float arithmetic in the core stops counting single units
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_PERIOD_WORDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)")
 _DURATION_HELP = "use seconds or a string such as '500ms', '30s', '2m', '1h', '1d' or 'minute'"
@@ -69,8 +67,8 @@ def _seconds(value: object) -> float | None:
             return math.inf  # refused by the caller as not finite
     if isinstance(value, str):
         text = value.strip().lower()
-        if text in _PERIOD_WORDS:
-            return _PERIOD_WORDS[text]
+        if text in PERIOD_WORDS:
+            return PERIOD_WORDS[text]
         if match := _DURATION.fullmatch(text):
             return float(match[1]) * _UNIT_SECONDS[match[2]]
     return None
@@ -87,7 +85,7 @@ def _check_name(name: str) -> str:
 
 _Name = Annotated[StrictStr, AfterValidator(_check_name)]
 # Strict: YAML `1.5`, `true` or `"10"` are typos, not amounts to round or coerce.
-_Count = Annotated[int, Field(strict=True, gt=0, le=_MAX_VALUE)]
+_Count = Annotated[int, Field(strict=True, gt=0, le=MAX_UNITS)]
 _Duration = Annotated[float, BeforeValidator(parse_duration)]
 _OptionalDuration = Annotated[
     float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
@@ -177,7 +175,7 @@ class Manifest:
 def _spec_to_dict(spec: ResourceSpec) -> dict[str, Any]:
     limit: dict[str, Any] = {"type": spec.kind.value, "value": spec.value}
     if spec.kind is Kind.RATE:
-        words = {seconds: word for word, seconds in _PERIOD_WORDS.items()}
+        words = {seconds: word for word, seconds in PERIOD_WORDS.items()}
         limit["period"] = words.get(spec.period_s, spec.period_s)
         limit["burst"] = spec.burst
     out: dict[str, Any] = {"limit": limit, "enforcement": spec.enforcement.value, "unit": spec.unit}

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from ray_quota._errors import InvalidAmountError
 
 MAX_UNITS = 2**53  # amounts above this lose integer precision in the float arithmetic of rates
+# The words a manifest may use for a rate's period, in seconds.
+PERIOD_WORDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
 
 class Kind(str, enum.Enum):

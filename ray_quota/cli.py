@@ -45,11 +45,12 @@ from ray_quota import (
     ResourceStatus,
     UnknownResourceError,
 )
+from ray_quota._spec import PERIOD_WORDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _START_HINT = "start one with `ray-quota start --manifest FILE`"
-_PERIODS = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+_PERIODS = {seconds: word for word, seconds in PERIOD_WORDS.items()}
 
 # The one place the watch loop waits; tests swap it for one that stops the loop.
 _sleep: Callable[[float], None] = time.sleep

@@ -1,11 +1,17 @@
-"""Independent records of what was granted, and the checks the safety tests run on them.
+"""The checks the safety tests run on what workers recorded; they never read the executor's counters.
 
-Workers record each reservation themselves; these checks never read the executor's counters.
+``jain`` and ``max_overlap`` are the benchmark's (``bench/check.py``). ``max_rate_excess`` here is
+the plain point check, kept apart on purpose: ``tests/test_bench.py`` checks the benchmark's
+interval version against it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from bench.check import jain, max_overlap
+
+__all__ = ["jain", "max_overlap", "max_rate_excess"]
 
 
 def max_rate_excess(events: Iterable[tuple[float, float]], rate_per_s: float) -> float:
@@ -22,22 +28,3 @@ def max_rate_excess(events: Iterable[tuple[float, float]], rate_per_s: float) ->
         total += units
         best = max(best, total - rate_per_s * t - lowest_before)
     return best
-
-
-def max_overlap(intervals: Iterable[tuple[float, float, int]]) -> int:
-    """The most units held at once, from (start, end, units) intervals."""
-    edges = []
-    for start, end, units in intervals:
-        edges.append((start, 1, units))
-        edges.append((end, 0, -units))  # at equal times, releases count first
-    held = peak = 0
-    for _, _, delta in sorted(edges):
-        held += delta
-        peak = max(peak, held)
-    return peak
-
-
-def jain(values: Iterable[float]) -> float:
-    """Jain's fairness index: 1.0 when all values are equal."""
-    xs = list(values)
-    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs))

@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ray_quota._core.holder import LocalLease
+from ray_quota._core.ledger import TOMBSTONES
 from ray_quota._core.protocol import Grant, LeaseAnswer, Renewed, Report, holder_of
 from ray_quota._spec import Kind
-_TOMBSTONES = 100_000  # ended sub-lease keys remembered, so late reports are not applied twice
 
 
 @dataclass(slots=True, eq=False)
@@ -230,7 +230,7 @@ class BrokerCore:
         del self._subs[(sub.up.token_id, sub.key)]
         del sub.up.subs[sub.key]
         self._ended[(sub.up.token_id, sub.key)] = sub.debt
-        if len(self._ended) > _TOMBSTONES:
+        if len(self._ended) > TOMBSTONES:
             self._ended.popitem(last=False)
 
     # ------------------------------------------------------------------------------ renewals

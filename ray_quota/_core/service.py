@@ -50,16 +50,10 @@ from ray_quota._core.protocol import (
     check_timeout,
     holder_of,
 )
-from ray_quota._core.scheduler import (
-    Changes,
-    Policy,
-    ResourceStatus,
-    SavedLease,
-    SavedResource,
-    SavedToken,
-    Scheduler,
-    Ticket,
-)
+from ray_quota._core.fair_queue import Ticket
+from ray_quota._core.resource import Policy, ResourceStatus
+from ray_quota._core.scheduler import Scheduler
+from ray_quota._core.state import Changes, SavedLease, SavedResource, SavedToken
 from ray_quota._errors import IncompatibleTokensError, ManifestError, ProtocolError, QuotaError
 from ray_quota._spec import ResourceSpec, check_units
 

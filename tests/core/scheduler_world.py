@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 
 from fakes import FakeClock
 
+from bench.check import jain
+
 from ray_quota._core.protocol import Grant
 from ray_quota._core.scheduler import Policy, Scheduler, Ticket
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
@@ -166,6 +168,3 @@ class Backlog:
     def units(self, token: str, since: float = -math.inf) -> int:
         return sum(u for t, tok, u in self.log if tok == token and t >= since)
 
-
-def jain(xs: list[float]) -> float:
-    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs))
