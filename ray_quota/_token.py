@@ -28,7 +28,7 @@ from ray_quota._errors import (
     TokenMovedError,
     TokenStateError,
 )
-from ray_quota._core.holder import LocalLease
+from ray_quota._core.holder import LeaseSet, LocalLease
 from ray_quota._core.protocol import Adoption, Grant, Renewed, Report, TokenInfo, prefetch_cap
 from ray_quota._spec import ResourceSpec, check_units
 
@@ -56,7 +56,7 @@ class QuotaToken:
     """
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
-                 "_expected_use", "_lease", "_retired", "_lock", "_state", "_verified", "_parent",
+                 "_expected_use", "_leases", "_lock", "_state", "_verified", "_parent",
                  "_scope", "_claimant", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
@@ -80,8 +80,8 @@ class QuotaToken:
         self._generation = generation
         self._label = label
         self._expected_use = expected_use
-        self._lease = self._new_lease()
-        self._retired: list[LocalLease] = []  # earlier leases still to settle as final
+        self._leases = LeaseSet(token_id, spec.kind, max_prefetch=prefetch_cap(spec),
+                                new_key=_client.lease_key)
         self._lock = threading.Lock()
         self._state = _State.LIVE
         self._verified = False
@@ -182,18 +182,18 @@ class QuotaToken:
         if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
             raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
         with self._lock:
-            lease = self._lease
-            if lease.take(amount, time.monotonic()):
-                _observe.reserved(self._cluster, self._spec.name, self._label, _observe.LOCAL,
-                                  _observe.GRANTED, amount, time.perf_counter() - started)
-                return Reservation(self, amount, lease)
-        return None
+            lease = self._leases.take(amount, time.monotonic())
+        if lease is None:
+            return None
+        _observe.reserved(self._cluster, self._spec.name, self._label, _observe.LOCAL,
+                          _observe.GRANTED, amount, time.perf_counter() - started)
+        return Reservation(self, amount, lease)
 
     def _acquire_args(self, amount: int, timeout: float | None) -> tuple[LocalLease, float, tuple]:
         self._verify()
         _client.track(self)
         with self._lock:
-            lease = self._lease
+            lease = self._leases.current
             prefetch = lease.prefetch()
         sent_at = time.monotonic()
         return lease, sent_at, (self._id, self._generation, self._claimant, lease.key,
@@ -202,14 +202,10 @@ class QuotaToken:
     def _granted(self, lease: LocalLease, amount: int, grant: Grant,
                  sent_at: float) -> Reservation:
         with self._lock:
-            if lease.final:
-                # Closed or moved while this request waited: the final settlement gave these
-                # units back (or the executor refuses them), so they are not ours to use.
+            if not self._leases.granted(lease, amount, grant, sent_at=sent_at):
+                # Closed or moved while this request waited: the units are not ours to use.
                 self._usable()
                 raise TokenClosedError("the token was released while this reservation waited")
-            lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
-                          contended=grant.contended, waited_s=grant.waited_s)
-            lease.via = grant.via
         _observe.reserved(self._cluster, self._spec.name, self._label, _observe.EXECUTOR,
                           _observe.GRANTED, amount, time.monotonic() - sent_at)
         return Reservation(self, amount, lease)
@@ -217,8 +213,7 @@ class QuotaToken:
     def _renew_lease(self, lease: LocalLease) -> None:
         """The executor ended this lease (it expired): carry on under a new one."""
         with self._lock:
-            if self._lease is lease:
-                self._lease = self._new_lease()
+            self._leases.ended(lease)
 
     def _lost(self, lease: LocalLease, delays: Iterator[float]) -> float:
         """An acquire's answer was lost (the executor died): whatever it granted is unknown, so
@@ -228,17 +223,11 @@ class QuotaToken:
         finished.
         """
         with self._lock:
-            if self._lease is lease:
-                self._retired.append(lease)
-                self._lease = self._new_lease()
+            self._leases.lost(lease)
         delay = next(delays, None)
         if delay is None:
             raise ExecutorUnavailableError("the ray_quota executor did not come back")
         return delay
-
-    def _new_lease(self) -> LocalLease:
-        spec = self._spec
-        return LocalLease(spec.kind, key=_client.lease_key(), max_prefetch=prefetch_cap(spec))
 
     def _translate(self, fn: Any) -> Any:
         try:
@@ -293,7 +282,7 @@ class QuotaToken:
             raise IncompatibleTokensError(
                 f"cannot merge a token of {other._environment}/{other.resource} into one of "
                 f"{self._environment}/{self.resource}")
-        if any(lease.reserved for lease in other._leases()):
+        if other._reserved():
             raise TokenStateError("cannot merge a token that has open reservations")
         self._verify()
         other._verify()
@@ -385,87 +374,48 @@ class QuotaToken:
                     raise ForgedTokenError("this token was issued by another cluster's executor")
             self._verified = True
 
-    def _leases(self) -> list[LocalLease]:
-        return [self._lease, *self._retired]
+    def _reserved(self) -> int:
+        with self._lock:
+            return self._leases.reserved
 
     def _settle(self, lease: LocalLease, amount: int, used: int) -> None:
         """A reservation closed: overuse is charged at once, and under contention spare goes
         back at once."""
         with self._lock:
-            urgent = lease.settle(amount, used)
-            urgent |= lease.contended and lease.recall()
-            report = self._report_of(lease, final=False) if urgent else None
+            report = self._leases.settle(lease, amount, used)
         if report is not None:
             _client.send("settle", [report])
+
+    # The renewer's side (see :mod:`ray_quota._client`): the lease set, under the token's lock.
 
     def _recall(self) -> Report | None:
         """Others wait for this resource: give back spare units now."""
         with self._lock:
-            lease = self._lease
-            return self._report_of(lease, final=False) if lease.recall() else None
-
-    def _report_of(self, lease: LocalLease, *, final: bool) -> Report:
-        lease.final = lease.final or final
-        totals = lease.totals()
-        return Report(self._id, lease.key, totals.returned, totals.used, totals.debt, final)
+            return self._leases.recall()
 
     def _final_reports(self) -> list[Report]:
         """Release every lease of this handle: open reservations count as used in full."""
         with self._lock:
-            leases, self._retired = self._leases(), []
-            for lease in leases:
-                lease.release_all()
-            return [self._report_of(lease, final=True) for lease in leases if lease.active]
+            return self._leases.final_reports()
 
     def _reports(self, now: float) -> list[Report]:
-        """Called by the renewer: the running totals of each lease; retired ones once idle."""
+        """The running totals of each lease; retired ones (and all, once moved) final once idle."""
         with self._lock:
-            keep = self._state is _State.LIVE
-            reports = []
-            if self._lease.active:
-                self._lease.report(now, keep_spare=keep)
-                if keep or self._lease.reserved:
-                    reports.append(self._report_of(self._lease, final=False))
-                else:  # moved away and idle: this lease is done
-                    self._lease.release_all()
-                    reports.append(self._report_of(self._lease, final=True))
-                    self._lease = self._new_lease()
-            for lease in list(self._retired):
-                lease.report(now, keep_spare=False)
-                final = not lease.reserved
-                reports.append(self._report_of(lease, final=final))
-                if final:
-                    self._retired.remove(lease)
-            return reports
+            return self._leases.reports(now, live=self._state is _State.LIVE)
 
     def _renewed(self, alive: Renewed, sent_at: float) -> None:
         with self._lock:
-            lease = self._lease
-            if not lease.active:
-                return
-            answer = alive.get((self._id, lease.key))
-            if answer is None:
-                # The executor (or broker) no longer knows this lease (it expired): start afresh.
-                self._lease = self._new_lease()
-            else:
-                contended, ttl_s = answer
-                lease.renewed(contended=contended, sent_at=sent_at, ttl_s=ttl_s)
+            self._leases.renewed(alive, sent_at)
 
     def _adoptions(self) -> list[Adoption]:
         """This handle's share of its broker's leases, to take over directly (the broker died)."""
         with self._lock:
-            return [Adoption(self._id, lease.via, lease.key, lease.held, lease.returned, lease.used,
-                             lease.debt) for lease in self._leases()
-                    if lease.via is not None and lease.active and not lease.final]
+            return self._leases.adoptions()
 
     def _adopted(self, adopted: set[tuple[str, str]]) -> None:
         """Leases in ``adopted`` are now the executor's directly; the others are gone."""
         with self._lock:
-            for lease in self._leases():
-                if lease.via is not None:
-                    lease.via = None
-                    if (self._id, lease.key) not in adopted and lease is self._lease:
-                        self._lease = self._new_lease()
+            self._leases.adopted(adopted)
 
 
 def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, generation: int,
