@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from ray_quota import _client
+from ray_quota._runtime import identity, renewer, routing, rpc
 from ray_quota._observability import observe as _observe
 from ray_quota._errors import (
     ExecutorUnavailableError,
@@ -63,9 +63,9 @@ class QuotaToken:
         check_units("expected_use", expected_use)
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be a string, not {type(label).__name__}")
-        claimant = _client.claimant()
-        opened: TokenInfo = _client.call("open_token", resource, expected_use, claimant, label)
-        info = _client.info()  # after the call, which refreshes a view of a replaced executor
+        claimant = identity.claimant()
+        opened: TokenInfo = rpc.call("open_token", resource, expected_use, claimant, label)
+        info = rpc.info()  # after the call, which refreshes a view of a replaced executor
         self._setup(opened.id, opened.spec, info.environment, info.cluster_id, 0, label,
                     expected_use)
         self._claimant = claimant
@@ -81,7 +81,7 @@ class QuotaToken:
         self._label = label
         self._expected_use = expected_use
         self._leases = LeaseSet(token_id, spec.kind, max_prefetch=prefetch_cap(spec),
-                                new_key=_client.lease_key)
+                                new_key=identity.lease_key)
         self._lock = threading.Lock()
         self._state = _State.LIVE
         self._verified = False
@@ -107,7 +107,7 @@ class QuotaToken:
         """Ask the executor for this token's expected use and credit (negative: debt)."""
         self._usable()
         self._verify()
-        expected_use, credit = _client.call("describe", self._id, self._generation,
+        expected_use, credit = rpc.call("describe", self._id, self._generation,
                                             self._claimant)
         self._expected_use = expected_use
         return expected_use, credit
@@ -141,11 +141,11 @@ class QuotaToken:
         local = self._try_local(amount, timeout)
         if local is not None:
             return local
-        delays = _client.retry_delays()
+        delays = rpc.retry_delays()
         while True:
             lease, sent_at, args = self._acquire_args(amount, timeout)
             try:
-                grant = self._translate(lambda: _client.lease_call("acquire", *args,
+                grant = self._translate(lambda: routing.lease_call("acquire", *args,
                                                                    resource=self.resource))
                 return self._granted(lease, amount, grant, sent_at)
             except LeaseEndedError:
@@ -158,11 +158,11 @@ class QuotaToken:
         local = self._try_local(amount, timeout)
         if local is not None:
             return local
-        delays = _client.retry_delays()
+        delays = rpc.retry_delays()
         while True:
             lease, sent_at, args = self._acquire_args(amount, timeout)
             try:
-                grant = await _client.lease_call_async("acquire", *args,
+                grant = await routing.lease_call_async("acquire", *args,
                                                         resource=self.resource)
                 return self._granted(lease, amount, grant, sent_at)
             except QuotaTerminated as exc:
@@ -191,7 +191,7 @@ class QuotaToken:
 
     def _acquire_args(self, amount: int, timeout: float | None) -> tuple[LocalLease, float, tuple]:
         self._verify()
-        _client.track(self)
+        renewer.track(self)
         with self._lock:
             lease = self._leases.current
             prefetch = lease.prefetch()
@@ -255,7 +255,7 @@ class QuotaToken:
         self._usable()
         check_units("child_expected_use", child_expected_use)
         self._verify()
-        opened, self._expected_use = _client.call("split", self._id, self._generation,
+        opened, self._expected_use = rpc.call("split", self._id, self._generation,
                                                   self._claimant, child_expected_use)
         child = QuotaToken.__new__(QuotaToken)
         child._setup(opened.id, opened.spec, self._environment, self._cluster, 0, self._label,
@@ -286,7 +286,7 @@ class QuotaToken:
             raise TokenStateError("cannot merge a token that has open reservations")
         self._verify()
         other._verify()
-        _client.lease_call("merge", self._id, self._generation, self._claimant, other._id,
+        routing.lease_call("merge", self._id, self._generation, self._claimant, other._id,
                      other._generation, other._final_reports())
         other._state = _State.CLOSED
         self._expected_use += other._expected_use
@@ -302,7 +302,7 @@ class QuotaToken:
             return
         reports = self._final_reports()
         self._state = _State.CLOSED
-        _client.lease_call("close", self._id, self._generation, self._claimant, reports)
+        routing.lease_call("close", self._id, self._generation, self._claimant, reports)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
@@ -317,7 +317,7 @@ class QuotaToken:
         self._verify()
         reports = self._final_reports()
         self._state = _State.CLOSED
-        return bool(_client.lease_call("merge_back", self._id, self._generation, self._claimant,
+        return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
                                  self._parent, reports))
 
     def __enter__(self) -> QuotaToken:
@@ -343,9 +343,9 @@ class QuotaToken:
         try:
             reports = self._final_reports()
             if state is _State.LIVE:
-                _client.send("close", self._id, self._generation, self._claimant, reports)
+                routing.send("close", self._id, self._generation, self._claimant, reports)
             elif reports:
-                _client.send("settle", reports)
+                routing.send("settle", reports)
         except Exception:  # noqa: BLE001 - never raise from a finaliser
             pass
 
@@ -368,9 +368,9 @@ class QuotaToken:
 
     def _verify(self) -> None:
         if not self._verified:
-            if self._cluster != _client.info().cluster_id:
-                _client.reset()  # our cached view may predate a new executor
-                if self._cluster != _client.info().cluster_id:
+            if self._cluster != rpc.info().cluster_id:
+                rpc.reset()  # our cached view may predate a new executor
+                if self._cluster != rpc.info().cluster_id:
                     raise ForgedTokenError("this token was issued by another cluster's executor")
             self._verified = True
 
@@ -384,9 +384,9 @@ class QuotaToken:
         with self._lock:
             report = self._leases.settle(lease, amount, used)
         if report is not None:
-            _client.send("settle", [report])
+            routing.send("settle", [report])
 
-    # The renewer's side (see :mod:`ray_quota._client`): the lease set, under the token's lock.
+    # The renewer's side (see :mod:`ray_quota._runtime.renewer`): the lease set, under the token's lock.
 
     def _recall(self) -> Report | None:
         """Others wait for this resource: give back spare units now."""
@@ -425,7 +425,7 @@ def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, 
     token._parent = parent
     # Taken up by whoever unpickles it: the task (stable across Ray retries) or the actor. Kept
     # for every later call, so threads of the same task use it too.
-    token._claimant = _client.claimant()
+    token._claimant = identity.claimant()
     return token
 
 

@@ -46,11 +46,11 @@ def ray_cluster() -> Iterator[None]:
 def executor(ray_cluster: None) -> Iterator[Any]:
     """A fresh executor on TEST_MANIFEST with a short lease time-to-live; stopped afterwards."""
     import ray_quota
-    from ray_quota import _client
+    from ray_quota._runtime import renewer
 
     ray_quota.shutdown()
     info = ray_quota.init(manifest=TEST_MANIFEST, environment="test",
                           policy=ray_quota.Policy(lease_ttl_s=3.0), metrics_port=0)
     yield info
-    _client.flush()
+    renewer.flush()
     ray_quota.shutdown()

@@ -16,13 +16,13 @@ from ray_quota import (
     TokenClosedError,
     TokenStateError,
 )
-from ray_quota import _client
+from ray_quota._runtime import renewer, rpc
 
 pytestmark = pytest.mark.usefixtures("executor")
 
 
 def executor_calls() -> int:
-    return ray.get(_client.executor().calls_served.remote())
+    return ray.get(rpc.executor().calls_served.remote())
 
 
 def by_name(name: str) -> ray_quota.ResourceStatus:
@@ -61,7 +61,7 @@ def test_commit_under_returns_the_rest_and_over_is_charged_as_debt() -> None:
     token = QuotaToken("budget", expected_use=100)
     reservation = token.reserve(1000)
     reservation.commit(1500)  # 500 over: charged to the pool at once
-    _client.flush()
+    renewer.flush()
     assert by_name("budget").in_use == 1500
     with token.reserve(1000) as reservation:
         reservation.commit(400)

@@ -1,7 +1,7 @@
 """The executor: a plain async class that hosts the scheduler; one factory makes it a Ray actor.
 
 Every method answers with a value or with a :class:`QuotaError` *returned*, not raised, so errors
-cross Ray as themselves and the client raises them (see ``_client.call``). Waiting happens on
+cross Ray as themselves and the client raises them (see ``_runtime.rpc.ask``). Waiting happens on
 futures inside the actor: a blocked reservation never delays commits, renewals or other callers.
 """
 
