@@ -6,7 +6,6 @@ moves with it, and a :class:`LocalLease` of units it can hand out without asking
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 import ray
 
 from ray_quota._runtime import identity, renewer, routing, rpc
+from ray_quota._runtime.steps import Sleep, Steps, run, run_async
 from ray_quota._observability import observe as _observe
 from ray_quota._errors import (
     ExecutorUnavailableError,
@@ -139,39 +139,32 @@ class QuotaToken:
             InvalidAmountError: ``amount`` is not a whole number the resource can ever grant.
         """
         local = self._try_local(amount, timeout)
-        if local is not None:
-            return local
-        delays = rpc.retry_delays()
-        while True:
-            lease, sent_at, args = self._acquire_args(amount, timeout)
-            try:
-                grant = self._translate(lambda: routing.lease_call("acquire", *args,
-                                                                   resource=self.resource))
-                return self._granted(lease, amount, grant, sent_at)
-            except LeaseEndedError:
-                self._renew_lease(lease)
-            except ExecutorUnavailableError:
-                time.sleep(self._lost(lease, delays))
+        return local if local is not None else run(self._acquiring(amount, timeout))
 
     async def reserve_async(self, amount: int, timeout: float | None = None) -> Reservation:
         """The asyncio twin of :meth:`reserve`, for async actors and Ray Serve deployments."""
         local = self._try_local(amount, timeout)
-        if local is not None:
-            return local
+        return local if local is not None else await run_async(self._acquiring(amount, timeout))
+
+    def _acquiring(self, amount: int, timeout: float | None) -> Steps[Reservation]:
+        """Ask the executor (or the node's broker) for ``amount``: the logic of both twins,
+        which differ only in how they wait (see :mod:`ray_quota._runtime.steps`)."""
         delays = rpc.retry_delays()
         while True:
             lease, sent_at, args = self._acquire_args(amount, timeout)
             try:
-                grant = await routing.lease_call_async("acquire", *args,
-                                                        resource=self.resource)
-                return self._granted(lease, amount, grant, sent_at)
+                grant = yield from routing.leasing("acquire", *args, resource=self.resource)
             except QuotaTerminated as exc:
                 self._terminate(exc)
                 raise
             except LeaseEndedError:
                 self._renew_lease(lease)
+                continue
             except ExecutorUnavailableError:
-                await asyncio.sleep(self._lost(lease, delays))
+                delay = self._lost(lease, delays)
+            else:
+                return self._granted(lease, amount, grant, sent_at)
+            yield Sleep(delay)
 
     def _try_local(self, amount: int, timeout: float | None) -> Reservation | None:
         started = time.perf_counter()
@@ -228,13 +221,6 @@ class QuotaToken:
         if delay is None:
             raise ExecutorUnavailableError("the ray_quota executor did not come back")
         return delay
-
-    def _translate(self, fn: Any) -> Any:
-        try:
-            return fn()
-        except QuotaTerminated as exc:
-            self._terminate(exc)
-            raise
 
     @staticmethod
     def _terminate(exc: QuotaTerminated) -> None:
