@@ -178,7 +178,8 @@ class LeaseSet:
     Not thread-safe: the token calls it under its own lock. Time comes in as ``now``.
 
     Example:
-        >>> leases = LeaseSet("t1", Kind.RATE, max_prefetch=64, new_key=iter(["p:0", "p:1"]).__next__)
+        >>> keys = iter(["p:0", "p:1"])
+        >>> leases = LeaseSet("t1", Kind.RATE, max_prefetch=64, new_key=keys.__next__)
         >>> leases.take(10, now=0.0) is None        # nothing held: ask the executor
         True
         >>> lease = leases.current
