@@ -60,9 +60,9 @@ class Worker:
 
 
 def executor_counts() -> dict[str, int]:
-    from ray_quota import _client
+    from ray_quota._runtime import rpc
 
-    return dict(ray.get(_client.executor().call_counts.remote()))
+    return dict(ray.get(rpc.executor().call_counts.remote()))
 
 
 def measure(brokers: bool, processes: int, seconds: float) -> dict[str, Any]:

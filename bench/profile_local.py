@@ -143,9 +143,9 @@ def executor_path(seconds: float) -> int:
     import ray
 
     import ray_quota
-    from ray_quota import _client
+    from ray_quota._runtime import rpc
 
-    pid = ray.get(_client.executor().__ray_call__.remote(lambda self: os.getpid()))
+    pid = ray.get(rpc.executor().__ray_call__.remote(lambda self: os.getpid()))
     print(f"executor pid {pid}; driver pid {os.getpid()}", flush=True)
     token = ray_quota.QuotaToken("exec", expected_use=100)
     samples = []

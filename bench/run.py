@@ -121,9 +121,9 @@ def _pct(lat: np.ndarray, q: float) -> float:
 def _executor_calls() -> int:
     import ray
 
-    from ray_quota import _client
+    from ray_quota._runtime import rpc
 
-    return int(ray.get(_client.executor().calls_served.remote()))
+    return int(ray.get(rpc.executor().calls_served.remote()))
 
 
 def _rate_metrics(results: list[dict[str, Any]], limit: Limit, start: float,
@@ -475,9 +475,9 @@ def run(sizes: Sizes, out: Path, *, quick: bool,
         if bench._plain is not None:
             ray.kill(bench._plain)
     finally:
-        from ray_quota import _client
+        from ray_quota._runtime import renewer
 
-        _client.flush()
+        renewer.flush()
         ray_quota.shutdown()
         if own_ray:
             ray.shutdown()

@@ -11,7 +11,7 @@ import ray
 import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_quota import _client
+from ray_quota._runtime import rpc
 from ray_quota._errors import InvalidAmountError, ManifestError, UnknownResourceError
 from ray_quota._actors.executor import Executor
 from ray_quota._core.protocol import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
@@ -60,7 +60,7 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         plain = loaded.to_dict()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    _client.reset()
+    rpc.reset()
     handle: Any
     try:
         handle = ray.get_actor(EXECUTOR_NAME, namespace=NAMESPACE)
@@ -84,8 +84,8 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
                 raise ManifestError(
                     "an executor is already running with another manifest or environment "
                     f"({running_env!r}); pass apply=True to change its limits")
-            _client.call("apply", plain, environment)
-    return _client.info()
+            rpc.call("apply", plain, environment)
+    return rpc.info()
 
 
 def apply(manifest: str | os.PathLike[str] | Mapping[str, Any],
@@ -100,8 +100,8 @@ def apply(manifest: str | os.PathLike[str] | Mapping[str, Any],
     """
     loaded = load_manifest(manifest)
     loaded.environment(environment)
-    changes: list[str] = _client.call("apply", loaded.to_dict(), environment)
-    _client.reset()
+    changes: list[str] = rpc.call("apply", loaded.to_dict(), environment)
+    rpc.reset()
     return changes
 
 
@@ -113,7 +113,7 @@ def shutdown() -> None:
     try:
         handle = ray.get_actor(EXECUTOR_NAME, namespace=NAMESPACE)
     except ValueError:
-        _client.reset()
+        rpc.reset()
         return
     try:
         ray.get(handle.forget_state.remote(), timeout=30)
@@ -121,7 +121,7 @@ def shutdown() -> None:
         pass  # a dead executor has nothing to forget
     ray.kill(handle, no_restart=True)
     _stop_brokers()
-    _client.reset()
+    rpc.reset()
 
 
 def _stop_brokers() -> None:
@@ -142,13 +142,13 @@ def info() -> ExecutorInfo:
     Raises:
         NotInitializedError: Ray is not initialised, or no executor is running.
     """
-    _client.reset()  # limits may have changed since this process last asked
-    return _client.info()
+    rpc.reset()  # limits may have changed since this process last asked
+    return rpc.info()
 
 
 def status() -> list[ResourceStatus]:
     """A snapshot of every resource: limit, available, in use, waiters, tokens, leases."""
-    return _client.call("status")
+    return rpc.call("status")
 
 
 def set_limit(resource: str, value: int) -> None:
@@ -161,15 +161,15 @@ def set_limit(resource: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_UNITS:
         raise InvalidAmountError(f"a limit must be a whole number from 1 to {MAX_UNITS}, "
                                  f"not {value!r}")
-    specs = _client.info().resources
+    specs = rpc.info().resources
     if resource not in specs:
         raise UnknownResourceError(f"no resource {resource!r} (known: {', '.join(sorted(specs))})")
     spec = specs[resource]
     burst = spec.burst
     if spec.kind.value == "rate" and spec.burst == spec.value:
         burst = value  # a burst that defaulted to the value follows it
-    _client.call("set_limit", replace(spec, value=value, burst=burst))
-    _client.reset()
+    rpc.call("set_limit", replace(spec, value=value, burst=burst))
+    rpc.reset()
 
 
 def metrics_address() -> str | None:

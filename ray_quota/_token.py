@@ -6,7 +6,6 @@ moves with it, and a :class:`LocalLease` of units it can hand out without asking
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import sys
 import threading
@@ -16,7 +15,8 @@ from typing import Any
 
 import ray
 
-from ray_quota import _client
+from ray_quota._runtime import identity, renewer, routing, rpc
+from ray_quota._runtime.steps import Sleep, Steps, run, run_async
 from ray_quota._observability import observe as _observe
 from ray_quota._errors import (
     ExecutorUnavailableError,
@@ -28,7 +28,7 @@ from ray_quota._errors import (
     TokenMovedError,
     TokenStateError,
 )
-from ray_quota._core.holder import LocalLease
+from ray_quota._core.holder import LeaseSet, LocalLease
 from ray_quota._core.protocol import Adoption, Grant, Renewed, Report, TokenInfo, prefetch_cap
 from ray_quota._spec import ResourceSpec, check_units
 
@@ -56,16 +56,16 @@ class QuotaToken:
     """
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
-                 "_expected_use", "_lease", "_retired", "_lock", "_state", "_verified", "_parent",
+                 "_expected_use", "_leases", "_lock", "_state", "_verified", "_parent",
                  "_scope", "_claimant", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
         check_units("expected_use", expected_use)
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be a string, not {type(label).__name__}")
-        claimant = _client.claimant()
-        opened: TokenInfo = _client.call("open_token", resource, expected_use, claimant, label)
-        info = _client.info()  # after the call, which refreshes a view of a replaced executor
+        claimant = identity.claimant()
+        opened: TokenInfo = rpc.call("open_token", resource, expected_use, claimant, label)
+        info = rpc.info()  # after the call, which refreshes a view of a replaced executor
         self._setup(opened.id, opened.spec, info.environment, info.cluster_id, 0, label,
                     expected_use)
         self._claimant = claimant
@@ -80,8 +80,8 @@ class QuotaToken:
         self._generation = generation
         self._label = label
         self._expected_use = expected_use
-        self._lease = self._new_lease()
-        self._retired: list[LocalLease] = []  # earlier leases still to settle as final
+        self._leases = LeaseSet(token_id, spec.kind, max_prefetch=prefetch_cap(spec),
+                                new_key=identity.lease_key)
         self._lock = threading.Lock()
         self._state = _State.LIVE
         self._verified = False
@@ -107,7 +107,7 @@ class QuotaToken:
         """Ask the executor for this token's expected use and credit (negative: debt)."""
         self._usable()
         self._verify()
-        expected_use, credit = _client.call("describe", self._id, self._generation,
+        expected_use, credit = rpc.call("describe", self._id, self._generation,
                                             self._claimant)
         self._expected_use = expected_use
         return expected_use, credit
@@ -139,39 +139,32 @@ class QuotaToken:
             InvalidAmountError: ``amount`` is not a whole number the resource can ever grant.
         """
         local = self._try_local(amount, timeout)
-        if local is not None:
-            return local
-        delays = _client.retry_delays()
-        while True:
-            lease, sent_at, args = self._acquire_args(amount, timeout)
-            try:
-                grant = self._translate(lambda: _client.lease_call("acquire", *args,
-                                                                   resource=self.resource))
-                return self._granted(lease, amount, grant, sent_at)
-            except LeaseEndedError:
-                self._renew_lease(lease)
-            except ExecutorUnavailableError:
-                time.sleep(self._lost(lease, delays))
+        return local if local is not None else run(self._acquiring(amount, timeout))
 
     async def reserve_async(self, amount: int, timeout: float | None = None) -> Reservation:
         """The asyncio twin of :meth:`reserve`, for async actors and Ray Serve deployments."""
         local = self._try_local(amount, timeout)
-        if local is not None:
-            return local
-        delays = _client.retry_delays()
+        return local if local is not None else await run_async(self._acquiring(amount, timeout))
+
+    def _acquiring(self, amount: int, timeout: float | None) -> Steps[Reservation]:
+        """Ask the executor (or the node's broker) for ``amount``: the logic of both twins,
+        which differ only in how they wait (see :mod:`ray_quota._runtime.steps`)."""
+        delays = rpc.retry_delays()
         while True:
             lease, sent_at, args = self._acquire_args(amount, timeout)
             try:
-                grant = await _client.lease_call_async("acquire", *args,
-                                                        resource=self.resource)
-                return self._granted(lease, amount, grant, sent_at)
+                grant = yield from routing.leasing("acquire", *args, resource=self.resource)
             except QuotaTerminated as exc:
                 self._terminate(exc)
                 raise
             except LeaseEndedError:
                 self._renew_lease(lease)
+                continue
             except ExecutorUnavailableError:
-                await asyncio.sleep(self._lost(lease, delays))
+                delay = self._lost(lease, delays)
+            else:
+                return self._granted(lease, amount, grant, sent_at)
+            yield Sleep(delay)
 
     def _try_local(self, amount: int, timeout: float | None) -> Reservation | None:
         started = time.perf_counter()
@@ -182,18 +175,18 @@ class QuotaToken:
         if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
             raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
         with self._lock:
-            lease = self._lease
-            if lease.take(amount, time.monotonic()):
-                _observe.reserved(self._cluster, self._spec.name, self._label, _observe.LOCAL,
-                                  _observe.GRANTED, amount, time.perf_counter() - started)
-                return Reservation(self, amount, lease)
-        return None
+            lease = self._leases.take(amount, time.monotonic())
+        if lease is None:
+            return None
+        _observe.reserved(self._cluster, self._spec.name, self._label, _observe.LOCAL,
+                          _observe.GRANTED, amount, time.perf_counter() - started)
+        return Reservation(self, amount, lease)
 
     def _acquire_args(self, amount: int, timeout: float | None) -> tuple[LocalLease, float, tuple]:
         self._verify()
-        _client.track(self)
+        renewer.track(self)
         with self._lock:
-            lease = self._lease
+            lease = self._leases.current
             prefetch = lease.prefetch()
         sent_at = time.monotonic()
         return lease, sent_at, (self._id, self._generation, self._claimant, lease.key,
@@ -202,14 +195,10 @@ class QuotaToken:
     def _granted(self, lease: LocalLease, amount: int, grant: Grant,
                  sent_at: float) -> Reservation:
         with self._lock:
-            if lease.final:
-                # Closed or moved while this request waited: the final settlement gave these
-                # units back (or the executor refuses them), so they are not ours to use.
+            if not self._leases.granted(lease, amount, grant, sent_at=sent_at):
+                # Closed or moved while this request waited: the units are not ours to use.
                 self._usable()
                 raise TokenClosedError("the token was released while this reservation waited")
-            lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
-                          contended=grant.contended, waited_s=grant.waited_s)
-            lease.via = grant.via
         _observe.reserved(self._cluster, self._spec.name, self._label, _observe.EXECUTOR,
                           _observe.GRANTED, amount, time.monotonic() - sent_at)
         return Reservation(self, amount, lease)
@@ -217,8 +206,7 @@ class QuotaToken:
     def _renew_lease(self, lease: LocalLease) -> None:
         """The executor ended this lease (it expired): carry on under a new one."""
         with self._lock:
-            if self._lease is lease:
-                self._lease = self._new_lease()
+            self._leases.ended(lease)
 
     def _lost(self, lease: LocalLease, delays: Iterator[float]) -> float:
         """An acquire's answer was lost (the executor died): whatever it granted is unknown, so
@@ -228,24 +216,11 @@ class QuotaToken:
         finished.
         """
         with self._lock:
-            if self._lease is lease:
-                self._retired.append(lease)
-                self._lease = self._new_lease()
+            self._leases.lost(lease)
         delay = next(delays, None)
         if delay is None:
             raise ExecutorUnavailableError("the ray_quota executor did not come back")
         return delay
-
-    def _new_lease(self) -> LocalLease:
-        spec = self._spec
-        return LocalLease(spec.kind, key=_client.lease_key(), max_prefetch=prefetch_cap(spec))
-
-    def _translate(self, fn: Any) -> Any:
-        try:
-            return fn()
-        except QuotaTerminated as exc:
-            self._terminate(exc)
-            raise
 
     @staticmethod
     def _terminate(exc: QuotaTerminated) -> None:
@@ -266,7 +241,7 @@ class QuotaToken:
         self._usable()
         check_units("child_expected_use", child_expected_use)
         self._verify()
-        opened, self._expected_use = _client.call("split", self._id, self._generation,
+        opened, self._expected_use = rpc.call("split", self._id, self._generation,
                                                   self._claimant, child_expected_use)
         child = QuotaToken.__new__(QuotaToken)
         child._setup(opened.id, opened.spec, self._environment, self._cluster, 0, self._label,
@@ -293,11 +268,11 @@ class QuotaToken:
             raise IncompatibleTokensError(
                 f"cannot merge a token of {other._environment}/{other.resource} into one of "
                 f"{self._environment}/{self.resource}")
-        if any(lease.reserved for lease in other._leases()):
+        if other._reserved():
             raise TokenStateError("cannot merge a token that has open reservations")
         self._verify()
         other._verify()
-        _client.lease_call("merge", self._id, self._generation, self._claimant, other._id,
+        routing.lease_call("merge", self._id, self._generation, self._claimant, other._id,
                      other._generation, other._final_reports())
         other._state = _State.CLOSED
         self._expected_use += other._expected_use
@@ -313,7 +288,7 @@ class QuotaToken:
             return
         reports = self._final_reports()
         self._state = _State.CLOSED
-        _client.lease_call("close", self._id, self._generation, self._claimant, reports)
+        routing.lease_call("close", self._id, self._generation, self._claimant, reports)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
@@ -328,7 +303,7 @@ class QuotaToken:
         self._verify()
         reports = self._final_reports()
         self._state = _State.CLOSED
-        return bool(_client.lease_call("merge_back", self._id, self._generation, self._claimant,
+        return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
                                  self._parent, reports))
 
     def __enter__(self) -> QuotaToken:
@@ -354,9 +329,9 @@ class QuotaToken:
         try:
             reports = self._final_reports()
             if state is _State.LIVE:
-                _client.send("close", self._id, self._generation, self._claimant, reports)
+                routing.send("close", self._id, self._generation, self._claimant, reports)
             elif reports:
-                _client.send("settle", reports)
+                routing.send("settle", reports)
         except Exception:  # noqa: BLE001 - never raise from a finaliser
             pass
 
@@ -379,93 +354,54 @@ class QuotaToken:
 
     def _verify(self) -> None:
         if not self._verified:
-            if self._cluster != _client.info().cluster_id:
-                _client.reset()  # our cached view may predate a new executor
-                if self._cluster != _client.info().cluster_id:
+            if self._cluster != rpc.info().cluster_id:
+                rpc.reset()  # our cached view may predate a new executor
+                if self._cluster != rpc.info().cluster_id:
                     raise ForgedTokenError("this token was issued by another cluster's executor")
             self._verified = True
 
-    def _leases(self) -> list[LocalLease]:
-        return [self._lease, *self._retired]
+    def _reserved(self) -> int:
+        with self._lock:
+            return self._leases.reserved
 
     def _settle(self, lease: LocalLease, amount: int, used: int) -> None:
         """A reservation closed: overuse is charged at once, and under contention spare goes
         back at once."""
         with self._lock:
-            urgent = lease.settle(amount, used)
-            urgent |= lease.contended and lease.recall()
-            report = self._report_of(lease, final=False) if urgent else None
+            report = self._leases.settle(lease, amount, used)
         if report is not None:
-            _client.send("settle", [report])
+            routing.send("settle", [report])
+
+    # The renewer's side (see :mod:`ray_quota._runtime.renewer`): the lease set, under the token's lock.
 
     def _recall(self) -> Report | None:
         """Others wait for this resource: give back spare units now."""
         with self._lock:
-            lease = self._lease
-            return self._report_of(lease, final=False) if lease.recall() else None
-
-    def _report_of(self, lease: LocalLease, *, final: bool) -> Report:
-        lease.final = lease.final or final
-        totals = lease.totals()
-        return Report(self._id, lease.key, totals.returned, totals.used, totals.debt, final)
+            return self._leases.recall()
 
     def _final_reports(self) -> list[Report]:
         """Release every lease of this handle: open reservations count as used in full."""
         with self._lock:
-            leases, self._retired = self._leases(), []
-            for lease in leases:
-                lease.release_all()
-            return [self._report_of(lease, final=True) for lease in leases if lease.active]
+            return self._leases.final_reports()
 
     def _reports(self, now: float) -> list[Report]:
-        """Called by the renewer: the running totals of each lease; retired ones once idle."""
+        """The running totals of each lease; retired ones (and all, once moved) final once idle."""
         with self._lock:
-            keep = self._state is _State.LIVE
-            reports = []
-            if self._lease.active:
-                self._lease.report(now, keep_spare=keep)
-                if keep or self._lease.reserved:
-                    reports.append(self._report_of(self._lease, final=False))
-                else:  # moved away and idle: this lease is done
-                    self._lease.release_all()
-                    reports.append(self._report_of(self._lease, final=True))
-                    self._lease = self._new_lease()
-            for lease in list(self._retired):
-                lease.report(now, keep_spare=False)
-                final = not lease.reserved
-                reports.append(self._report_of(lease, final=final))
-                if final:
-                    self._retired.remove(lease)
-            return reports
+            return self._leases.reports(now, live=self._state is _State.LIVE)
 
     def _renewed(self, alive: Renewed, sent_at: float) -> None:
         with self._lock:
-            lease = self._lease
-            if not lease.active:
-                return
-            answer = alive.get((self._id, lease.key))
-            if answer is None:
-                # The executor (or broker) no longer knows this lease (it expired): start afresh.
-                self._lease = self._new_lease()
-            else:
-                contended, ttl_s = answer
-                lease.renewed(contended=contended, sent_at=sent_at, ttl_s=ttl_s)
+            self._leases.renewed(alive, sent_at)
 
     def _adoptions(self) -> list[Adoption]:
         """This handle's share of its broker's leases, to take over directly (the broker died)."""
         with self._lock:
-            return [Adoption(self._id, lease.via, lease.key, lease.held, lease.returned, lease.used,
-                             lease.debt) for lease in self._leases()
-                    if lease.via is not None and lease.active and not lease.final]
+            return self._leases.adoptions()
 
     def _adopted(self, adopted: set[tuple[str, str]]) -> None:
         """Leases in ``adopted`` are now the executor's directly; the others are gone."""
         with self._lock:
-            for lease in self._leases():
-                if lease.via is not None:
-                    lease.via = None
-                    if (self._id, lease.key) not in adopted and lease is self._lease:
-                        self._lease = self._new_lease()
+            self._leases.adopted(adopted)
 
 
 def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, generation: int,
@@ -475,7 +411,7 @@ def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, 
     token._parent = parent
     # Taken up by whoever unpickles it: the task (stable across Ray retries) or the actor. Kept
     # for every later call, so threads of the same task use it too.
-    token._claimant = _client.claimant()
+    token._claimant = identity.claimant()
     return token
 
 

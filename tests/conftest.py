@@ -5,7 +5,9 @@ The core's tests need neither: they run on a fake clock (tests/fakes.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +48,35 @@ def ray_cluster() -> Iterator[None]:
 def executor(ray_cluster: None) -> Iterator[Any]:
     """A fresh executor on TEST_MANIFEST with a short lease time-to-live; stopped afterwards."""
     import ray_quota
-    from ray_quota import _client
+    from ray_quota._runtime import renewer
 
     ray_quota.shutdown()
     info = ray_quota.init(manifest=TEST_MANIFEST, environment="test",
                           policy=ray_quota.Policy(lease_ttl_s=3.0), metrics_port=0)
     yield info
-    _client.flush()
+    renewer.flush()
     ray_quota.shutdown()
+
+
+# ------------------------------------------------------------------ the sync and async twins
+
+TWINS = ("sync", "async")
+
+
+def reserve_by(twin: str, token: Any, amount: int, timeout: float | None = None) -> Any:
+    """``token.reserve``, or ``token.reserve_async`` run in an event loop of its own."""
+    if twin == "sync":
+        return token.reserve(amount, timeout=timeout)
+    return asyncio.run(token.reserve_async(amount, timeout=timeout))
+
+
+@pytest.fixture(params=TWINS)
+def twin(request: pytest.FixtureRequest) -> str:
+    """Runs the test once per twin: through :meth:`QuotaToken.reserve`, then ``reserve_async``."""
+    return str(request.param)
+
+
+@pytest.fixture
+def reserve(twin: str) -> Callable[..., Any]:
+    """``reserve(token, amount, timeout=None)`` by the test's twin (see :func:`reserve_by`)."""
+    return functools.partial(reserve_by, twin)

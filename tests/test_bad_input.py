@@ -14,7 +14,7 @@ import pytest
 from conftest import TEST_MANIFEST
 
 import ray_quota
-from ray_quota import _client
+from ray_quota._runtime import renewer as _renewer
 from ray_quota import (
     FailedReservation,
     ForgedTokenError,
@@ -146,7 +146,7 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(case: str) -> None:
 @contextlib.contextmanager
 def renewals_paused() -> Iterator[None]:
     """Hold this process's renewer between renewals (it renews under this lock)."""
-    renewer = _client._State.renewer
+    renewer = _renewer.current()
     if renewer is None:
         yield
         return

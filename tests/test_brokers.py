@@ -16,7 +16,8 @@ from conftest import TEST_MANIFEST
 from workloads import spend
 
 import ray_quota
-from ray_quota import QuotaToken, _client
+from ray_quota import QuotaToken
+from ray_quota._runtime import renewer, rpc
 from ray_quota._actors.broker import broker_name
 
 WORKERS = 6
@@ -29,7 +30,7 @@ def brokered(ray_cluster: None) -> Iterator[Any]:
     info = ray_quota.init(manifest=TEST_MANIFEST, environment="test", brokers=True,
                           policy=ray_quota.Policy(lease_ttl_s=3.0), metrics_port=None)
     yield info
-    _client.flush()
+    renewer.flush()
     ray_quota.shutdown()
 
 
@@ -44,7 +45,7 @@ class Spender:
 
 
 def executor_counts() -> dict[str, int]:
-    return dict(ray.get(_client.executor().call_counts.remote()))
+    return dict(ray.get(rpc.executor().call_counts.remote()))
 
 
 @pytest.mark.usefixtures("ray_cluster")

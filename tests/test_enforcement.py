@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
+from conftest import reserve_by
 
 import ray_quota
 from ray_quota import QuotaTerminated, QuotaToken
@@ -51,19 +53,20 @@ def waiters(resource: str) -> int:
 
 
 @ray.remote(max_retries=3)
-def doomed_task(log: str) -> None:
+def doomed_task(log: str, twin: str) -> None:
     with open(log, "a") as attempts:
         attempts.write("attempt\n")
     token = QuotaToken("doomed", expected_use=1)
-    token.reserve(1)
+    reserve_by(twin, token, 1)
 
 
-def test_terminate_fails_the_task_naming_the_resource_and_is_not_retried(tmp_path: Path) -> None:
+def test_terminate_fails_the_task_naming_the_resource_and_is_not_retried(
+        tmp_path: Path, twin: str) -> None:
     holder = QuotaToken("doomed", expected_use=1)
     held = holder.reserve(1)
     log = tmp_path / "attempts"
     with pytest.raises(QuotaTerminated, match="doomed"):
-        ray.get(doomed_task.remote(str(log)))
+        ray.get(doomed_task.remote(str(log), twin))
     assert log.read_text().count("attempt") == 1
     held.commit()
     holder.close()
@@ -78,10 +81,20 @@ class DoomedActor:
         return True
 
 
-def test_terminate_ends_the_actor_that_asked() -> None:
+@ray.remote(max_restarts=0)
+class AsyncDoomedActor:
+    async def reserve(self) -> None:
+        await QuotaToken("doomed", expected_use=1).reserve_async(1)
+
+    async def alive(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("doomed", [DoomedActor, AsyncDoomedActor], ids=["sync", "async"])
+def test_terminate_ends_the_actor_that_asked(doomed: Any) -> None:
     holder = QuotaToken("doomed", expected_use=1)
     held = holder.reserve(1)
-    actor = DoomedActor.remote()
+    actor = doomed.remote()
     assert ray.get(actor.alive.remote())
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.reserve.remote())

@@ -29,7 +29,8 @@ import pytest
 import ray
 
 import ray_quota
-from ray_quota import FailedReservation, QuotaTerminated, QuotaToken, _client
+from ray_quota import FailedReservation, QuotaTerminated, QuotaToken
+from ray_quota._runtime import renewer
 from ray_quota._observability import dashboard as _dashboard
 from ray_quota._observability.metrics import (
     LIMIT,
@@ -153,7 +154,7 @@ class Worker:
 
     def __init__(self, renew_only_at_exit: bool) -> None:
         if renew_only_at_exit:  # everything it observes must then travel in the exit flush
-            _client.RENEW_INTERVAL_S = 3600.0
+            renewer.RENEW_INTERVAL_S = 3600.0
 
     def ready(self) -> bool:
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import ray
@@ -13,16 +14,20 @@ from ray_quota import (
     IncompatibleTokensError,
     InvalidAmountError,
     QuotaToken,
+    Reservation,
     TokenClosedError,
     TokenStateError,
 )
-from ray_quota import _client
+from ray_quota._core.protocol import Report
+from ray_quota._runtime import renewer, rpc
+
+Reserve = Callable[..., Reservation]
 
 pytestmark = pytest.mark.usefixtures("executor")
 
 
 def executor_calls() -> int:
-    return ray.get(_client.executor().calls_served.remote())
+    return ray.get(rpc.executor().calls_served.remote())
 
 
 def by_name(name: str) -> ray_quota.ResourceStatus:
@@ -61,7 +66,7 @@ def test_commit_under_returns_the_rest_and_over_is_charged_as_debt() -> None:
     token = QuotaToken("budget", expected_use=100)
     reservation = token.reserve(1000)
     reservation.commit(1500)  # 500 over: charged to the pool at once
-    _client.flush()
+    renewer.flush()
     assert by_name("budget").in_use == 1500
     with token.reserve(1000) as reservation:
         reservation.commit(400)
@@ -119,39 +124,63 @@ def test_split_and_merge_move_expected_use_and_refuse_bad_input() -> None:
     token.close()
 
 
-def test_reject_raises_failed_reservation_with_the_estimated_wait() -> None:
+# The tests that take ``reserve`` run twice: through reserve() and through reserve_async().
+
+
+def test_reject_raises_failed_reservation_with_the_estimated_wait(reserve: Reserve) -> None:
     token = QuotaToken("tok-reject", expected_use=10)
-    token.reserve(50).commit(50)  # empty the burst
+    reserve(token, 50).commit(50)  # empty the burst
     with pytest.raises(FailedReservation) as failure:
-        token.reserve(40)
+        reserve(token, 40)
     # 40 units at 100/s, from an empty bucket: about 0.4 s, less what refilled meanwhile.
     assert failure.value.estimated_wait_s is not None
     assert 0.2 < failure.value.estimated_wait_s <= 0.4
     token.close()
 
 
-def test_capacity_reject_has_no_estimated_wait() -> None:
+def test_capacity_reject_has_no_estimated_wait(reserve: Reserve) -> None:
     token = QuotaToken("budget", expected_use=100)
-    token.reserve(10_000).commit(10_000)
+    reserve(token, 10_000).commit(10_000)
     with pytest.raises(FailedReservation) as failure:
-        token.reserve(1)
+        reserve(token, 1)
     assert failure.value.estimated_wait_s is None
     token.close()
 
 
-def test_throttle_with_timeout_fails_in_time() -> None:
+def test_throttle_with_timeout_fails_in_time(reserve: Reserve) -> None:
     holder = QuotaToken("solo", expected_use=1)
     held = holder.reserve(1)
     waiter = QuotaToken("solo", expected_use=1)
     started = time.monotonic()
     with pytest.raises(FailedReservation):
-        waiter.reserve(1, timeout=0.3)
+        reserve(waiter, 1, timeout=0.3)
     assert time.monotonic() - started >= 0.3
     held.commit()
-    with waiter.reserve(1, timeout=5):
+    with reserve(waiter, 1, timeout=5):
         pass
     holder.close()
     waiter.close()
+
+
+def test_a_reservation_under_a_lease_that_ended_goes_on_under_a_new_one(
+        reserve: Reserve) -> None:
+    token = QuotaToken("tok", expected_use=10)
+    reserve(token, 5).commit(5)  # the lease's first grant: no spare to serve the next locally
+    lease = token._leases.current
+    paused = renewer.current()
+    assert paused is not None
+    with paused._flush_lock:  # no renewal tells the handle first that the lease is gone
+        # The executor ends the lease behind the handle's back, as when it expires.
+        totals = lease.totals()
+        rpc.call("settle", [Report(token._id, lease.key, totals.returned, totals.used,
+                                   totals.debt, True)])
+        with reserve(token, 5) as reservation:
+            assert reservation.amount == 5
+        # Refused under the old key (LeaseEndedError), granted under a new one; the old lease
+        # is not kept to settle, as it would be had the answer been lost.
+        assert list(token._leases) == [token._leases.current]
+        assert token._leases.current is not lease
+    token.close()
 
 
 def test_repr_never_shows_the_id() -> None:

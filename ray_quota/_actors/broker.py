@@ -15,7 +15,7 @@ import asyncio
 import time
 from typing import Any
 
-from ray_quota import _client
+from ray_quota._runtime import identity, rpc
 from ray_quota._observability import observe as _observe
 from ray_quota._core.broker import BrokerCore, Forward
 from ray_quota._errors import (
@@ -47,7 +47,7 @@ class Broker:
     """Re-leases the executor's units to the processes of one node; see :mod:`ray_quota._core.broker`."""
 
     def __init__(self, node_id: str) -> None:
-        _client.lease_directly()  # this process is the broker: its own calls go upstream
+        identity.become_broker()  # this process is the broker: its own calls go upstream
         self._node_id = node_id
         self._core: BrokerCore | None = None
         self._info: ExecutorInfo | None = None
@@ -76,7 +76,7 @@ class Broker:
             return answer
         sent_at = time.monotonic()
         try:
-            grant = await _client.call_async("acquire", token_id, generation, claimant,
+            grant = await rpc.call_async("acquire", token_id, generation, claimant,
                                               answer.key, answer.amount, answer.prefetch, timeout,
                                               retry=False)
         except QuotaError as exc:
@@ -138,7 +138,7 @@ class Broker:
         core.settle(reports, time.monotonic())
         upstream = core.release(ending)
         try:
-            return await _client.call_async(method, *args, upstream)
+            return await rpc.call_async(method, *args, upstream)
         except QuotaError as exc:
             return exc
 
@@ -168,8 +168,8 @@ class Broker:
                 self._started = asyncio.Lock()
             async with self._started:
                 if self._core is None:
-                    self._info = await _client.call_async("info")
-                    self._core = BrokerCore(holder=_client.HOLDER,
+                    self._info = await rpc.call_async("info")
+                    self._core = BrokerCore(holder=identity.HOLDER,
                                             ttl_s=self._info.lease_ttl_s)
                     loop = asyncio.get_running_loop()
                     self._tasks = [loop.create_task(self._renew_loop()),
@@ -182,7 +182,7 @@ class Broker:
         assert self._core is not None
         reports = [report for token_id in token_ids for report in self._core.report_of(token_id)]
         if reports:
-            _client.send("settle", reports)
+            rpc.send("settle", reports)
 
     async def _renew_loop(self) -> None:
         """Once per interval: expire silent sub-leases, then renew the node's leases upstream."""
@@ -198,7 +198,7 @@ class Broker:
                 continue
             sent_at = time.monotonic()
             try:
-                alive = await _client.call_async("renew", _client.HOLDER, reports, observed)
+                alive = await rpc.call_async("renew", identity.HOLDER, reports, observed)
             except Exception:  # noqa: BLE001 - a missed renewal only shortens trust
                 _observe.ACCUMULATOR.restore(observed)
                 continue
@@ -210,7 +210,7 @@ class Broker:
         core = self._core
         while True:
             try:
-                recalled = await _client.call_async("watch", _client.HOLDER,
+                recalled = await rpc.call_async("watch", identity.HOLDER,
                                                     WATCH_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - no executor right now; renewals still shrink
                 await asyncio.sleep(RENEW_INTERVAL_S)
@@ -218,7 +218,7 @@ class Broker:
             if recalled:
                 reports, tell = core.recall(recalled)
                 if reports:
-                    _client.send("settle", reports)
+                    rpc.send("settle", reports)
                 for holder, token_ids in tell.items():
                     self._board.post(holder, token_ids)
 

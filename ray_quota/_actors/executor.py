@@ -6,7 +6,7 @@ write the changes to the store, resolve the futures of waiting acquires, post re
 holders' watches. Nothing is acknowledged before it is on disk.
 
 Every method answers with a value or with a :class:`QuotaError` *returned*, not raised, so errors
-cross Ray as themselves and the client raises them (see ``_client.call``). Waiting happens on
+cross Ray as themselves and the client raises them (see ``_runtime.rpc.ask``). Waiting happens on
 futures inside the actor: a blocked reservation never delays commits, renewals or other callers.
 """
 

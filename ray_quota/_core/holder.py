@@ -1,6 +1,8 @@
 """A holder's side of a lease: serve reservations locally, settle them, report at renewal.
 
 Pure and clock-free like the scheduler: the Ray client and the tests drive it with ``now``.
+:class:`LocalLease` is one lease; :class:`LeaseSet` is every lease one process keeps of one token
+(the current one and those retired but not yet settled), as ``QuotaToken`` keeps them.
 
 Reports carry running totals (units returned, used, owed as debt), never increments, so the
 executor can apply a report twice, late or out of order without harm. A lease is known to the
@@ -11,9 +13,10 @@ and settles the old one as final.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ray_quota._core.protocol import TRUST
+from ray_quota._core.protocol import TRUST, Adoption, Grant, Renewed, Report
 from ray_quota._spec import Kind
 
 
@@ -165,3 +168,176 @@ class LocalLease:
     def held(self) -> int:
         """Units this holder knows it holds: spare and in open reservations."""
         return self.spare + self.reserved
+
+
+class LeaseSet:
+    """The leases one process holds of one token: a current lease, which serves reservations and
+    takes grants, and retired leases whose open reservations still have to close before they
+    are settled as final.
+
+    Not thread-safe: the token calls it under its own lock. Time comes in as ``now``.
+
+    Example:
+        >>> keys = iter(["p:0", "p:1"])
+        >>> leases = LeaseSet("t1", Kind.RATE, max_prefetch=64, new_key=keys.__next__)
+        >>> leases.take(10, now=0.0) is None        # nothing held: ask the executor
+        True
+        >>> lease = leases.current
+        >>> leases.granted(lease, 10, Grant(units=30, ttl_s=10.0, contended=False), sent_at=0.0)
+        True
+        >>> leases.settle(lease, 10, used=4) is None  # nothing urgent to report
+        True
+        >>> leases.reports(now=1.0, live=True)
+        [Report(token_id='t1', key='p:0', returned=0, used=4, debt=0, final=False)]
+
+    Args:
+        token_id: the token's id, which every report and adoption carries.
+        kind: the resource's kind.
+        max_prefetch: the most units a lease may ask for beyond a request.
+        new_key: mints a lease key never used before (``holder:n``).
+    """
+
+    __slots__ = ("token_id", "kind", "max_prefetch", "_new_key", "current", "_retired")
+
+    def __init__(self, token_id: str, kind: Kind, *, max_prefetch: int,
+                 new_key: Callable[[], str]) -> None:
+        self.token_id = token_id
+        self.kind = kind
+        self.max_prefetch = max_prefetch
+        self._new_key = new_key
+        self.current = self._new_lease()
+        self._retired: list[LocalLease] = []  # earlier leases still to settle as final
+
+    def __iter__(self) -> Iterator[LocalLease]:
+        """The current lease, then the retired ones."""
+        return iter([self.current, *self._retired])
+
+    @property
+    def reserved(self) -> int:
+        """Units in open reservations, over every lease."""
+        return sum(lease.reserved for lease in self)
+
+    # -------------------------------------------------------------------- reserve and settle
+
+    def take(self, amount: int, now: float) -> LocalLease | None:
+        """Serve ``amount`` from the current lease; the lease that served it, or None to ask."""
+        lease = self.current
+        return lease if lease.take(amount, now) else None
+
+    def granted(self, lease: LocalLease, amount: int, grant: Grant, *, sent_at: float) -> bool:
+        """Take a grant for a request of ``amount`` sent at ``sent_at`` under ``lease``.
+
+        Returns False, changing nothing, if the lease was settled as final while the request
+        waited: the final settlement gave those units back (or the executor refuses them), so
+        they are not this process's to use.
+        """
+        if lease.final:
+            return False
+        lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
+                      contended=grant.contended, waited_s=grant.waited_s)
+        lease.via = grant.via
+        return True
+
+    def settle(self, lease: LocalLease, amount: int, used: int) -> Report | None:
+        """A reservation of ``amount`` that used ``used`` closed.
+
+        Returns a report to send at once, or None to wait for the renewal: overuse is charged at
+        once, and under contention the spare goes back at once.
+        """
+        urgent = lease.settle(amount, used)
+        urgent |= lease.contended and lease.recall()
+        return self._report_of(lease, final=False) if urgent else None
+
+    def recall(self) -> Report | None:
+        """Others wait for the resource: give back the current lease's spare units now."""
+        lease = self.current
+        return self._report_of(lease, final=False) if lease.recall() else None
+
+    # ----------------------------------------------------------------------- leases that end
+
+    def ended(self, lease: LocalLease) -> None:
+        """The executor ended ``lease`` (it expired): carry on under a new one."""
+        if self.current is lease:
+            self.current = self._new_lease()
+
+    def lost(self, lease: LocalLease) -> None:
+        """A request's answer under ``lease`` was lost, and with it whatever it granted: settle
+        the lease as final once its reservations close, and carry on under a new one."""
+        if self.current is lease:
+            self._retired.append(lease)
+            self.current = self._new_lease()
+
+    def final_reports(self) -> list[Report]:
+        """End every lease (the token closes, merges or moves): open reservations count as
+        used in full, spare goes back."""
+        leases, self._retired = list(self), []
+        for lease in leases:
+            lease.release_all()
+        return [self._report_of(lease, final=True) for lease in leases if lease.active]
+
+    # ----------------------------------------------------------------------------- renewal
+
+    def reports(self, now: float, *, live: bool) -> list[Report]:
+        """The running totals of each lease, for a renewal sent at ``now``.
+
+        Retired leases are settled as final once idle. Unless ``live`` (the token moved to
+        another process), the current lease keeps no spare, and is settled as final once idle.
+        """
+        reports = []
+        current = self.current
+        if current.active:
+            current.report(now, keep_spare=live)
+            if live or current.reserved:
+                reports.append(self._report_of(current, final=False))
+            else:  # moved away and idle: this lease is done
+                current.release_all()
+                reports.append(self._report_of(current, final=True))
+                self.current = self._new_lease()
+        for lease in list(self._retired):
+            lease.report(now, keep_spare=False)
+            final = not lease.reserved
+            reports.append(self._report_of(lease, final=final))
+            if final:
+                self._retired.remove(lease)
+        return reports
+
+    def renewed(self, alive: Renewed, sent_at: float) -> None:
+        """Apply the answer to a renewal sent at ``sent_at``."""
+        lease = self.current
+        if not lease.active:
+            return
+        answer = alive.get((self.token_id, lease.key))
+        if answer is None:
+            # The executor (or broker) no longer knows this lease (it expired): start afresh.
+            self.current = self._new_lease()
+        else:
+            contended, ttl_s = answer
+            lease.renewed(contended=contended, sent_at=sent_at, ttl_s=ttl_s)
+
+    # --------------------------------------------------------------------- broker failover
+
+    def adoptions(self) -> list[Adoption]:
+        """This process's share of its broker's leases, to take over directly (the broker
+        failed)."""
+        return [Adoption(self.token_id, lease.via, lease.key, lease.held, lease.returned,
+                         lease.used, lease.debt) for lease in self
+                if lease.via is not None and lease.active and not lease.final]
+
+    def adopted(self, adopted: set[tuple[str, str]]) -> None:
+        """Leases in ``adopted`` (token id, key) are now the executor's directly; the others
+        are gone, and the current one, if gone, is replaced."""
+        for lease in list(self):
+            if lease.via is not None:
+                lease.via = None
+                if (self.token_id, lease.key) not in adopted and lease is self.current:
+                    self.current = self._new_lease()
+
+    # --------------------------------------------------------------------------- internals
+
+    def _new_lease(self) -> LocalLease:
+        return LocalLease(self.kind, key=self._new_key(), max_prefetch=self.max_prefetch)
+
+    def _report_of(self, lease: LocalLease, *, final: bool) -> Report:
+        lease.final = lease.final or final
+        totals = lease.totals()
+        return Report(self.token_id, lease.key, totals.returned, totals.used, totals.debt, final)

@@ -73,9 +73,9 @@ def brokers() -> list[str]:
 
 
 def executor_counts() -> dict[str, int]:
-    from ray_quota import _client
+    from ray_quota._runtime import rpc
 
-    return dict(ray.get(_client.executor().call_counts.remote()))
+    return dict(ray.get(rpc.executor().call_counts.remote()))
 
 
 def fairness(duration_s: float) -> dict[str, object]:

@@ -1,0 +1,181 @@
+"""This process's background work: a renewer thread that reports and renews every token's leases
+once an interval, a watch thread that hears recalls, and a last flush when the process ends.
+
+The intervals are read from this module at each use, so a test may change them here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+import ray
+
+from ray_quota._core.protocol import RENEW_INTERVAL_S, WATCH_TIMEOUT_S
+from ray_quota._errors import QuotaError
+from ray_quota._observability import observe as _observe
+from ray_quota._runtime import routing, rpc
+from ray_quota._runtime.identity import HOLDER
+
+if TYPE_CHECKING:
+    from ray_quota._token import QuotaToken
+
+
+class _Process:
+    renewer: Renewer | None = None
+    lock = threading.Lock()
+
+
+def current() -> Renewer | None:
+    """This process's renewer, once a token asked the executor for units."""
+    return _Process.renewer
+
+
+def track(token: QuotaToken) -> None:
+    """Have this process's renewer settle and renew the token's leases."""
+    with _Process.lock:
+        renewer = _Process.renewer
+        if renewer is None:
+            renewer = _Process.renewer = Renewer()
+            renewer.start()
+            threading.Thread(target=_watch, args=(renewer,), name="ray_quota-recalls",
+                             daemon=True).start()
+            routing.when_broker_fails(renewer.adopt_all)
+            atexit.register(flush)
+            _flush_when_actor_exits()
+    renewer.add(token)
+
+
+def flush() -> None:
+    """Settle every lease of this process now (tests and clean exits); quiet if nobody listens."""
+    if _Process.renewer is not None:
+        try:
+            _Process.renewer.flush()
+        except QuotaError:
+            pass
+
+
+class Renewer(threading.Thread):
+    """Every interval: report what each token's lease used, give back spare, renew the rest."""
+
+    def __init__(self) -> None:
+        super().__init__(name="ray_quota-renewer", daemon=True)
+        self._tokens: weakref.WeakSet[QuotaToken] = weakref.WeakSet()
+        self._flush_lock = threading.Lock()
+        self._last = threading.Event()  # the process is ending: flush once more, then stop
+        self._done = threading.Event()
+
+    def add(self, token: QuotaToken) -> None:
+        self._tokens.add(token)
+
+    def recall(self, token_ids: set[str]) -> None:
+        reports = [report for token in list(self._tokens) if token._id in token_ids
+                   and (report := token._recall())]
+        if reports:
+            routing.send("settle", reports)
+
+    def adopt_all(self) -> None:
+        """Take every brokered lease of this process over directly (the broker failed)."""
+        tokens = list(self._tokens)
+        entries = [entry for token in tokens for entry in token._adoptions()]
+        adopted = set(rpc.call("adopt", entries)) if entries else set()
+        for token in tokens:
+            token._adopted(adopted)
+
+    def run(self) -> None:
+        while True:
+            last = self._last.wait(RENEW_INTERVAL_S)
+            if not last and _actor_exiting():
+                continue  # the actor's __ray_shutdown__ hook asks for the last flush
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a missed renewal only shrinks our leases
+                pass
+            if last:
+                self._done.set()
+                return
+
+    def last_flush(self, timeout_s: float) -> None:
+        """Have this thread flush once more now, and wait (at most ``timeout_s``) until it has."""
+        if self.is_alive():
+            self._last.set()
+            self._done.wait(timeout_s)
+
+    def flush(self) -> None:
+        with self._flush_lock:
+            tokens = list(self._tokens)
+            observed = _observe.drain()  # metrics travel with the renewal
+            if not tokens and observed is None:
+                return
+            sent_at = time.monotonic()
+            reports = [report for token in tokens for report in token._reports(sent_at)]
+            try:
+                alive = routing.lease_call("renew", HOLDER, reports, observed)
+            except BaseException:
+                _observe.restore(observed)  # the next renewal carries them
+                raise
+            for token in tokens:
+                token._renewed(alive, sent_at)
+
+
+def _watch(renewer: Renewer) -> None:
+    """Keep one call open at the executor that answers when our spare units should go back."""
+    while not _actor_exiting():
+        try:
+            recalled = routing.lease_call("watch", HOLDER, WATCH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - no executor right now; renewals still shrink leases
+            time.sleep(RENEW_INTERVAL_S)
+            continue
+        if recalled:
+            renewer.recall(set(recalled))
+
+
+# ------------------------------------------------------------------- an actor on its way out
+
+
+def _flush_when_actor_exits() -> None:
+    """In an actor, flush from Ray's ``__ray_shutdown__`` hook (chained to the actor's own).
+
+    An actor that ends normally (``exit_actor()``, or its last handle dropped) runs ``atexit``
+    handlers only after Ray has disconnected, when calls to the executor can no longer go out,
+    so the atexit flush alone would lose its last renewal's worth of observations and usage.
+    The hook has the renewer thread send it: a call made from the hook's own thread carries no
+    task context, and Ray 2.60 gives such calls of concurrently exiting actors the same task id,
+    which crashes the executor's worker.
+    """
+    try:
+        worker = ray._private.worker.global_worker  # no public way to reach the actor instance
+        if worker.mode != ray.WORKER_MODE or worker.actor_id.is_nil():
+            return
+        actor = worker.actors.get(worker.actor_id)
+        if actor is None:
+            return
+        own = getattr(actor, "__ray_shutdown__", None)
+
+        def shutdown() -> None:
+            renewer = _Process.renewer
+            if renewer is not None:
+                renewer.last_flush(timeout_s=3.0)  # Ray kills a slow exit after ~5 s
+            if own is not None:
+                own()
+
+        actor.__ray_shutdown__ = shutdown
+    except Exception:  # noqa: BLE001 - Ray's internals moved, or the actor takes no attributes
+        pass
+
+
+def _actor_exiting() -> bool:
+    """Whether this process is an actor on its way out (``exit_actor()``, or its handles gone).
+
+    Background threads then stop calling the executor: Ray holds the exit until calls in flight
+    return, and kills the process (no last flush) if that takes over ~5 s.
+    """
+    try:
+        worker = ray._private.worker.global_worker
+        return bool(worker.mode == ray.WORKER_MODE and not worker.actor_id.is_nil()
+                    and getattr(worker, "core_worker").get_current_actor_should_exit())
+    except Exception:  # noqa: BLE001 - not connected, or Ray's internals moved
+        return False

@@ -1,0 +1,94 @@
+"""Sync and async twins over one implementation.
+
+Logic that waits is written once, as a generator that yields what to wait for (a step) and is
+sent back the answer, or has the step's error thrown in at the ``yield``. :func:`run` waits for
+each step by blocking, :func:`run_async` by awaiting; that is all the twins differ in.
+
+Example:
+    >>> def twice(handle, x):
+    ...     first = yield Remote(handle.double, (x,))
+    ...     return (yield Remote(handle.double, (first,)))
+    >>> run(twice(handle, 1))                 # or: await run_async(twice(handle, 1))
+    4
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import ray
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """Call an actor's method (``handle.method``) with ``args``; the answer is its result."""
+
+    method: Any
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Pause for ``seconds``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Blocking:
+    """Call a function that blocks (in a worker thread under asyncio, so the loop goes on)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+Step = Remote | Sleep | Blocking
+Steps = Generator[Step, Any, T]
+
+
+def run(steps: Steps[T]) -> T:
+    """Drive ``steps`` to its result, blocking this thread on each step."""
+    answer: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            step = steps.send(answer) if error is None else steps.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        answer, error = None, None
+        try:
+            if isinstance(step, Remote):
+                answer = ray.get(step.method.remote(*step.args))
+            elif isinstance(step, Sleep):
+                time.sleep(step.seconds)
+            else:
+                answer = step.fn(*step.args)
+        except Exception as exc:  # noqa: BLE001 - the logic decides; thrown in at its yield
+            error = exc
+
+
+async def run_async(steps: Steps[T]) -> T:
+    """Drive ``steps`` to its result, awaiting each step: the asyncio twin of :func:`run`."""
+    answer: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            step = steps.send(answer) if error is None else steps.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        answer, error = None, None
+        try:
+            if isinstance(step, Remote):
+                answer = await step.method.remote(*step.args)
+            elif isinstance(step, Sleep):
+                await asyncio.sleep(step.seconds)
+            else:
+                answer = await asyncio.to_thread(step.fn, *step.args)
+        except Exception as exc:  # noqa: BLE001 - the logic decides; thrown in at its yield
+            error = exc
