@@ -30,7 +30,7 @@ _WHERE = {
     "NotInitializedError": "_errors",
     "Policy": "_core.scheduler",
     "QuotaError": "_errors",
-    "QuotaExecutor": "_decorate",
+    "QuotaExecutor": "_pool",
     "QuotaTerminated": "_errors",
     "QuotaToken": "_token",
     "Reservation": "_token",
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from ray_quota._context import current_token
     from ray_quota._core.protocol import ExecutorInfo
     from ray_quota._core.scheduler import Policy, ResourceStatus
-    from ray_quota._decorate import QuotaExecutor, quota
+    from ray_quota._decorate import quota
     from ray_quota._errors import (
         FailedReservation,
         ForgedTokenError,
@@ -91,5 +91,6 @@ if TYPE_CHECKING:
         UnknownResourceError,
     )
     from ray_quota._manifest import Manifest, load_manifest
+    from ray_quota._pool import QuotaExecutor
     from ray_quota._spec import Enforcement, Kind, ResourceSpec
     from ray_quota._token import QuotaToken, Reservation, with_reservation, with_reservation_async

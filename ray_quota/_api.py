@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_quota._runtime import rpc
 from ray_quota._errors import InvalidAmountError, ManifestError, UnknownResourceError
-from ray_quota._actors.executor import Executor
+from ray_quota._actors.executor import ExecutorActor
 from ray_quota._core.protocol import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
 from ray_quota._manifest import load_manifest
 from ray_quota._core.scheduler import Policy, ResourceStatus
@@ -69,7 +69,7 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
             raise ManifestError("no executor is running: pass a manifest to start one") from None
         # On this (the driver's) node by preference: usually the head, which lives longest.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        actor = ray.remote(Executor).options(
+        actor = ray.remote(ExecutorActor).options(
             name=EXECUTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_concurrency=10_000, num_cpus=0, scheduling_strategy=here)
         if brokers is None:

@@ -1,4 +1,4 @@
-"""Quotas on Ray tasks and actors, and a concurrent.futures-style pool that runs under one budget.
+"""Quotas on Ray tasks and actors: the ``@quota`` decorator.
 
 Calling a quota'd task splits a child token off the caller's token for that resource (or opens a
 fresh one if none is in scope) and moves it into the task. Inside, ``current_token()`` reaches it;
@@ -8,10 +8,8 @@ when the task ends, its unused expected use and credit go back to the parent.
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,7 @@ from ray_quota._token import QuotaToken
 
 
 @dataclass(frozen=True, slots=True)
-class _Quota:
+class QuotaSpec:
     resource: str
     expected_use: int
     label: str | None
@@ -48,7 +46,7 @@ def quota(resource: str, expected_use: int, *, label: str | None = None) -> Call
     """
     if isinstance(expected_use, bool) or not isinstance(expected_use, int) or expected_use < 1:
         raise ValueError(f"expected_use must be a whole number from 1, not {expected_use!r}")
-    spec = _Quota(resource, expected_use, label)
+    spec = QuotaSpec(resource, expected_use, label)
 
     def wrap(target: Any) -> Any:
         if isinstance(target, QuotaRemoteFunction | QuotaActorClass):
@@ -63,7 +61,8 @@ def quota(resource: str, expected_use: int, *, label: str | None = None) -> Call
     return wrap
 
 
-def _children(quotas: tuple[_Quota, ...], explicit: QuotaToken | None) -> dict[str, QuotaToken]:
+def child_tokens(quotas: tuple[QuotaSpec, ...],
+                 explicit: QuotaToken | None) -> dict[str, QuotaToken]:
     """One token per quota: the caller's own (``token=``), a split of the one in scope, or new."""
     children = {}
     for spec in quotas:
@@ -76,7 +75,7 @@ def _children(quotas: tuple[_Quota, ...], explicit: QuotaToken | None) -> dict[s
     return children
 
 
-def _give_back(tokens: Iterable[QuotaToken]) -> None:
+def give_back(tokens: Iterable[QuotaToken]) -> None:
     for token in tokens:
         try:
             if token._state.value == "live":
@@ -99,7 +98,7 @@ def _run_with_tokens(fn: Callable[..., Any], accepts_token: bool) -> Callable[..
             return fn(*args, **bind(tokens, kwargs))
         finally:
             leave_scope(reset)
-            _give_back(tokens.values())
+            give_back(tokens.values())
 
     # Not functools.wraps: Ray would check calls against fn's signature through __wrapped__.
     body.__name__, body.__qualname__ = fn.__name__, fn.__qualname__
@@ -110,7 +109,7 @@ def _run_with_tokens(fn: Callable[..., Any], accepts_token: bool) -> Callable[..
 class QuotaRemoteFunction:
     """A Ray remote function whose calls carry quota tokens; use it like the original."""
 
-    def __init__(self, target: RemoteFunction, quotas: tuple[_Quota, ...],
+    def __init__(self, target: RemoteFunction, quotas: tuple[QuotaSpec, ...],
                  remote: Any = None) -> None:
         self._target = target
         self._quotas = quotas
@@ -122,7 +121,7 @@ class QuotaRemoteFunction:
             remote = ray.remote(**options)(body) if options else ray.remote(body)
         self._remote = remote
 
-    def _with(self, spec: _Quota) -> QuotaRemoteFunction:
+    def _with(self, spec: QuotaSpec) -> QuotaRemoteFunction:
         return QuotaRemoteFunction(self._target, (*self._quotas, spec))
 
     def options(self, **options: Any) -> QuotaRemoteFunction:
@@ -131,13 +130,13 @@ class QuotaRemoteFunction:
 
     def remote(self, *args: Any, token: QuotaToken | None = None, **kwargs: Any) -> Any:
         """Submit the task with its tokens; returns Ray's ObjectRef, as the original does."""
-        return self._remote.remote(_children(self._quotas, token), *args, **kwargs)
+        return self._remote.remote(child_tokens(self._quotas, token), *args, **kwargs)
 
 
 class QuotaActorClass:
     """A Ray actor class whose instances hold quota tokens for their whole life."""
 
-    def __init__(self, target: ActorClass, quotas: tuple[_Quota, ...],
+    def __init__(self, target: ActorClass, quotas: tuple[QuotaSpec, ...],
                  remote: Any = None) -> None:
         self._target = target
         self._quotas = quotas
@@ -156,7 +155,7 @@ class QuotaActorClass:
             remote = ray.remote(**options)(Holder) if options else ray.remote(Holder)
         self._remote = remote
 
-    def _with(self, spec: _Quota) -> QuotaActorClass:
+    def _with(self, spec: QuotaSpec) -> QuotaActorClass:
         return QuotaActorClass(self._target, (*self._quotas, spec))
 
     def options(self, **options: Any) -> QuotaActorClass:
@@ -164,91 +163,4 @@ class QuotaActorClass:
 
     def remote(self, *args: Any, token: QuotaToken | None = None, **kwargs: Any) -> Any:
         """Create the actor with its tokens; returns Ray's actor handle."""
-        return self._remote.remote(_children(self._quotas, token), *args, **kwargs)
-
-
-@ray.remote
-def _pool_task(tokens: dict[str, QuotaToken], fn: Callable[..., Any], *args: Any,
-               **kwargs: Any) -> Any:
-    reset = enter_scope(*tokens.values())
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        leave_scope(reset)
-        _give_back(tokens.values())
-
-
-class QuotaExecutor:
-    """Run callables as Ray tasks under one budget, a child token split off per task.
-
-    Example:
-        >>> budget = ray_quota.QuotaToken("llm-tokens", expected_use=8000)
-        >>> with ray_quota.QuotaExecutor(budget, expected_use=1000) as pool:
-        ...     summaries = list(pool.map(summarize, docs))    # summarize uses current_token()
-
-    Args:
-        token: the parent token; children are split off it and give back what they leave.
-        expected_use: each task's share of the parent's expected use.
-        progress: show a progress bar; by default only when writing to a terminal.
-        ray_options: Ray task options for every task (``num_cpus=...``).
-    """
-
-    def __init__(self, token: QuotaToken, expected_use: int, *, progress: bool | None = None,
-                 **ray_options: Any) -> None:
-        self._token = token
-        self._quota = _Quota(token.resource, expected_use, token.label)
-        self._task = _pool_task.options(**ray_options) if ray_options else _pool_task
-        self._progress = sys.stderr.isatty() if progress is None else progress
-        self._refs: list[Any] = []
-        self._closed = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        """Run ``fn(*args, **kwargs)`` as a Ray task holding a child token; a Future of its result."""
-        if self._closed:
-            raise RuntimeError("cannot submit to a QuotaExecutor after shutdown")
-        reset = enter_scope(self._token)
-        try:
-            tokens = _children((self._quota,), None)
-        finally:
-            leave_scope(reset)
-        ref = self._task.remote(tokens, fn, *args, **kwargs)
-        self._refs.append(ref)
-        return ref.future()
-
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-            timeout: float | None = None) -> Iterator[Any]:
-        """Like ``concurrent.futures.Executor.map``: results in order, tasks running at once."""
-        futures = [self.submit(fn, *args) for args in zip(*iterables)]
-        return self._results(futures, timeout)
-
-    def _results(self, futures: list[Future[Any]], timeout: float | None) -> Iterator[Any]:
-        bar = _progress_bar(len(futures)) if self._progress else None
-        try:
-            for future in futures:
-                yield future.result(timeout)
-                if bar is not None:
-                    bar.advance(bar.task_ids[0])
-        finally:
-            if bar is not None:
-                bar.stop()
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop taking work; with ``wait``, block until every task has finished."""
-        self._closed = True
-        if wait and self._refs:
-            ray.wait(self._refs, num_returns=len(self._refs))
-
-    def __enter__(self) -> QuotaExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown(wait=True)
-
-
-def _progress_bar(total: int) -> Any:
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.add_task("ray_quota tasks", total=total)
-    bar.start()
-    return bar
+        return self._remote.remote(child_tokens(self._quotas, token), *args, **kwargs)

@@ -12,12 +12,12 @@ from pathlib import Path
 from conftest import TEST_MANIFEST
 
 from ray_quota import Policy
-from ray_quota._actors.executor import Executor
+from ray_quota._actors.executor import ExecutorActor
 from ray_quota._core.protocol import Grant, TokenInfo
 
 
 async def recall_reaches_watcher(path: Path) -> list[str]:
-    executor = Executor(TEST_MANIFEST, "test", Policy(lease_ttl_s=10.0), state_path=str(path))
+    executor = ExecutorActor(TEST_MANIFEST, "test", Policy(lease_ttl_s=10.0), state_path=str(path))
     holding = await executor.open_token("conn", 1, "a", None)
     other = await executor.open_token("conn", 1, "b", None)
     assert isinstance(holding, TokenInfo) and isinstance(other, TokenInfo)

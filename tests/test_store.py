@@ -9,7 +9,7 @@ from typing import Any
 from conftest import TEST_MANIFEST
 
 from ray_quota import FailedReservation, Policy
-from ray_quota._actors.executor import Executor
+from ray_quota._actors.executor import ExecutorActor
 from ray_quota._core.protocol import Grant, Report
 from ray_quota._spec import Kind, ResourceSpec
 from ray_quota._store import StateStore
@@ -19,11 +19,11 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def start(path: Path, ttl: float = 10.0) -> Executor:
-    return Executor(TEST_MANIFEST, "test", Policy(lease_ttl_s=ttl), state_path=str(path))
+def start(path: Path, ttl: float = 10.0) -> ExecutorActor:
+    return ExecutorActor(TEST_MANIFEST, "test", Policy(lease_ttl_s=ttl), state_path=str(path))
 
 
-async def acquire(executor: Executor, token_id: str, amount: int,
+async def acquire(executor: ExecutorActor, token_id: str, amount: int,
                   key: str = "holder:0") -> Grant | Exception:
     return await executor.acquire(token_id, 0, "me", key, amount, 0, None)
 

@@ -43,7 +43,7 @@ def broker_name(node_id: str) -> str:
     return BROKER_PREFIX + node_id
 
 
-class Broker:
+class BrokerActor:
     """Re-leases the executor's units to the processes of one node; see :mod:`ray_quota._core.broker`."""
 
     def __init__(self, node_id: str) -> None:

@@ -36,7 +36,7 @@ from ray_quota._spec import ResourceSpec
 from ray_quota._store import StateStore
 
 
-class Executor:
+class ExecutorActor:
     """Hosts one environment's :class:`ExecutorService`; methods are coroutines run on the
     actor's loop, one at a time between awaits."""
 

@@ -53,13 +53,13 @@ def broker() -> Any:
         return None
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ray_quota._actors.broker import Broker, broker_name
+    from ray_quota._actors.broker import BrokerActor, broker_name
 
     node = ray.get_runtime_context().get_node_id()
     with _Routing.lock:
         if _Routing.broker is None:
             # Pinned to this node (soft=False): when the node goes, the broker goes with it.
-            _Routing.broker = ray.remote(Broker).options(
+            _Routing.broker = ray.remote(BrokerActor).options(
                 name=broker_name(node), namespace=NAMESPACE, lifetime="detached",
                 get_if_exists=True, max_restarts=0, max_concurrency=10_000, num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
