@@ -37,7 +37,7 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     # Workers import test helpers by module name, as cloudpickle refers to them.
-    paths = f"{ROOT / 'tests'}:{ROOT}"
+    paths = ":".join(str(path) for path in (ROOT / "tests", ROOT / "tests" / "ray", ROOT))
     ray.init(num_cpus=4, include_dashboard=False, namespace="ray_quota_tests",
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": paths}})
     yield

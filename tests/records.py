@@ -1,7 +1,7 @@
 """The checks the safety tests run on what workers recorded; they never read the executor's counters.
 
 ``jain`` and ``max_overlap`` are the benchmark's (``bench/check.py``). ``max_rate_excess`` here is
-the plain point check, kept apart on purpose: ``tests/test_bench.py`` checks the benchmark's
+the plain point check, kept apart on purpose: ``tests/ray/test_bench.py`` checks the benchmark's
 interval version against it.
 """
 

@@ -1,6 +1,6 @@
 """Node brokers on a 3-node cluster on this machine: fairness across nodes, and failures.
 
-Run by tests/test_brokers_multinode.py in its own process (it needs its own Ray cluster); prints
+Run by tests/ray/test_brokers_multinode.py in its own process (it needs its own Ray cluster); prints
 one JSON line of what it observed. ``--long`` runs the fairness phase for longer.
 
 1. Three tenants weighted 1:2:4, each backlogged on its own node, lease through their nodes'

@@ -1,6 +1,6 @@
 """Remove a node that runs quota-holding work from a multi-node cluster on this machine.
 
-Run by tests/test_node_failure.py in its own process (it needs its own Ray cluster); prints one
+Run by tests/ray/test_node_failure.py in its own process (it needs its own Ray cluster); prints one
 JSON line of what it observed.
 """
 

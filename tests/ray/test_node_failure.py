@@ -13,7 +13,7 @@ SCENARIO = Path(__file__).parent / "scenarios" / "node_failure.py"
 
 def test_removing_a_node_reclaims_its_leases_and_the_rest_keep_going() -> None:
     # Its own process: a multi-node cluster cannot share the session's Ray instance.
-    env = {**os.environ, "PYTHONPATH": str(SCENARIO.parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(SCENARIO.parents[3])}
     run = subprocess.run([sys.executable, str(SCENARIO)], capture_output=True, text=True,
                          timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]

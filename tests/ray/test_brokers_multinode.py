@@ -21,7 +21,7 @@ TTL_S = 3.0
 
 
 def run_scenario(*args: str) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(SCENARIO.parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(SCENARIO.parents[3])}
     run = subprocess.run([sys.executable, str(SCENARIO), *args], capture_output=True, text=True,
                          check=False, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
