@@ -1,9 +1,9 @@
 """A scale model: the real scheduling core under a simulated cluster, with and without brokers.
 
 No Ray. A discrete-event simulation on a fake clock drives the real :class:`ExecutorService`,
-:class:`BrokerCore` and :class:`LocalLease` objects the way the executor actor
+:class:`BrokerCore` and :class:`LeaseSet` objects the way the executor actor
 (``ray_quota/_actors/executor.py``), the node broker (``_actors/broker.py``) and each process
-(``_client.py``, ``_token.py``) drive them, and counts what reaches the executor.
+(``_token.py``, ``_runtime/renewer.py``) drive them, and counts what reaches the executor.
 
 Example:
     >>> results = run(quick(Params()), brokers=True)  # 4 nodes x 8 processes

@@ -13,17 +13,16 @@ from bench.scale_model.actor import LeaseService
 from bench.scale_model.executor import ExecutorModel
 from bench.scale_model.params import EXECUTOR, LOCAL, Params, Stats
 from bench.scale_model.sim import Reply, Sim
-from ray_quota._core.holder import LocalLease
+from ray_quota._core.holder import LeaseSet, LocalLease
 from ray_quota._core.protocol import (
-    PREFETCH_FRACTION,
     RENEW_INTERVAL_S,
     Grant,
     Renewed,
     Report,
     TokenInfo,
+    prefetch_cap,
 )
 from ray_quota._errors import LeaseEndedError, QuotaError
-from ray_quota._spec import Kind
 
 GENERATION = 1  # a task takes its token up once, as an unpickled token does (generation 0 + 1)
 
@@ -35,9 +34,10 @@ class SimulationError(RuntimeError):
 class Process:
     """One worker process: tasks one after another, each with a token split from its tenant's.
 
-    As ``QuotaToken`` and the client do: reservations come from the local lease when it can
-    serve them, else from the lease service (the executor, or the node's broker); a renewal
-    goes out every interval after the last one returned; one recall watch is always open.
+    As ``QuotaToken`` and the renewer do, on the real :class:`LeaseSet`: reservations come from
+    the current lease when it can serve them, else from the lease service (the executor, or the
+    node's broker); a renewal goes out every interval after the last one returned; one recall
+    watch is always open.
     """
 
     def __init__(self, sim: Sim, name: str, tenant: int, parent: TokenInfo, owner: str,
@@ -53,11 +53,9 @@ class Process:
         self._params = params
         self._stats = stats
         self.rng = rng  # this process's own stream: the same draws in either mode
-        self._keys = itertools.count()
-        self._max_prefetch = max(1, int(parent.spec.ceiling * PREFETCH_FRACTION))
-        self.token_id: str | None = None
-        self.lease: LocalLease | None = None
-        self._open: LocalLease | None = None  # the lease of the open reservation, if any
+        keys = itertools.count()
+        self._new_key = lambda: f"{name}:{next(keys)}"  # lease keys, unique over the tasks
+        self.leases: LeaseSet | None = None  # the task token's leases, while a task runs
         self._left = 0  # reservations left in this task
         self._observed = False  # reservations since the last renewal (metrics ride along)
         self._stopping = False
@@ -74,10 +72,15 @@ class Process:
         self._stopping = True
 
     @property
+    def token_id(self) -> str | None:
+        """The task token's id, while a task runs."""
+        return None if self.leases is None else self.leases.token_id
+
+    @property
     def held(self) -> int:
         """Units held in the current lease (a lease the process was told ended is not counted:
         the executor charged what it held)."""
-        lease = self.lease
+        lease = None if self.leases is None else self.leases.current
         return lease.held if lease is not None and lease.active and not lease.final else 0
 
     # ----------------------------------------------------------------------------- tasks
@@ -95,8 +98,8 @@ class Process:
         if isinstance(info, QuotaError):
             raise SimulationError(f"{self.name}: split refused: {info!r}")
         self._stats.tasks += self._stats.window.holds(self._sim.now)
-        self.token_id = info.id
-        self.lease = self._new_lease()
+        self.leases = LeaseSet(info.id, info.spec.kind, max_prefetch=prefetch_cap(info.spec),
+                               new_key=self._new_key)
         self._left = self.rng.randint(*self._params.reservations_per_task)
         if self._stopping:
             self._end_task()
@@ -105,42 +108,39 @@ class Process:
 
     def _reserve(self) -> None:
         amount = self.rng.randint(*self._params.amount)
-        lease = self._lease()
-        if lease.take(amount, self._sim.now):
+        lease = self._leases().take(amount, self._sim.now)
+        if lease is not None:
             self._admitted(lease, amount, self._sim.now, LOCAL)
         else:
             self._ask(amount, self._sim.now)
 
     def _ask(self, amount: int, asked: float) -> None:
-        lease = self._lease()
-        assert self.token_id is not None
-        reply = Reply(functools.partial(self._answered, lease, amount, asked, self._sim.now),
-                      self._service.hop_s)
-        self._sim.after(self._service.hop_s, self._service.acquire, reply, self.token_id,
+        leases = self._leases()
+        lease = leases.current
+        reply = Reply(functools.partial(self._answered, leases, lease, amount, asked,
+                                        self._sim.now), self._service.hop_s)
+        self._sim.after(self._service.hop_s, self._service.acquire, reply, leases.token_id,
                         GENERATION, self.name, lease.key, amount, lease.prefetch())
 
-    def _answered(self, lease: LocalLease, amount: int, asked: float, sent_at: float,
-                  answer: Any) -> None:
+    def _answered(self, leases: LeaseSet, lease: LocalLease, amount: int, asked: float,
+                  sent_at: float, answer: Any) -> None:
         outcome, path = answer if isinstance(answer, tuple) else (answer, EXECUTOR)
         if isinstance(outcome, LeaseEndedError):
             self._stats.lease_restarts += 1
-            if self.lease is lease:  # carry on under a new lease, as QuotaToken.reserve does
-                self.lease = self._new_lease()
+            leases.ended(lease)  # carry on under a new lease, as QuotaToken.reserve does
             self._ask(amount, asked)
             return
         if not isinstance(outcome, Grant):  # the token is gone: the task fails, the next one
             self._stats.errors[type(outcome).__name__] += 1  # starts, as the user's code would
             self._end_task()
             return
-        lease.granted(amount, units=outcome.units, sent_at=sent_at, ttl_s=outcome.ttl_s,
-                      contended=outcome.contended, waited_s=outcome.waited_s)
-        lease.via = outcome.via
+        if not leases.granted(lease, amount, outcome, sent_at=sent_at):
+            raise SimulationError(f"{self.name}: granted into a lease settled as final")
         self._admitted(lease, amount, asked, path)
 
     def _admitted(self, lease: LocalLease, amount: int, asked: float, path: int) -> None:
         index = self._stats.reservation(self.tenant, asked, self._sim.now, amount, path)
         self._observed = True
-        self._open = lease
         think = self.rng.uniform(*self._params.think_s)
         self._sim.after(think, self._commit, lease, amount, index)
 
@@ -148,11 +148,9 @@ class Process:
         """The LLM call returned: commit what it used; under contention spare goes back now."""
         used = int(amount * self.rng.uniform(*self._params.used_fraction))
         self._stats.used[index] = used
-        self._open = None
-        urgent = lease.settle(amount, used)
-        urgent |= lease.contended and lease.recall()
-        if urgent:
-            self._send_settle(lease)
+        report = self._leases().settle(lease, amount, used)
+        if report is not None:
+            self._send_settle(report)
         self._left -= 1
         if self._left > 0 and not self._stopping:
             self._reserve()
@@ -161,14 +159,10 @@ class Process:
 
     def _end_task(self) -> None:
         """``return_to_parent``: final totals go with the merge back."""
-        lease = self._lease()
-        lease.release_all()
-        reports = [self._report(lease, final=True)] if lease.active else []
-        token_id, self.token_id, self.lease = self.token_id, None, None
-        assert token_id is not None
+        leases, self.leases = self._leases(), None
         reply = Reply(self._task_ended, self._service.hop_s)
-        self._sim.after(self._service.hop_s, self._service.merge_back, reply, token_id,
-                        GENERATION, self.name, self._parent.id, reports)
+        self._sim.after(self._service.hop_s, self._service.merge_back, reply, leases.token_id,
+                        GENERATION, self.name, self._parent.id, leases.final_reports())
 
     def _task_ended(self, answer: Any) -> None:
         if isinstance(answer, QuotaError):
@@ -182,32 +176,26 @@ class Process:
     # ------------------------------------------------------------------- renewals, recalls
 
     def _flush(self) -> None:
-        """The renewer: report the lease's totals and renew it."""
+        """The renewer: report the leases' totals and renew them."""
         if self.done:
             return
-        lease = self.lease
-        reports = []
-        if lease is not None and lease.active and not lease.final:
-            lease.report(self._sim.now, keep_spare=True)
-            reports.append(self._report(lease, final=False))
+        leases = self.leases
+        reports = [] if leases is None else leases.reports(self._sim.now, live=True)
         observed, self._observed = self._observed, False
         if not reports and not observed:
             self._sim.after(RENEW_INTERVAL_S, self._flush)
             return
-        reply = Reply(functools.partial(self._renewed, self.token_id, lease, self._sim.now),
+        reply = Reply(functools.partial(self._renewed, leases, self._sim.now),
                       self._service.hop_s)
         self._sim.after(self._service.hop_s, self._service.renew, reply, self.name, reports,
                         observed)
 
-    def _renewed(self, token_id: str | None, lease: LocalLease | None, sent_at: float,
-                 alive: Renewed) -> None:
-        if lease is not None and lease is self.lease and lease.active:
-            answer = alive.get((token_id or "", lease.key))
-            if answer is None:  # the lease expired: start afresh
+    def _renewed(self, leases: LeaseSet | None, sent_at: float, alive: Renewed) -> None:
+        if leases is not None and leases is self.leases:  # else the task ended meanwhile
+            current = leases.current
+            leases.renewed(alive, sent_at)
+            if leases.current is not current:  # the lease expired: a new one starts
                 self._stats.lease_restarts += 1
-                self.lease = self._new_lease()
-            else:
-                lease.renewed(contended=answer[0], sent_at=sent_at, ttl_s=answer[1])
         self._sim.after(RENEW_INTERVAL_S, self._flush)
 
     def _watch(self) -> None:
@@ -216,28 +204,19 @@ class Process:
             self._sim.after(self._service.hop_s, self._service.watch, reply, self.name)
 
     def _recalled(self, token_ids: list[str]) -> None:
-        lease = self.lease
-        if token_ids and lease is not None and self.token_id in token_ids and lease.recall():
-            self._send_settle(lease)
+        leases = self.leases
+        if leases is not None and leases.token_id in token_ids:
+            report = leases.recall()
+            if report is not None:
+                self._send_settle(report)
         self._watch()
 
     # ------------------------------------------------------------------------- internals
 
-    def _lease(self) -> LocalLease:
-        if self.lease is None:
+    def _leases(self) -> LeaseSet:
+        if self.leases is None:
             raise SimulationError(f"{self.name}: no token in hand")
-        return self.lease
+        return self.leases
 
-    def _new_lease(self) -> LocalLease:
-        return LocalLease(Kind.RATE, key=f"{self.name}:{next(self._keys)}",
-                          max_prefetch=self._max_prefetch)
-
-    def _report(self, lease: LocalLease, *, final: bool) -> Report:
-        lease.final = lease.final or final
-        totals = lease.totals()
-        assert self.token_id is not None
-        return Report(self.token_id, lease.key, totals.returned, totals.used, totals.debt, final)
-
-    def _send_settle(self, lease: LocalLease) -> None:
-        report = self._report(lease, final=False)
+    def _send_settle(self, report: Report) -> None:
         self._sim.after(self._service.hop_s, self._service.settle, [report])

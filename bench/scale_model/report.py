@@ -137,7 +137,7 @@ def _assumptions(params: dict[str, Any]) -> str:
                                              "tick_s", "node_hop_s", "cluster_hop_s")}
     low, high = params["reservations_per_task"]
     return (
-        "The model drives the real `ExecutorService`, `BrokerCore` and `LocalLease` on a "
+        "The model drives the real `ExecutorService`, `BrokerCore` and `LeaseSet` on a "
         "simulated clock with the calls the executor actor, broker actor and client make: per "
         "process "
         "a renewal 1 s after the last one returned, one recall watch (answered after 2 s at "
