@@ -30,7 +30,7 @@ and records), ``actor``, ``executor`` and ``broker`` (the actors around the real
 figures and checks), ``report`` (table and chart) and ``cli``.
 """
 
-from bench.scale_model.actor import Actor, Board, LeaseService
+from bench.scale_model.actor import Actor, LeaseService
 from bench.scale_model.broker import BrokerModel
 from bench.scale_model.cli import main, params_from, parse, write
 from bench.scale_model.cluster import Cluster
@@ -43,7 +43,7 @@ from bench.scale_model.sim import CoreTimer, Reply, Server, Sim, Window
 from bench.scale_model.summary import admission, check_runs, summarise
 
 __all__ = [
-    "EXECUTOR", "LOCAL", "MODES", "NODE", "PATHS", "RESOURCE", "VARIANTS", "Actor", "Board",
+    "EXECUTOR", "LOCAL", "MODES", "NODE", "PATHS", "RESOURCE", "VARIANTS", "Actor",
     "BrokerModel", "Cluster", "CoreTimer", "ExecutorModel", "LeaseService", "Params", "Process",
     "Reply", "Server", "Sim", "SimulationError", "Stats", "Window", "admission", "chart",
     "check_runs", "main", "markdown", "params_from", "parse", "quick", "run", "run_all",

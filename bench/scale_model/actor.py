@@ -1,12 +1,11 @@
 """What the executor and a broker share in the model: one thread, a core timer, a recall
-board for the watches of those below, and answers that leave when a job ends.
+watch for each holder below, and answers that leave when a job ends.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from bench.scale_model.params import Params, Stats
@@ -15,42 +14,7 @@ from ray_quota._core.protocol import (
     WATCH_TIMEOUT_S,
     Report,
 )
-
-
-class Board:
-    """Recalls waiting for their holders, as ``RecallBoard``: one open watch per holder."""
-
-    def __init__(self) -> None:
-        self._watchers: dict[str, tuple[int, Reply]] = {}
-        self._posted: dict[str, set[str]] = {}
-        self._ids = itertools.count()
-
-    def wait(self, holder: str, reply: Reply) -> tuple[list[str] | None, list[tuple[Reply, list[str]]],
-                                                       int]:
-        """Register a watch: (an answer now or None, watchers to answer [] now, watch id)."""
-        if holder in self._posted:
-            return sorted(self._posted.pop(holder)), [], -1
-        replaced = self._watchers.pop(holder, None)
-        watch_id = next(self._ids)
-        self._watchers[holder] = (watch_id, reply)
-        return None, [(replaced[1], [])] if replaced else [], watch_id
-
-    def post(self, holder: str, token_ids: Iterable[str]) -> list[tuple[Reply, list[str]]]:
-        """Tell ``holder`` these tokens are recalled; returns the watch to answer, if open."""
-        watcher = self._watchers.pop(holder, None)
-        if watcher is not None:
-            return [(watcher[1], sorted(token_ids))]
-        self._posted.setdefault(holder, set()).update(token_ids)
-        return []
-
-    def expire(self, holder: str, watch_id: int) -> Reply | None:
-        """The watch timed out; its reply, if it is still open."""
-        watcher = self._watchers.get(holder)
-        if watcher is None or watcher[0] != watch_id:
-            return None
-        del self._watchers[holder]
-        return watcher[1]
-
+from ray_quota._core.watches import Watches
 
 # ------------------------------------------------------------------------- the lease calls
 
@@ -74,8 +38,8 @@ class LeaseService(Protocol):
 
 
 class Actor:
-    """What the executor and a broker share: one thread (a :class:`Server`), a core timer, a
-    recall board for the watches of those below, and answers that leave when a job ends."""
+    """What the executor and a broker share: one thread (a :class:`Server`), a core timer, the
+    open recall watches of those below (the real :class:`Watches`), and answers that leave when a job ends."""
 
     def __init__(self, sim: Sim, params: Params, stats: Stats, *, hop_s: float,
                  call_s: float) -> None:
@@ -84,7 +48,7 @@ class Actor:
         self._stats = stats
         self.server = Server(sim, stats.window)
         self.timer = CoreTimer(sim, stats.window, params.core_time_s)
-        self._board = Board()
+        self._watches: Watches[Reply] = Watches()  # as the actor's RecallBoard keeps them
         self._outbox: list[tuple[float, Callable[..., None], tuple[Any, ...]]] = []
         self.hop_s = hop_s  # from a caller to this actor, one way
         self._call_s = call_s
@@ -98,14 +62,14 @@ class Actor:
         raise NotImplementedError
 
     def _watch_job(self, reply: Reply, holder: str) -> float:
-        answer, woken, watch_id = self._board.wait(holder, reply)
+        answer, replaced = self._watches.watch(holder, reply)
         if answer is None:
-            self._sim.after(WATCH_TIMEOUT_S, self._watch_timeout, holder, watch_id)
+            self._sim.after(WATCH_TIMEOUT_S, self._watch_timeout, holder, reply)
+        woken: list[tuple[Reply, list[str]]] = [] if replaced is None else [(replaced, [])]
         return self._answer(self._call_s, reply, answer, woken)
 
-    def _watch_timeout(self, holder: str, watch_id: int) -> None:
-        reply = self._board.expire(holder, watch_id)
-        if reply is not None:
+    def _watch_timeout(self, holder: str, reply: Reply) -> None:
+        if self._watches.close(holder, reply):
             self.server.submit(lambda: self._answer(self._params.reply_s, reply, [], []))
 
     def _send(self, hop_s: float, call: Callable[..., None], *args: Any) -> None:

@@ -183,7 +183,9 @@ class BrokerModel(Actor):
                 if reports:
                     self._up(self._executor.settle, reports)
                 for holder, ids in tell.items():
-                    woken.extend(self._board.post(holder, ids))
+                    answer = self._watches.post(holder, ids)
+                    if answer is not None:
+                        woken.append(answer)
             cost = self._params.reply_s + self.timer.stop()
             self._watch_upstream()
             return self._answer(cost, None, None, woken)

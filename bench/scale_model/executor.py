@@ -26,7 +26,7 @@ class ExecutorModel(Actor):
     """The executor actor around the real :class:`ExecutorService`: same calls, same drains.
 
     Only the shell is modelled here (a :class:`Server` for its thread, replies for its futures,
-    a :class:`Board` for its recall watches); every decision is the service's.
+    the real :class:`Watches` for its recall watches); every decision is the service's.
     """
 
     def __init__(self, sim: Sim, spec: ResourceSpec, params: Params, stats: Stats) -> None:
@@ -123,7 +123,9 @@ class ExecutorModel(Actor):
                 self._sim.at(self._sim.now, self.server.submit,
                              functools.partial(self._resume_job, reply, resolved.outcome))
         for recall in outbox.recalls:
-            self._woken.extend(self._board.post(recall.holder, recall.token_ids))
+            woken = self._watches.post(recall.holder, recall.token_ids)
+            if woken is not None:
+                self._woken.append(woken)
         self._sample()
 
     def _resume_job(self, reply: Reply, outcome: Any) -> float:
