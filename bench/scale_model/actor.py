@@ -39,7 +39,8 @@ class LeaseService(Protocol):
 
 class Actor:
     """What the executor and a broker share: one thread (a :class:`Server`), a core timer, the
-    open recall watches of those below (the real :class:`Watches`), and answers that leave when a job ends."""
+    open recall watches of those below (the real :class:`Watches`), and answers that leave when
+    a job ends."""
 
     def __init__(self, sim: Sim, params: Params, stats: Stats, *, hop_s: float,
                  call_s: float) -> None:
