@@ -2,43 +2,44 @@
 
 A recall tells a holder (a process, or a node's broker) that others now wait for a token it holds
 units of, so it gives its spare back and serves nothing locally. The executor posts the recalls
-its service addresses to holders; a broker passes those of its node on to its processes.
+its service addresses to holders; a broker passes those of its node on to its processes. The rule
+is :class:`Watches`'; this board only waits on asyncio futures.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from ray_quota._core.watches import Watches
+
 
 class RecallBoard:
     """Recalls waiting for their holders: each holder keeps one ``wait`` call open."""
 
     def __init__(self) -> None:
-        self._watchers: dict[str, asyncio.Future[list[str]]] = {}
-        self._posted: dict[str, set[str]] = {}
+        # A future already done (cancelled with its caller, say) can take no answer.
+        self._watches: Watches[asyncio.Future[list[str]]] = Watches(
+            is_open=lambda future: not future.done())
 
     def post(self, holder: str, token_ids: set[str] | frozenset[str]) -> None:
         """Tell ``holder`` that others wait for these tokens' resources."""
-        watcher = self._watchers.pop(holder, None)
-        if watcher is not None and not watcher.done():
-            watcher.set_result(sorted(token_ids))
-        else:
-            self._posted.setdefault(holder, set()).update(token_ids)
+        answer = self._watches.post(holder, token_ids)
+        if answer is not None:
+            future, ids = answer
+            future.set_result(ids)
 
     async def wait(self, holder: str, timeout_s: float) -> list[str]:
         """The token ids recalled from ``holder``, at once if any are posted, else when one is;
         an empty list after ``timeout_s``."""
-        if holder in self._posted:
-            return sorted(self._posted.pop(holder))
-        previous = self._watchers.pop(holder, None)
-        if previous is not None and not previous.done():
-            previous.set_result([])
-        future = asyncio.get_running_loop().create_future()
-        self._watchers[holder] = future
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        posted, replaced = self._watches.watch(holder, future)
+        if posted is not None:
+            return posted
+        if replaced is not None:
+            replaced.set_result([])
         try:
             return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
             return []
         finally:
-            if self._watchers.get(holder) is future:
-                del self._watchers[holder]
+            self._watches.close(holder, future)

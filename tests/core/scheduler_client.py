@@ -1,22 +1,18 @@
-"""A process's side of the scheduler for tests: ``Client`` drives LocalLeases the way the Ray
-layer does (``Held`` is one reservation as it sees it).
+"""A process's side of the scheduler for tests: ``Client`` drives the real :class:`LeaseSet` the
+way ``QuotaToken`` and the renewer do (``Held`` is one reservation as it sees it).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from scheduler_world import (
-    ME,
-    Env,
-)
+from scheduler_world import ME, Env
 
-from ray_quota._core.holder import LocalLease
-from ray_quota._core.protocol import Grant
+from ray_quota._core.holder import LeaseSet, LocalLease
+from ray_quota._core.protocol import Grant, LeaseAnswer, Renewed, Report
 from ray_quota._core.scheduler import Ticket
-from ray_quota._errors import (
-    LeaseEndedError,
-)
+from ray_quota._errors import LeaseEndedError
 from ray_quota._spec import Kind
 
 
@@ -32,53 +28,49 @@ class Held:
 
 
 class Client:
-    """One process's handle on one token: LocalLeases driven the way the Ray layer drives them.
+    """One process's handle on one token, its leases in a :class:`LeaseSet`.
 
     Reservations are served from the current lease when it can; otherwise they go to the
-    scheduler under the lease's key. Reports carry the lease's running totals. A lease the
-    executor no longer knows is retired (settled as final once its reservations close) and the
-    client goes on under a new key.
+    scheduler under the lease's key. Reports carry the leases' running totals. A lease the
+    executor no longer knows is replaced and the client goes on under a new key.
     """
 
     def __init__(self, env: Env, token: str, kind: Kind, *, proc: str = "proc",
                  max_prefetch: int = 0) -> None:
-        self.env, self.token, self.kind, self.proc = env, token, kind, proc
-        self.max_prefetch = max_prefetch
-        self.leases = 0
-        self.lease = self._new_lease()
-        self.retired: list[LocalLease] = []
+        self.env, self.token = env, token
+        keys = itertools.count(1)
+        self.leases = LeaseSet(token, kind, max_prefetch=max_prefetch,
+                               new_key=lambda: f"{proc}:{next(keys)}")
         self.asked = 0
 
-    def _new_lease(self) -> LocalLease:
-        self.leases += 1
-        return LocalLease(self.kind, key=f"{self.proc}:{self.leases}",
-                          max_prefetch=self.max_prefetch)
-
-    def _retire(self) -> None:
-        self.retired.append(self.lease)
-        self.lease = self._new_lease()
+    @property
+    def lease(self) -> LocalLease:
+        """The current lease."""
+        return self.leases.current
 
     def reserve(self, amount: int, **kw: object) -> Held:
         """Serve ``amount`` from the lease, or ask the scheduler (granted into the lease)."""
         now = self.env.now
-        if self.lease.take(amount, now):
-            return Held(self.lease, amount, None, now)
+        served = self.leases.take(amount, now)
+        if served is not None:
+            return Held(served, amount, None, now)
         self.asked += 1
+        lease = self.leases.current
         try:
-            ticket = self.env.sched.acquire(self.token, 0, ME, self.lease.key, amount,
-                                            prefetch=self.lease.prefetch(),
-                                            **kw)  # type: ignore[arg-type]
+            ticket = self._acquire(lease, amount, **kw)
         except LeaseEndedError:  # the executor ended that lease: go on under a new key
-            self._retire()
-            ticket = self.env.sched.acquire(self.token, 0, ME, self.lease.key, amount,
-                                            prefetch=self.lease.prefetch(),
-                                            **kw)  # type: ignore[arg-type]
-        held = Held(self.lease, amount, ticket, now)
+            self.leases.ended(lease)
+            lease = self.leases.current
+            ticket = self._acquire(lease, amount, **kw)
+        held = Held(lease, amount, ticket, now)
         self.finish(held)
         return held
 
-    @staticmethod
-    def finish(held: Held) -> bool:
+    def _acquire(self, lease: LocalLease, amount: int, **kw: object) -> Ticket:
+        return self.env.sched.acquire(self.token, 0, ME, lease.key, amount,
+                                      prefetch=lease.prefetch(), **kw)  # type: ignore[arg-type]
+
+    def finish(self, held: Held) -> bool:
         """Take a resolved grant into its lease; whether the reservation holds units."""
         if held.ticket is None:
             return True
@@ -86,37 +78,36 @@ class Client:
         if not isinstance(grant, Grant):
             return False
         if not held.taken:
-            held.lease.granted(held.amount, units=grant.units, sent_at=held.sent_at,
-                               ttl_s=grant.ttl_s, contended=grant.contended)
-            held.taken = True
-        return True
+            held.taken = self.leases.granted(held.lease, held.amount, grant,
+                                             sent_at=held.sent_at)
+        return held.taken
 
     def commit(self, held: Held, used: int) -> None:
-        lease = held.lease
-        urgent = lease.settle(held.amount, used)
-        urgent |= lease.contended and lease.recall()
-        if urgent:
-            self.send(lease)
+        report = self.leases.settle(held.lease, held.amount, used)
+        if report is not None:
+            self.send(report)
 
-    def send(self, lease: LocalLease, *, final: bool = False) -> None:
-        totals = lease.totals()
-        self.env.sched.settle(self.token, lease.key, totals.returned, totals.used,
-                              totals.debt, final=final)
+    def send(self, report: Report) -> None:
+        self.env.sched.settle(report.token_id, report.key, report.returned, report.used,
+                              report.debt, final=report.final)
 
     def renew(self, *, keep_spare: bool = True) -> None:
-        for lease in list(self.retired):
-            lease.report(self.env.now, keep_spare=False)
-            final = not lease.reserved
-            self.send(lease, final=final)
-            if final:
-                self.retired.remove(lease)
-        if not self.lease.active:
-            return
-        self.lease.report(self.env.now, keep_spare=keep_spare)
-        self.send(self.lease)
-        contended = self.env.sched.renew_lease(self.token, self.lease.key)
-        if contended is None:  # the executor no longer knows the lease
-            self._retire()
-        else:
-            self.lease.renewed(contended=contended, sent_at=self.env.now,
-                               ttl_s=self.env.sched.policy.lease_ttl_s)
+        """The renewer's turn: report every lease, renew the live ones, apply the answer.
+
+        ``keep_spare=False`` gives the current lease's spare units back with this renewal.
+        """
+        now = self.env.now
+        if not keep_spare:
+            self.leases.current.let_go()
+        reports = self.leases.reports(now, live=True)
+        for report in reports:  # as the executor's renew: every total first, then the leases
+            self.send(report)
+        alive: Renewed = {}
+        for report in reports:
+            if report.final:
+                continue
+            contended = self.env.sched.renew_lease(report.token_id, report.key)
+            if contended is not None:
+                alive[(report.token_id, report.key)] = LeaseAnswer(
+                    contended, self.env.sched.policy.lease_ttl_s)
+        self.leases.renewed(alive, sent_at=now)

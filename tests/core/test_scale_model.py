@@ -1,4 +1,4 @@
-"""The scale model (bench/scale_model.py) on its quick size: 4 nodes x 8 processes, 150 s.
+"""The scale model (bench/scale_model/) on its quick size: 4 nodes x 8 processes, 150 s.
 
 What must hold in the model: with brokers the executor's renewals scale with nodes, without them
 with processes; nobody is admitted beyond the limit; tenants get their weighted shares in both

@@ -1,5 +1,5 @@
-"""Random interleavings through local leases: processes reserve, settle and renew as the Ray
-layer does, and what they really use never exceeds a limit.
+"""Random interleavings through local leases: processes reserve, settle and renew through the
+real LeaseSet as the Ray layer does, and what they really use never exceeds a limit.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from scheduler_model import (
 )
 from scheduler_world import ME
 
-from ray_quota._core.holder import LocalLease
-from ray_quota._core.protocol import TRUST, Grant
+from ray_quota._core.holder import LeaseSet, LocalLease
+from ray_quota._core.protocol import TRUST, Grant, LeaseAnswer, Renewed, Report
 from ray_quota._core.scheduler import Scheduler, Ticket
 from ray_quota._errors import (
     FailedReservation,
@@ -61,14 +61,29 @@ class Mirror:
 class Open:
     token: str
     resource: str
+    leases: LeaseSet
     lease: LocalLease
     amount: int
     backing: Mirror  # the executor lease it was served from
 
+
+@dataclass(eq=False)
+class Pending:
+    """A request waiting at the scheduler, under ``lease`` of ``leases``."""
+
+    ticket: Ticket
+    leases: LeaseSet
+    lease: LocalLease
+    sent_at: float
+    resource: str
+    deadline: float
+
+
 class ClientMachine(RuleBasedStateMachine):
-    """Processes that reserve through LocalLeases, settle running totals and renew, as the Ray
-    layer does, against one scheduler. Checked end to end: what the processes really use never
-    exceeds a limit, and every slot comes back once they are idle."""
+    """Processes that reserve, settle running totals and renew through the real LeaseSet, as
+    ``QuotaToken`` and the renewer do, against one scheduler. Checked end to end against our
+    own records: what the processes really use never exceeds a limit, and every slot comes back
+    once they are idle."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,11 +94,10 @@ class ClientMachine(RuleBasedStateMachine):
         self.keys = itertools.count()
         self.ledgers = {name: Ledger(spec) for name, spec in SPECS.items()}
         self.live: dict[str, str] = {}
-        self.local: dict[tuple[str, str], LocalLease] = {}
-        self.retired: list[tuple[str, LocalLease]] = []  # superseded leases with open reservations
-        self.every_lease: list[tuple[str, LocalLease]] = []
+        self.sets: dict[tuple[str, str], LeaseSet] = {}  # one per token and process
+        self.every_lease: dict[int, tuple[str, LocalLease]] = {}  # by id: every lease reserved on
         self.mirror: dict[tuple[str, str], Mirror] = {}
-        self.pending: list[tuple[Ticket, LocalLease, float, str, float]] = []
+        self.pending: list[Pending] = []
         self.open: list[Open] = []
         self.used: dict[str, int] = defaultdict(int)  # units really used, per resource
         self.trusted_until: dict[int, float] = {}  # per LocalLease (by id): its trust horizon
@@ -93,62 +107,69 @@ class ClientMachine(RuleBasedStateMachine):
     def now(self) -> float:
         return self.clock.now
 
-    def lease_of(self, token: str, proc: str) -> LocalLease:
-        lease = self.local.get((token, proc))
-        if lease is None:
+    def leases_of(self, token: str, proc: str) -> LeaseSet:
+        leases = self.sets.get((token, proc))
+        if leases is None:
             spec = SPECS[self.live[token]]
             cap = 0 if spec.kind is Kind.CONCURRENCY else max(1, spec.ceiling // 4)
-            lease = LocalLease(spec.kind, key=f"{proc}:{next(self.keys)}", max_prefetch=cap)
-            self.local[(token, proc)] = lease
-            self.every_lease.append((self.live[token], lease))
-        return lease
+            leases = LeaseSet(token, spec.kind, max_prefetch=cap,
+                              new_key=lambda: f"{proc}:{next(self.keys)}")
+            self.sets[(token, proc)] = leases
+        return leases
 
-    def find(self, key: str) -> tuple[str, LocalLease] | None:
-        for (token, _), lease in self.local.items():
-            if lease.key == key:
-                return token, lease
-        for token, lease in self.retired:
-            if lease.key == key:
-                return token, lease
+    def find(self, key: str) -> tuple[str, LeaseSet] | None:
+        for (token, _), leases in self.sets.items():
+            if any(lease.key == key for lease in leases):
+                return token, leases
         return None
 
-    # ---------------------------------------------------- the executor's side, as we expect it
+    def asked_under(self, lease: LocalLease) -> bool:
+        return any(p.lease is lease for p in self.pending)
+
+    def untrusted(self, lease: LocalLease) -> bool:
+        """By our record, the lease may have expired at the executor, and no request waits
+        under it: retire it (settled as final once idle, as after a lost answer)."""
+        return (lease.active and self.now >= self.trusted_until[id(lease)]
+                and not self.asked_under(lease))
 
     def collect(self) -> None:
         still = []
-        for ticket, lease, sent_at, resource, deadline in self.pending:
-            outcome = ticket.outcome
+        for pending in self.pending:
+            ticket, outcome = pending.ticket, pending.ticket.outcome
             if outcome is None:
-                still.append((ticket, lease, sent_at, resource, deadline))
+                still.append(pending)
                 continue
-            event(f"client {resource}: {type(outcome).__name__}")
+            event(f"client {pending.resource}: {type(outcome).__name__}")
             if isinstance(outcome, Grant):
-                self.ledgers[resource].grant(self.now, outcome.units)
-                key = (ticket.token_id, lease.key)
+                self.ledgers[pending.resource].grant(self.now, outcome.units)
+                key = (ticket.token_id, pending.lease.key)
                 mirror = self.mirror.get(key)
                 if mirror is None:
-                    mirror = self.mirror[key] = Mirror(resource)
+                    mirror = self.mirror[key] = Mirror(pending.resource)
                     mirror.handle = self.sched._leases.get(key)
                 mirror.units += outcome.units
                 mirror.expires_at = self.now + MACHINE_POLICY.lease_ttl_s
-                lease.granted(ticket.amount, units=outcome.units, sent_at=sent_at,
-                              ttl_s=outcome.ttl_s, contended=outcome.contended)
-                self.trusted_until[id(lease)] = sent_at + outcome.ttl_s * TRUST
-                self.open.append(Open(ticket.token_id, resource, lease, ticket.amount, mirror))
+                # Never settled as final while a request waits under it (see untrusted, close).
+                assert pending.leases.granted(pending.lease, ticket.amount, outcome,
+                                              sent_at=pending.sent_at)
+                self.trusted_until[id(pending.lease)] = (pending.sent_at
+                                                         + outcome.ttl_s * TRUST)
+                self.open.append(Open(ticket.token_id, pending.resource, pending.leases,
+                                      pending.lease, ticket.amount, mirror))
             elif isinstance(outcome, FailedReservation) and \
-                    SPECS[resource].enforcement is Enforcement.THROTTLE:
-                assert self.now >= deadline  # a throttled request fails only at its timeout
+                    SPECS[pending.resource].enforcement is Enforcement.THROTTLE:
+                assert self.now >= pending.deadline  # a throttled request fails at its timeout
         self.pending = still
 
-    def send(self, token: str, lease: LocalLease, *, final: bool = False) -> None:
-        totals = lease.totals()
-        self.sched.settle(token, lease.key, totals.returned, totals.used, totals.debt,
-                          final=final)
-        mirror = self.mirror.get((token, lease.key))
+    def send(self, report: Report) -> None:
+        token, key = report.token_id, report.key
+        self.sched.settle(token, key, report.returned, report.used, report.debt,
+                          final=report.final)
+        mirror = self.mirror.get((token, key))
         if mirror is not None:
-            fresh_returned = max(0, totals.returned - mirror.returned)
-            fresh_used = max(0, totals.used - mirror.used)
-            fresh_debt = max(0, totals.debt - mirror.debt)
+            fresh_returned = max(0, report.returned - mirror.returned)
+            fresh_used = max(0, report.used - mirror.used)
+            fresh_debt = max(0, report.debt - mirror.debt)
             mirror.returned += fresh_returned
             mirror.used += fresh_used
             mirror.debt += fresh_debt
@@ -158,18 +179,19 @@ class ClientMachine(RuleBasedStateMachine):
             ledger = self.ledgers[mirror.resource]
             ledger.give_back(self.now, returned)
             ledger.charge(self.now, fresh_debt)
-            if final:
+            if report.final:
                 ledger.give_back(self.now, mirror.units)
-                del self.mirror[(token, lease.key)]
+                del self.mirror[(token, key)]
         self.collect()
 
     def poll(self) -> None:
         self.sched.poll()
         fresh: dict[tuple[str, str], int] = defaultdict(int)
         expired: set[str] = set()
-        for ticket, lease, _, _, _ in self.pending:
-            if isinstance(ticket.outcome, Grant):
-                fresh[(ticket.token_id, lease.key)] += ticket.outcome.units
+        for pending in self.pending:
+            if isinstance(pending.ticket.outcome, Grant):
+                fresh[(pending.ticket.token_id, pending.lease.key)] += \
+                    pending.ticket.outcome.units
         for key, mirror in list(self.mirror.items()):
             if mirror.expires_at > self.now:
                 continue
@@ -183,7 +205,7 @@ class ClientMachine(RuleBasedStateMachine):
         self.collect()
         released = orphans_due(self.orphans, expired, self.now, set(self.live),
                                lambda t: any(key[0] == t for key in self.mirror),
-                               lambda t: any(p[0].token_id == t for p in self.pending))
+                               lambda t: any(p.ticket.token_id == t for p in self.pending))
         for token in released:  # its processes are presumed gone
             event("client: token released after its leases expired")
             del self.live[token]
@@ -207,34 +229,35 @@ class ClientMachine(RuleBasedStateMachine):
             resource = self.live[token]
             spec = SPECS[resource]
             amount = max(1, math.ceil(share / 100 * spec.ceiling))
-            lease = self.lease_of(token, proc)
-            if lease.active and self.now >= self.trusted_until[id(lease)]:
-                # Not trusted: the executor may have expired the lease. Never mix the old
-                # lease's state into a new one under the same key: retire it, start a new key.
+            leases = self.leases_of(token, proc)
+            if self.untrusted(leases.current):
+                # Never mix the old lease's state into a new one under the same key.
                 event("client: retired an untrusted lease")
-                del self.local[(token, proc)]
-                self.retired.append((token, lease))
-                lease = self.lease_of(token, proc)
-            if lease.take(amount, self.now):
+                leases.lost(leases.current)
+            served = leases.take(amount, self.now)
+            if served is not None:
                 event("client: served locally")
-                backing = self.mirror.get((token, lease.key))
+                backing = self.mirror.get((token, served.key))
                 assert backing is not None, "served from a lease the executor no longer has"
-                self.open.append(Open(token, resource, lease, amount, backing))
+                self.every_lease[id(served)] = (resource, served)
+                self.open.append(Open(token, resource, leases, served, amount, backing))
                 continue
+            lease = leases.current
             try:
                 ticket = self.sched.acquire(token, 0, ME, lease.key, amount,
                                             prefetch=lease.prefetch(), timeout=timeout)
             except LeaseEndedError:  # the executor ended it: go on under a new key
                 event("client: lease ended, new key")
-                del self.local[(token, proc)]
-                self.retired.append((token, lease))
-                lease = self.lease_of(token, proc)
+                leases.ended(lease)
+                lease = leases.current
                 ticket = self.sched.acquire(token, 0, ME, lease.key, amount,
                                             prefetch=lease.prefetch(), timeout=timeout)
+            self.every_lease[id(lease)] = (resource, lease)
             wait = math.inf if spec.wait_limit_s is None else spec.wait_limit_s
             if timeout is not None:
                 wait = min(wait, timeout)
-            self.pending.append((ticket, lease, self.now, resource, self.now + wait))
+            self.pending.append(Pending(ticket, leases, lease, self.now, resource,
+                                        self.now + wait))
             self.collect()
 
     @precondition(lambda self: self.open)
@@ -250,76 +273,73 @@ class ClientMachine(RuleBasedStateMachine):
             used = {"under": max(0, amount - by), "exact": amount, "over": amount + by}[how]
             if reservation.resource != "conc":
                 self.used[reservation.resource] += used
-            lease = reservation.lease
-            urgent = lease.settle(amount, used)
-            urgent |= lease.contended and lease.recall()
-            if urgent:
-                self.send(reservation.token, lease)
+            report = reservation.leases.settle(reservation.lease, amount, used)
+            if report is not None:
+                self.send(report)
 
     @rule(proc=st.sampled_from(PROCS), keep_spare=st.booleans())
     def renew(self, proc: str, keep_spare: bool) -> None:
-        for (token, p), lease in list(self.local.items()):
-            if p != proc or not lease.active:
+        """The renewer's turn for ``proc``: report every lease, renew the live ones at the
+        scheduler as the executor's renew does, and hand the answer to the lease set."""
+        ttl = MACHINE_POLICY.lease_ttl_s
+        for (token, p), leases in list(self.sets.items()):
+            if p != proc:
                 continue
-            if self.now >= self.trusted_until[id(lease)]:
-                # Renewing too late: retire the lease (settled as final once idle) rather than
-                # forfeit its spare and renew it, which would strand those units.
+            current = leases.current
+            if self.untrusted(current):
+                # Renewing too late: retire the lease (settled as final once idle).
                 event("client: retired a lease renewed too late")
-                del self.local[(token, p)]
-                self.retired.append((token, lease))
-                continue
-            lease.report(self.now, keep_spare=keep_spare)
-            self.send(token, lease)
-            contended = self.sched.renew_lease(token, lease.key)
-            mirror = self.mirror.get((token, lease.key))
-            assert (contended is None) == (mirror is None)
-            if contended is None:  # expired: start afresh under a new key
-                del self.local[(token, p)]
-                if lease.reserved:
-                    self.retired.append((token, lease))
-            else:
-                assert mirror is not None
-                mirror.expires_at = self.now + MACHINE_POLICY.lease_ttl_s
-                lease.renewed(contended=contended, sent_at=self.now,
-                              ttl_s=MACHINE_POLICY.lease_ttl_s)
-                self.trusted_until[id(lease)] = self.now + MACHINE_POLICY.lease_ttl_s * TRUST
-        for token, lease in list(self.retired):
-            lease.report(self.now, keep_spare=False)
-            # Final once nothing is open or still asked for under the key (a grant racing a
-            # final settle is its own test: test_final_settle_never_hands_back_units_...).
-            final = not lease.reserved and not any(p[1] is lease for p in self.pending)
-            self.send(token, lease, final=final)
-            if final:
-                self.retired.remove((token, lease))
+                leases.lost(current)
+            elif not keep_spare:
+                current.let_go()  # give every spare unit back with this renewal
+            reports = leases.reports(self.now, live=True)
+            for report in reports:
+                self.send(report)
+            alive: Renewed = {}
+            for report in reports:
+                if report.final:
+                    continue
+                contended = self.sched.renew_lease(token, report.key)
+                mirror = self.mirror.get((token, report.key))
+                assert (contended is None) == (mirror is None)
+                if contended is not None:
+                    assert mirror is not None
+                    mirror.expires_at = self.now + ttl
+                    alive[(token, report.key)] = LeaseAnswer(contended, ttl)
+            for lease in leases:
+                if (token, lease.key) in alive:
+                    self.trusted_until[id(lease)] = self.now + ttl * TRUST
+            current = leases.current
+            leases.renewed(alive, sent_at=self.now)
+            if leases.current is not current:
+                event("client: lease expired, new key")
 
     @rule()
     def recalls(self) -> None:
         for key, tokens in self.sched.take_recalls().items():
             found = self.find(key)
-            if found is not None and found[0] in tokens and found[1].recall():
+            if found is None or found[0] not in tokens:
+                continue
+            report = found[1].recall()
+            if report is not None:
                 event("client: recalled spare units")
-                self.send(found[0], found[1])
+                self.send(report)
 
     @precondition(lambda self: len(self.live) > 1)
     @rule(index=st.integers(0, 10**6))
     def close(self, index: int) -> None:
         token = list(self.live)[index % len(self.live)]
-        if any(p[0].token_id == token for p in self.pending):
+        if any(p.ticket.token_id == token for p in self.pending):
             return  # closing under a waiting request races the final settle: tested apart
-        for (t, p), lease in list(self.local.items()):
+        for reservation in [r for r in self.open if r.token == token]:
+            self.open.remove(reservation)  # the handle is gone: used in full
+            if reservation.resource != "conc":
+                self.used[reservation.resource] += reservation.amount
+        for (t, p), leases in list(self.sets.items()):
             if t == token:
-                del self.local[(t, p)]
-                self.retired.append((t, lease))
-        for t, lease in list(self.retired):
-            if t == token:
-                for reservation in [r for r in self.open if r.lease is lease]:
-                    self.open.remove(reservation)  # the handle is gone: used in full
-                    if reservation.resource != "conc":
-                        self.used[reservation.resource] += reservation.amount
-                lease.release_all()
-                if lease.active:
-                    self.send(t, lease, final=True)
-                self.retired.remove((t, lease))
+                for report in leases.final_reports():
+                    self.send(report)
+                del self.sets[(t, p)]
         self.sched.close_token(token, 0, ME)
         del self.live[token]
         self.collect()
@@ -356,14 +376,15 @@ class ClientMachine(RuleBasedStateMachine):
     @invariant()
     def budget_really_used_never_exceeds_the_limit(self) -> None:
         # What processes used or may still use, less the overuse they declared as debt.
-        declared = sum(lease.totals().debt for r, lease in self.every_lease if r == "cap")
+        declared = sum(lease.totals().debt for r, lease in self.every_lease.values()
+                       if r == "cap")
         may_use = sum(r.amount for r in self.open if r.resource == "cap")
         assert self.used["cap"] - declared + may_use <= CAP_SPEC.value
 
     @invariant()
     def waiters_agree(self) -> None:
         for status in self.sched.status():
-            assert status.waiters == sum(1 for p in self.pending if p[3] == status.name)
+            assert status.waiters == sum(1 for p in self.pending if p.resource == status.name)
 
     def teardown(self) -> None:
         # The processes finish their work and stay alive, renewing now and then.
