@@ -90,7 +90,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += sweep_markdown(report) + [""]
     lines += [_assumptions(params), ""]
     if report["checks"]:
-        lines += ["Checks (tests/test_scale_model.py asserts them on `--quick`):", ""]
+        lines += ["Checks (tests/core/test_scale_model.py asserts them on `--quick`):", ""]
         lines += [f"- {variant}: " + ("all hold" if not failures else "; ".join(failures))
                   for variant, failures in report["checks"].items()]
     return "\n".join(lines) + "\n"
