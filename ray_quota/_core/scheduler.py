@@ -287,8 +287,9 @@ class Scheduler:
         whatever it still holds by the executor's count (a grant whose answer was lost, say)
         goes back to the pool and the lease ends.
         """
-        lease_id = (token_id, key)
-        lease = self._leases.get(lease_id)
+        for what, total in (("returned", returned), ("used", used), ("debt", debt)):
+            check_units(what, total, allow_zero=True)  # all checked before any total moves
+        lease_id, lease = (token_id, key), self._leases.get((token_id, key))
         if lease is None:
             ended_debt = self._leases.ended_debt(lease_id)
             if ended_debt is not None and debt > ended_debt:

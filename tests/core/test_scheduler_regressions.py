@@ -1,0 +1,35 @@
+"""Regressions from issue 13 (an outside review driving the pure core on a fake clock): each test
+failed before its fix. Fairness shares, wait estimates, bounded bookkeeping, debt and settling.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scheduler_world import (
+    HOLDER,
+    Env,
+    capacity,
+    granted,
+)
+
+from ray_quota._errors import InvalidAmountError
+from ray_quota._spec import MAX_UNITS
+
+# ============================================================================ settling reports
+
+
+@pytest.mark.parametrize("bad", [
+    {"returned": 20.0}, {"returned": MAX_UNITS + 1},
+    {"returned": 20, "used": -1}, {"returned": 20, "debt": 1.5},
+], ids=["float", "too-large", "bad-used", "bad-debt"])
+def test_a_rejected_settlement_report_changes_nothing(bad: dict[str, object]) -> None:
+    env = Env(capacity(value=100))
+    token = env.token("c", 10)
+    granted(env.acquire(token, 20))
+    totals = {"returned": 0, "used": 0, "debt": 0, **bad}
+    before = env.snapshot([token])
+    with pytest.raises(InvalidAmountError):
+        env.sched.settle(token, HOLDER, **totals)  # type: ignore[arg-type]
+    assert env.snapshot([token]) == before
+    env.sched.settle(token, HOLDER, returned=20, used=0, debt=0)  # the corrected report
+    assert env.status("c").available == 100
