@@ -7,6 +7,7 @@ is explained once, in :mod:`ray_quota._core.scheduler`; tokens' lifecycle is the
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from ray_quota._errors import (
     QuotaTerminated,
 )
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
+
+DEADLINE_SLACK = 64  # deadlines of resolved waiters kept before the watch list is swept
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ class Resource:
 
     __slots__ = (
         "_changes",
+        "_deadlines",
         "_leases",
         "_policy",
         "_resolved",
@@ -94,6 +98,9 @@ class Resource:
         self._leases = leases
         self._changes = changes
         self._resolved = resolved
+        # (deadline, seq, waiter) of waiters that may run out of time; an entry is stale once
+        # its waiter is resolved, and stale ones are swept before they outnumber the live.
+        self._deadlines: list[tuple[float, int, Waiter]] = []
 
     @property
     def name(self) -> str:
@@ -153,11 +160,9 @@ class Resource:
         return InvalidAmountError(f"{self.name!r}: {amount} units is more than the {limit} can "
                                   f"ever grant ({self.spec.ceiling})")
 
-    def admit(self, waiter: Waiter, now: float) -> bool:
-        """Queue ``waiter`` and grant what fits; fail it at once if it cannot be granted in time.
-
-        Returns whether it waits with a deadline to watch.
-        """
+    def admit(self, waiter: Waiter, now: float) -> None:
+        """Queue ``waiter`` and grant what fits; fail it at once if it cannot be granted in time,
+        else watch its deadline (if it has one)."""
         token, spec, deadline = waiter.token, self.spec, waiter.deadline
         if not token.waiters:
             # A returning token regains at most its maximum credit.
@@ -167,16 +172,44 @@ class Resource:
         contention_starts = self.queue.waiting == 1
         self.dispatch(now)
         if waiter.ticket.outcome is not None:
-            return False
+            return
         if deadline <= now or (spec.enforcement is not Enforcement.THROTTLE
                                and deadline != math.inf
                                and (estimate := self._estimate(waiter, now)) is not None
                                and now + estimate > deadline):
             self.fail(waiter, now)
-            return False
+            return
         if contention_starts:
             self._leases.recall(spec.name)
-        return deadline != math.inf
+        if deadline != math.inf:
+            self._watch(waiter)
+
+    def _watch(self, waiter: Waiter) -> None:
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (waiter.deadline, waiter.seq, waiter))
+        if len(deadlines) > 2 * self.queue.waiting + DEADLINE_SLACK:
+            deadlines[:] = [entry for entry in deadlines if not entry[2].done]
+            heapq.heapify(deadlines)
+
+    @property
+    def watched(self) -> int:
+        """Deadline entries held, resolved waiters' included until swept (for tests)."""
+        return len(self._deadlines)
+
+    def fail_due(self, now: float) -> None:
+        """Fail the waiters whose deadline is at or before ``now``, earliest first."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            waiter = heapq.heappop(deadlines)[2]
+            if not waiter.done:
+                self.fail(waiter, now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a waiter still waiting, or None."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].done:
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
 
     def dispatch(self, now: float) -> None:
         """Grant waiters in stride order while they fit, letting smaller ones past a blocked
@@ -263,14 +296,15 @@ class Resource:
         return self.pool.time_until(self.queue.ahead(key, math.inf) + amount, now)
 
     def wakeup(self, now: float) -> float | None:
-        """When a rate pool's head, or a smaller waiter allowed past it, next fits; or None."""
-        head = self.queue.head()
+        """When a waiter's deadline comes, or a rate pool's head (or a smaller waiter allowed
+        past it) next fits; or None."""
+        head, deadline = self.queue.head(), self.next_deadline()
         if head is None or not isinstance(self.pool, RatePool):
-            return None
+            return deadline
         smallest = min((w.ticket.amount for w in self.queue.may_pass(head)),
                        default=head.ticket.amount)
         wait = self.pool.time_until(min(head.ticket.amount, smallest), now)
-        return None if wait is None else now + wait
+        return deadline if wait is None else min(now + wait, deadline or math.inf)
 
     # ---------------------------------------------------------------------------------- limits
 

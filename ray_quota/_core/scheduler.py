@@ -28,7 +28,6 @@ resource's pool, virtual time and :mod:`.fair_queue`, granting into the :mod:`.l
 
 from __future__ import annotations
 
-import heapq
 import math
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -93,7 +92,6 @@ class Scheduler:
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
                                           self._resolved)
                            for name, spec in resources.items()}
-        self._deadlines: list[tuple[float, int, Waiter, str]] = []  # (..., resource name)
         self._seq = 0
         self.lease_expiries = 0
 
@@ -222,9 +220,7 @@ class Scheduler:
         self._seq += 1
         ticket = Ticket(self._seq, token_id, key, amount)
         deadline = now + _wait_allowed(res.spec, timeout)
-        waiter = Waiter(ticket, token, max(0, int(prefetch)), deadline, self._seq)
-        if res.admit(waiter, now):
-            heapq.heappush(self._deadlines, (deadline, waiter.seq, waiter, res.name))
+        res.admit(Waiter(ticket, token, max(0, int(prefetch)), deadline, self._seq), now)
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
@@ -382,10 +378,8 @@ class Scheduler:
         """
         now = self._clock()
         self._dispatch_all(now)
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, waiter, resource = heapq.heappop(self._deadlines)
-            if not waiter.done:
-                self._resources[resource].fail(waiter, now)
+        for res in self._resources.values():
+            res.fail_due(now)
         for lease in self._leases.due(now):
             self._expire(lease, now)
         if self._tokens.has_orphans:
@@ -406,8 +400,7 @@ class Scheduler:
         """When :meth:`poll` next has something to do with no other call in between, or None."""
         now = self._clock()
         times = [res.wakeup(now) for res in self._resources.values()]
-        times += [self._deadlines[0][0] if self._deadlines else None,
-                  self._leases.next_expiry()]
+        times.append(self._leases.next_expiry())
         return min((t for t in times if t is not None), default=None)
 
     # ----------------------------------------------------------------------- limits and status

@@ -33,3 +33,18 @@ def test_a_rejected_settlement_report_changes_nothing(bad: dict[str, object]) ->
     assert env.snapshot([token]) == before
     env.sched.settle(token, HOLDER, returned=20, used=0, debt=0)  # the corrected report
     assert env.status("c").available == 100
+
+
+# ====================================================================== bounded bookkeeping
+
+
+def test_deadlines_of_granted_waiters_are_not_kept() -> None:
+    env = Env(capacity(value=100, wait_limit_s=3600.0))
+    holder, waiter = env.token("c", 1), env.token("c", 1)
+    for i in range(10_000):
+        granted(env.acquire(holder, 100, holder="h"))
+        ticket = env.acquire(waiter, 1, holder="w")  # waits, with an hour's deadline
+        env.sched.give_back(holder, "h", 100)
+        granted(ticket)
+        env.sched.give_back(waiter, "w", 1)
+    assert env.sched._resources["c"].watched <= 100  # bounded by live waiters, not history
