@@ -5,7 +5,8 @@ orders by them. The rule, written into the data structure: each token's waiters 
 only the first of each is in a heap keyed ``(pass, seq, version)``, so the lowest pass goes first
 and, at equal passes, the request that arrived first. When a first waiter leaves or its token's
 pass moves, the token's (new) first waiter is pushed again with a higher version; the entries left
-behind are stale and skipped when they come up, never searched for.
+behind are stale: skipped when they come up, and swept once they outnumber the live entries, so a
+token that waits while its pass keeps moving (reports, refunds, debt) cannot grow the heap.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ray_quota._core.protocol import Grant
 from ray_quota._errors import QuotaError
 
 BACKFILL_SCAN = 64  # waiters looked at when the head is blocked
+STALE_SLACK = 64  # stale heap entries allowed beyond the live ones before a sweep
 
 
 @dataclass(slots=True, eq=False)
@@ -60,6 +62,9 @@ class Waiter:
         return self.token.pass_ + self.ticket.amount / self.token.expected_use
 
 
+Entry = tuple[float, int, int, Waiter]  # (pass, seq, version, waiter) in the heap
+
+
 class FairQueue:
     """The waiters of one resource: per-token FIFOs, tokens in a heap by (pass, arrival).
 
@@ -74,12 +79,13 @@ class FairQueue:
         ('heavy', 2)
     """
 
-    __slots__ = ("_bypass_factor", "_heap", "waiting")
+    __slots__ = ("_bypass_factor", "_heap", "flows", "waiting")
 
     def __init__(self, bypass_factor: float = 1.0) -> None:
-        self._heap: list[tuple[float, int, int, Waiter]] = []
+        self._heap: list[Entry] = []
         self._bypass_factor = bypass_factor
         self.waiting = 0  # waiters queued, every token's
+        self.flows = 0  # tokens with waiters: the live heap entries
 
     # ------------------------------------------------------------------------ join and leave
 
@@ -89,6 +95,7 @@ class FairQueue:
         waiters.append(waiter)
         self.waiting += 1
         if len(waiters) == 1:
+            self.flows += 1
             self._push(waiter)
 
     def leave(self, waiter: Waiter) -> None:
@@ -98,7 +105,9 @@ class FairQueue:
         waiters.remove(waiter)
         waiter.done = True
         self.waiting -= 1
-        if was_first and waiters:
+        if not waiters:
+            self.flows -= 1
+        elif was_first:
             self._push(waiters[0])
 
     def rekey(self, token: Flow) -> None:
@@ -108,13 +117,24 @@ class FairQueue:
 
     def _push(self, waiter: Waiter) -> None:
         waiter.version += 1
-        heapq.heappush(self._heap, (waiter.token.pass_, waiter.seq, waiter.version, waiter))
+        heap = self._heap
+        heapq.heappush(heap, (waiter.token.pass_, waiter.seq, waiter.version, waiter))
+        if len(heap) > 2 * self.flows + STALE_SLACK:
+            heap[:] = self._live_entries(heap)
+            heapq.heapify(heap)
+
+    @property
+    def entries(self) -> int:
+        """Heap entries held, stale ones included until swept (for tests)."""
+        return len(self._heap)
 
     @staticmethod
-    def _live(entries: Iterable[tuple[float, int, int, Waiter]]) -> Iterator[Waiter]:
-        for _, _, version, waiter in entries:
-            if not waiter.done and version == waiter.version:
-                yield waiter
+    def _live_entries(entries: Iterable[Entry]) -> list[Entry]:
+        return [entry for entry in entries if not entry[3].done and entry[2] == entry[3].version]
+
+    @classmethod
+    def _live(cls, entries: Iterable[Entry]) -> Iterator[Waiter]:
+        return (entry[3] for entry in cls._live_entries(entries))
 
     # ------------------------------------------------------------------------------- order
 
@@ -141,7 +161,9 @@ class FairQueue:
         if budget < 1:
             return []
         head_pass, head_finish = head.token.pass_, head.finish()
-        return [w for w in self._live(heapq.nsmallest(BACKFILL_SCAN, self._heap))
+        # Stale entries are left out before the cut: they must not hide the real candidates.
+        return [w for w in self._live(heapq.nsmallest(BACKFILL_SCAN,
+                                                      self._live_entries(self._heap)))
                 if w is not head and w.ticket.amount <= budget
                 and (w.token.pass_ <= head_pass or w.finish() <= head_finish)]
 

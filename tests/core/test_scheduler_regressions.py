@@ -10,6 +10,7 @@ from scheduler_world import (
     Env,
     capacity,
     granted,
+    rate,
 )
 
 from ray_quota._errors import InvalidAmountError
@@ -48,3 +49,30 @@ def test_deadlines_of_granted_waiters_are_not_kept() -> None:
         granted(ticket)
         env.sched.give_back(waiter, "w", 1)
     assert env.sched._resources["c"].watched <= 100  # bounded by live waiters, not history
+
+
+@pytest.mark.parametrize("reports", [66, 100, 1000])
+def test_reports_for_a_waiting_token_do_not_hide_who_may_pass_a_blocked_head(
+        reports: int) -> None:
+    # Each report re-keys the token; the entries it leaves behind must not fill the scan for
+    # requests allowed past a blocked head.
+    env = Env(rate(value=1, burst=10))
+    granted(env.acquire(env.token("r", 1), 10, holder="drain"))  # the bucket is empty at 0
+    head, big, small = env.token("r", 1), env.token("r", 1), env.token("r", 1)
+    env.acquire(head, 10)  # blocked until t=10
+    env.acquire(big, 10)  # behind the head, and too large to fit before it does
+    ticket = env.acquire(small, 5)  # may pass the head: granted at t=5
+    for _ in range(reports):
+        env.sched.give_back(big, "elsewhere")  # a report: re-keys the waiting token
+    assert env.wait_for(ticket) == pytest.approx(5.0)
+
+
+def test_the_queue_heap_stays_bounded_while_a_token_waits() -> None:
+    env = Env(rate(value=1, burst=10))
+    granted(env.acquire(env.token("r", 1), 10, holder="drain"))
+    head, waiting = env.token("r", 1), env.token("r", 1)
+    env.acquire(head, 10)  # the head: the waiting token's old entries stay below it
+    env.acquire(waiting, 10)
+    for _ in range(10_000):
+        env.sched.give_back(waiting, "elsewhere", debt=1)  # each report moves its pass
+    assert env.sched._resources["r"].queue.entries <= 100
