@@ -112,8 +112,21 @@ class Resource:
         return self._policy.credit_factor * token.expected_use
 
     def credit(self, token: Flow) -> float:
-        """The token's credit in units: how far its pass lags the virtual time, capped."""
-        return min(self.max_credit(token), (self.vtime - token.pass_) * token.expected_use)
+        """The token's credit in units: how far its pass lags the virtual time, capped.
+
+        A token whose expected use was all split off counts as weighing one unit, with no
+        credit to gain: its pass then holds only the debt charged to it since (see
+        :meth:`give_back`), which a merge back hands on.
+        """
+        weight = max(1, token.expected_use)
+        return min(self.max_credit(token), (self.vtime - token.pass_) * weight)
+
+    def reweigh(self, token: Flow, expected_use: int) -> None:
+        """Change the token's expected use (a split), keeping its credit per unit of it."""
+        token.expected_use = expected_use
+        if not expected_use:
+            token.pass_ = self.vtime  # its credit or debt went with its expected use
+        self.queue.rekey(token)
 
     def start_pass(self) -> float:
         """Where a token joining now starts: never ahead of the most-behind waiter, so a stream
@@ -132,13 +145,18 @@ class Resource:
             lease.units -= units + used
             self.leased -= units + used
             self.pool.give_back(units, now)
-        if lease is not None and units and token is not None and token.expected_use:
-            floor = self.vtime - self.max_credit(token) / token.expected_use
-            token.pass_ = max(floor, token.pass_ - units / token.expected_use)
+        # A token with no expected use left is charged (and refunded) as if it weighed one
+        # unit: overuse on it is still its debt, owed when expected use comes back.
+        weight = max(1, token.expected_use) if token is not None else 1
+        if lease is not None and units and token is not None:
+            floor = self.vtime - self.max_credit(token) / weight
+            token.pass_ = max(floor, token.pass_ - units / weight)
         if debt:
             self.pool.charge_debt(debt, now)
-            if token is not None and token.expected_use:
-                token.pass_ += debt / token.expected_use
+            if token is not None:
+                if not token.expected_use:
+                    token.pass_ = max(token.pass_, self.vtime)  # debt, never lost in credit
+                token.pass_ += debt / weight
         if token is not None:
             self.queue.rekey(token)
 

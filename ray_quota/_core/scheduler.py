@@ -121,9 +121,9 @@ class Scheduler:
         # Same pass means same credit per unit of weight: credit divides in proportion.
         child = self._tokens.open(token.resource, child_expected_use, pass_=token.pass_,
                                   claimant=claimant, label=token.label)
-        token.expected_use -= child_expected_use
-        self._changes.tokens.add(token.id)
         res = self._resources[token.resource]
+        res.reweigh(token, token.expected_use - child_expected_use)
+        self._changes.tokens.add(token.id)
         res.tokens += 1
         return TokenInfo(child.id, res.spec, 0)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from scheduler_world import (
     HOLDER,
+    ME,
     Env,
     capacity,
     granted,
@@ -76,3 +77,20 @@ def test_the_queue_heap_stays_bounded_while_a_token_waits() -> None:
     for _ in range(10_000):
         env.sched.give_back(waiting, "elsewhere", debt=1)  # each report moves its pass
     assert env.sched._resources["r"].queue.entries <= 100
+
+
+# ==================================================================================== debt
+
+
+@pytest.mark.parametrize("kind", ["c", "r"])
+def test_overuse_on_a_token_whose_expected_use_was_split_off_is_its_debt(kind: str) -> None:
+    env = Env(capacity(value=100), rate(value=100, burst=100))
+    token = env.token(kind, 10)
+    granted(env.acquire(token, 5))
+    child = env.sched.split(token, 0, ME, 10).id  # all of it: the token weighs nothing now
+    assert env.sched.describe(token, 0, ME) == (0, 0.0)
+    env.sched.give_back(token, HOLDER, used=5, debt=20)
+    assert env.sched.credit(token) == pytest.approx(-20.0)  # charged to the token...
+    charged = env.sched.credit(child)  # the 5 units granted before the split went with it
+    env.sched.merge_back(child, 0, ME, token)
+    assert env.sched.describe(token, 0, ME) == (10, pytest.approx(charged - 20.0))  # ...kept
