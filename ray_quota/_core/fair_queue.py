@@ -37,11 +37,13 @@ class Ticket:
 
 @dataclass(slots=True, eq=False)
 class Flow:
-    """A token as its queue sees it: its pass in virtual time, its weight, its waiters in order."""
+    """A token as its queue sees it: its pass in virtual time, its weight, its waiters in order,
+    and the units it holds in leases (while it waits or holds, it is *active*)."""
 
     pass_: float
     expected_use: int
     waiters: deque[Waiter] = field(default_factory=deque)
+    held: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -79,13 +81,18 @@ class FairQueue:
         ('heavy', 2)
     """
 
-    __slots__ = ("_bypass_factor", "_heap", "flows", "waiting")
+    __slots__ = ("_active", "_bypass_factor", "_heap", "flows", "waiting", "weight")
 
     def __init__(self, bypass_factor: float = 1.0) -> None:
         self._heap: list[Entry] = []
         self._bypass_factor = bypass_factor
         self.waiting = 0  # waiters queued, every token's
         self.flows = 0  # tokens with waiters: the live heap entries
+        # Active tokens (waiting, or holding units) -> the weight counted for them: tokens
+        # between two requests (holding what they were granted) still count, so their
+        # share is not given away while they use it.
+        self._active: dict[Flow, int] = {}
+        self.weight = 0  # expected use of the active tokens, summed
 
     # ------------------------------------------------------------------------ join and leave
 
@@ -96,6 +103,7 @@ class FairQueue:
         self.waiting += 1
         if len(waiters) == 1:
             self.flows += 1
+            self.touch(waiter.token)
             self._push(waiter)
 
     def leave(self, waiter: Waiter) -> None:
@@ -107,13 +115,23 @@ class FairQueue:
         self.waiting -= 1
         if not waiters:
             self.flows -= 1
+            self.touch(waiter.token)
         elif was_first:
             self._push(waiters[0])
 
     def rekey(self, token: Flow) -> None:
-        """Re-place ``token`` after its pass moved."""
+        """Re-place ``token`` after its pass (or its expected use) changed."""
+        self.touch(token)
         if token.waiters:
             self._push(token.waiters[0])
+
+    def touch(self, token: Flow, *, closed: bool = False) -> None:
+        """Count ``token`` as active or not, by its waiters and held units, at its weight."""
+        weight = 0 if closed or not (token.waiters or token.held > 0) else token.expected_use
+        counted = self._active.pop(token, 0)
+        if weight:
+            self._active[token] = weight
+        self.weight += weight - counted
 
     def _push(self, waiter: Waiter) -> None:
         waiter.version += 1

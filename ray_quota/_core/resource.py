@@ -129,21 +129,37 @@ class Resource:
         self.queue.rekey(token)
 
     def start_pass(self) -> float:
-        """Where a token joining now starts: never ahead of the most-behind waiter, so a stream
-        of new tokens cannot starve those already waiting."""
+        """Where a token joining now starts: at the virtual time, which moves on with every
+        grant (:meth:`_advance`), so a stream of new tokens enters behind what was served and
+        cannot starve those already waiting."""
         head = self.queue.head()
         return self.vtime if head is None else max(self.vtime, head.token.pass_)
+
+    def _advance(self, units: int, weight: int) -> None:
+        """Move virtual time on by a grant of ``units`` while tokens of total expected use
+        ``weight`` were active (the granted one included): it advances as the passes of
+        tokens served their fair share do.
+
+        Moving it only to the granted token's pass stood still while fresh tokens, each
+        granted at its entry pass, were served; pulling it up to the lowest waiting pass
+        would jump to an indebted token's pass whenever a token just served is out of the
+        queue between its grant and its next request, wiping the debt.
+        """
+        self.vtime += units / max(1, weight)
 
     def give_back(self, lease: Lease | None, token: Flow | None, units: int, used: int,
                   debt: int, now: float) -> None:
         """Settle part of a lease (see :meth:`Scheduler.give_back`); the caller dispatches."""
         if self.spec.kind is Kind.CONCURRENCY:
             units, used = units + used, 0  # a slot is free again however it was "used"
+        active = self.queue.weight  # before the token may stop counting as active
         if lease is not None and (units or used):
             used = min(used, lease.units)
             units = min(units, lease.units - used)
             lease.units -= units + used
             self.leased -= units + used
+            if token is not None:
+                token.held -= units + used
             self.pool.give_back(units, now)
         # A token with no expected use left is charged (and refunded) as if it weighed one
         # unit: overuse on it is still its debt, owed when expected use comes back.
@@ -151,6 +167,9 @@ class Resource:
         if lease is not None and units and token is not None:
             floor = self.vtime - self.max_credit(token) / weight
             token.pass_ = max(floor, token.pass_ - units / weight)
+            # Units not used were not service: virtual time gives back what their grant
+            # moved it, or it would run ahead of every active token and push newcomers back.
+            self.vtime -= units / max(1, active)
         if debt:
             self.pool.charge_debt(debt, now)
             if token is not None:
@@ -160,12 +179,24 @@ class Resource:
         if token is not None:
             self.queue.rekey(token)
 
-    def expire(self, lease: Lease, now: float) -> None:
+    def expire(self, lease: Lease, token: Flow | None, now: float) -> None:
         """Take back what an expired lease held: concurrency slots are free again; rate and
         capacity units stay charged, since its holder may have used them."""
         if self.spec.kind is Kind.CONCURRENCY:
             self.pool.give_back(lease.units, now)
-        self.leased -= lease.units
+        self.hold(token, -lease.units)
+
+    def hold(self, token: Flow | None, units: int) -> None:
+        """Count ``units`` more (or fewer) in leases of ``token`` (None once it is closed)."""
+        self.leased += units
+        if token is not None:
+            token.held += units
+            self.queue.touch(token)
+
+    def close(self, token: Flow) -> None:
+        """The token is closed: it no longer counts among this resource's tokens."""
+        self.queue.touch(token, closed=True)
+        self.tokens -= 1
 
     # ---------------------------------------------------------------------------------- waiters
 
@@ -248,7 +279,7 @@ class Resource:
 
     def _grant(self, waiter: Waiter, available: int, now: float) -> None:
         token, ticket, policy = waiter.token, waiter.ticket, self._policy
-        key = (ticket.token_id, ticket.key)
+        key, active = (ticket.token_id, ticket.key), self.queue.weight
         self.queue.leave(waiter)
         if self._leases.is_ended(key):
             # Its lease ended while it waited: granting under that key would start a fresh
@@ -262,8 +293,9 @@ class Resource:
             extra = max(0, min(waiter.prefetch, cap, available - ticket.amount))
         units = ticket.amount + extra
         self.pool.take(units, now)
-        self.vtime = max(self.vtime, token.pass_)
+        self._advance(units, active)
         token.pass_ += units / token.expected_use
+        token.held += units
         self.queue.rekey(token)
         lease = self._leases.get(key)
         expires = now + policy.lease_ttl_s

@@ -465,7 +465,7 @@ class Scheduler:
                 self._leases.add(Lease(saved_lease.token_id, saved_lease.key,
                                        saved_lease.resource, saved_lease.units, expires,
                                        saved_lease.returned, saved_lease.used, saved_lease.debt))
-                res.leased += saved_lease.units
+                res.hold(self._tokens.get(saved_lease.token_id), saved_lease.units)
         self.drain_changes()
 
     # -------------------------------------------------------------------------------- internals
@@ -486,12 +486,12 @@ class Scheduler:
             res.queue.leave(waiter)
             res.resolve(waiter, TokenClosedError("the token was closed while waiting"))
         self._tokens.close(token)
-        res.tokens -= 1
+        res.close(token)
         res.dispatch(now)
 
     def _expire(self, lease: Lease, now: float) -> None:
         res = self._resources[lease.resource]
-        res.expire(lease, now)
+        res.expire(lease, self._tokens.get(lease.token_id), now)
         self._leases.end(lease)
         self.lease_expiries += 1
         # A token whose every holder stopped renewing belongs to processes that are gone (or

@@ -4,6 +4,9 @@ failed before its fix. Fairness shares, wait estimates, bounded bookkeeping, deb
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 from scheduler_world import (
     HOLDER,
@@ -14,6 +17,7 @@ from scheduler_world import (
     rate,
 )
 
+from ray_quota._core.scheduler import Ticket
 from ray_quota._errors import InvalidAmountError
 from ray_quota._spec import MAX_UNITS
 
@@ -94,3 +98,49 @@ def test_overuse_on_a_token_whose_expected_use_was_split_off_is_its_debt(kind: s
     charged = env.sched.credit(child)  # the 5 units granted before the split went with it
     env.sched.merge_back(child, 0, ME, token)
     assert env.sched.describe(token, 0, ME) == (10, pytest.approx(charged - 20.0))  # ...kept
+
+
+# ======================================================================= fresh token streams
+
+
+def _share_against_one_shots(streams: int, big_sizes: tuple[int, ...],
+                             seconds: float = 200.0) -> tuple[float, float]:
+    """A weight-100 token kept backlogged on a 100/s rate, against ``streams`` one-shot tokens
+    of weight 10 asking 10 each, every one closed once granted and replaced by a fresh one (what
+    ``@quota`` does per call with no token in scope). Returns its share of the units granted and
+    its weight share."""
+    env = Env(rate(value=100, burst=100))
+    rng = random.Random(streams)
+    big = env.token("r", 100)
+    units = {"big": 0, "fresh": 0}
+    ticket = env.acquire(big, rng.choice(big_sizes), holder="big")
+    fresh: list[tuple[str, str, Ticket]] = []
+    for n in itertools.count():
+        while ticket.outcome is not None:
+            units["big"] += granted(ticket)
+            env.commit(big, granted(ticket), holder="big")
+            ticket = env.acquire(big, rng.choice(big_sizes), holder="big")
+        for entry in list(fresh):
+            token, key, one_shot = entry
+            if one_shot.outcome is not None:
+                units["fresh"] += granted(one_shot)
+                env.commit(token, granted(one_shot), holder=key)
+                env.sched.close_token(token, 0, ME)
+                fresh.remove(entry)
+        if len(fresh) < streams:
+            token = env.token("r", 10)
+            fresh.append((token, f"p{n}", env.acquire(token, 10, holder=f"p{n}")))
+            continue
+        if env.now >= seconds:
+            break
+        env.sched.renew("big")
+        env.step()
+    return units["big"] / (units["big"] + units["fresh"]), 100 / (100 + 10 * streams)
+
+
+@pytest.mark.parametrize("big_sizes", [(50,), (10, 30, 90)], ids=["asks-50", "mixed-sizes"])
+@pytest.mark.parametrize("streams", [1, 2, 4])
+def test_fresh_one_shot_tokens_do_not_starve_a_backlogged_token(
+        streams: int, big_sizes: tuple[int, ...]) -> None:
+    share, fair = _share_against_one_shots(streams, big_sizes)
+    assert share == pytest.approx(fair, rel=0.05)
