@@ -158,8 +158,6 @@ class Resource:
             units = min(units, lease.units - used)
             lease.units -= units + used
             self.leased -= units + used
-            if token is not None:
-                token.held -= units + used
             self.pool.give_back(units, now)
         # A token with no expected use left is charged (and refunded) as if it weighed one
         # unit: overuse on it is still its debt, owed when expected use comes back.
@@ -179,19 +177,12 @@ class Resource:
         if token is not None:
             self.queue.rekey(token)
 
-    def expire(self, lease: Lease, token: Flow | None, now: float) -> None:
+    def expire(self, lease: Lease, now: float) -> None:
         """Take back what an expired lease held: concurrency slots are free again; rate and
         capacity units stay charged, since its holder may have used them."""
         if self.spec.kind is Kind.CONCURRENCY:
             self.pool.give_back(lease.units, now)
-        self.hold(token, -lease.units)
-
-    def hold(self, token: Flow | None, units: int) -> None:
-        """Count ``units`` more (or fewer) in leases of ``token`` (None once it is closed)."""
-        self.leased += units
-        if token is not None:
-            token.held += units
-            self.queue.touch(token)
+        self.leased -= lease.units
 
     def close(self, token: Flow) -> None:
         """The token is closed: it no longer counts among this resource's tokens."""
@@ -295,7 +286,6 @@ class Resource:
         self.pool.take(units, now)
         self._advance(units, active)
         token.pass_ += units / token.expected_use
-        token.held += units
         self.queue.rekey(token)
         lease = self._leases.get(key)
         expires = now + policy.lease_ttl_s

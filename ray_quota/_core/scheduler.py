@@ -86,7 +86,7 @@ class Scheduler:
         now = clock()
         # What changed since the last drain_changes(), for a durable store to write.
         self._changes = ChangeLog(resources)
-        self._leases = LeaseLedger(self._changes)
+        self._leases = LeaseLedger(self._changes, on_active=self._lease_count_changed)
         self._tokens = TokenRegistry(new_id, self._changes)
         self._resolved: list[Ticket] = []  # since the last poll, appended to by the resources
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
@@ -296,12 +296,7 @@ class Scheduler:
         if final:
             # Ended first, so that units freed below are not granted back under this key.
             self._leases.mark_ended(lease_id, lease.debt)
-        fresh_returned = max(0, returned - lease.returned)
-        fresh_used = max(0, used - lease.used)
-        fresh_debt = max(0, debt - lease.debt)
-        lease.returned += fresh_returned
-        lease.used += fresh_used
-        lease.debt += fresh_debt
+        fresh_returned, fresh_used, fresh_debt = lease.advance_totals(returned, used, debt)
         if fresh_returned or fresh_used or fresh_debt:
             self.give_back(token_id, key, fresh_returned, used=fresh_used, debt=fresh_debt)
         if final:
@@ -465,7 +460,7 @@ class Scheduler:
                 self._leases.add(Lease(saved_lease.token_id, saved_lease.key,
                                        saved_lease.resource, saved_lease.units, expires,
                                        saved_lease.returned, saved_lease.used, saved_lease.debt))
-                res.hold(self._tokens.get(saved_lease.token_id), saved_lease.units)
+                res.leased += saved_lease.units
         self.drain_changes()
 
     # -------------------------------------------------------------------------------- internals
@@ -489,9 +484,14 @@ class Scheduler:
         res.close(token)
         res.dispatch(now)
 
+    def _lease_count_changed(self, token_id: str, leases: int) -> None:
+        if (token := self._tokens.get(token_id)) is not None:  # a token with a lease is active
+            token.leases = leases
+            self._resources[token.resource].queue.touch(token)
+
     def _expire(self, lease: Lease, now: float) -> None:
         res = self._resources[lease.resource]
-        res.expire(lease, self._tokens.get(lease.token_id), now)
+        res.expire(lease, now)
         self._leases.end(lease)
         self.lease_expiries += 1
         # A token whose every holder stopped renewing belongs to processes that are gone (or
