@@ -32,6 +32,10 @@ class Lease:
     returned: int = 0
     used: int = 0
     debt: int = 0
+    # Concurrency: slot-seconds held and not yet charged, accrued up to ``accrued_at`` (None
+    # until the first grant into it; not stored: a restored lease starts accruing afresh).
+    slot_s: float = 0.0
+    accrued_at: float | None = None
 
     @property
     def ident(self) -> LeaseKey:

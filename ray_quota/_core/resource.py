@@ -26,6 +26,7 @@ from ray_quota._errors import (
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
 DEADLINE_SLACK = 64  # deadlines of resolved waiters kept before the watch list is swept
+HOLD_SMOOTHING = 0.1  # weight of each returned slot's hold in the reference hold time
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class Resource:
     __slots__ = (
         "_changes",
         "_deadlines",
+        "_hold_s",
         "_leases",
         "_policy",
         "_resolved",
@@ -101,6 +103,7 @@ class Resource:
         # (deadline, seq, waiter) of waiters that may run out of time; an entry is stale once
         # its waiter is resolved, and stale ones are swept before they outnumber the live.
         self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._hold_s: float | None = None  # concurrency: a slot's usual hold, smoothed
 
     @property
     def name(self) -> str:
@@ -153,18 +156,23 @@ class Resource:
         if self.spec.kind is Kind.CONCURRENCY:
             units, used = units + used, 0  # a slot is free again however it was "used"
         active = self.queue.weight  # before the token may stop counting as active
+        overheld = 0.0  # concurrency: slots returned, in multiples of the usual hold, minus one
         if lease is not None and (units or used):
             used = min(used, lease.units)
             units = min(units, lease.units - used)
+            if self.spec.kind is Kind.CONCURRENCY and units:
+                overheld = self._held(lease, units, now) - units
             lease.units -= units + used
             self.leased -= units + used
             self.pool.give_back(units, now)
         # A token with no expected use left is charged (and refunded) as if it weighed one
         # unit: overuse on it is still its debt, owed when expected use comes back.
         weight = max(1, token.expected_use) if token is not None else 1
-        if lease is not None and units and token is not None:
+        refund = -overheld if self.spec.kind is Kind.CONCURRENCY else units
+        if lease is not None and refund and token is not None:
             floor = self.vtime - self.max_credit(token) / weight
-            token.pass_ = max(floor, token.pass_ - units / weight)
+            token.pass_ = max(floor, token.pass_ - refund / weight)
+        if lease is not None and units and self.spec.kind is not Kind.CONCURRENCY:
             # Units not used were not service: virtual time gives back what their grant
             # moved it, or it would run ahead of every active token and push newcomers back.
             self.vtime -= units / max(1, active)
@@ -176,6 +184,27 @@ class Resource:
                 token.pass_ += debt / weight
         if token is not None:
             self.queue.rekey(token)
+
+    def _held(self, lease: Lease, slots: int, now: float) -> float:
+        """What ``slots`` of the lease given back now held, in multiples of a slot's usual
+        hold: a concurrency grant charges one slot each, this settles it by time held
+        (DESIGN 4: a long holder pays for its hold), so equal holds share slots by weight."""
+        self._accrue(lease, now)
+        held_s = lease.slot_s * slots / lease.units  # the lease's slots held alike, on average
+        lease.slot_s -= held_s
+        per_slot, usual = held_s / slots, self._hold_s
+        if usual is None:
+            usual = per_slot
+        # Charged against the usual hold from before this one, which would otherwise pull it
+        # towards itself and undercharge the long holds.
+        self._hold_s = usual + HOLD_SMOOTHING * (per_slot - usual)
+        return held_s / usual if usual > 0 else float(slots)
+
+    @staticmethod
+    def _accrue(lease: Lease, now: float) -> None:
+        if lease.accrued_at is not None:
+            lease.slot_s += lease.units * max(0.0, now - lease.accrued_at)
+        lease.accrued_at = now
 
     def expire(self, lease: Lease, now: float) -> None:
         """Take back what an expired lease held: concurrency slots are free again; rate and
@@ -293,6 +322,8 @@ class Resource:
             lease = self._leases.add(Lease(ticket.token_id, ticket.key, self.name, 0, expires))
         else:
             self._leases.extend(lease, expires)
+        if self.spec.kind is Kind.CONCURRENCY:
+            self._accrue(lease, now)
         lease.units += units
         self.leased += units
         self._changes.tokens.add(ticket.token_id)

@@ -13,6 +13,7 @@ from scheduler_world import (
     ME,
     Env,
     capacity,
+    concurrency,
     granted,
     rate,
 )
@@ -144,3 +145,50 @@ def test_fresh_one_shot_tokens_do_not_starve_a_backlogged_token(
         streams: int, big_sizes: tuple[int, ...]) -> None:
     share, fair = _share_against_one_shots(streams, big_sizes)
     assert share == pytest.approx(fair, rel=0.05)
+
+
+# ============================================================================ concurrency
+
+
+def _slot_grants(weights: tuple[int, ...], holds: tuple[float, ...], slots: int,
+                 seconds: float = 60.0) -> list[int]:
+    """Slot grants per token, each token kept backlogged by three processes that hold a slot
+    for the token's hold time, commit it and ask again at once (polled every 10 ms)."""
+    env = Env(concurrency(value=slots))
+    tokens = [env.token("k", w) for w in weights]
+    grants = [0] * len(tokens)
+    procs = [(i, f"t{i}p{j}") for i in range(len(tokens)) for j in range(3)]
+    tickets: dict[tuple[int, str], Ticket | None] = {
+        p: env.acquire(tokens[p[0]], 1, holder=p[1]) for p in procs}
+    since: dict[tuple[int, str], float] = {}
+    while env.now < seconds:
+        for proc, ticket in tickets.items():
+            if ticket is not None and ticket.outcome is not None:
+                granted(ticket)
+                grants[proc[0]] += 1
+                since[proc], tickets[proc] = env.now, None
+        for (i, key), ticket in tickets.items():
+            if ticket is None and env.now - since[(i, key)] >= holds[i] - 1e-9:
+                env.commit(tokens[i], 1, holder=key)
+                tickets[(i, key)] = env.acquire(tokens[i], 1, holder=key)
+        for _, key in procs:
+            env.sched.renew(key)
+        env.clock.advance(0.01)
+        env.sched.poll()
+    return grants
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_equal_holds_get_slot_grants_in_proportion_to_expected_use(slots: int) -> None:
+    grants = _slot_grants((1, 2, 4), (0.1, 0.1, 0.1), slots)
+    assert min(grants) >= 50
+    assert [g / grants[0] for g in grants] == pytest.approx([1, 2, 4], rel=0.05)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_token_holding_twice_as_long_gets_half_the_slot_grants(slots: int) -> None:
+    short, long = _slot_grants((1, 1), (0.1, 0.2), slots)
+    assert long >= 50
+    assert long / short == pytest.approx(0.5, rel=0.05)
+    light_short, heavy_long = _slot_grants((1, 2), (0.1, 0.2), slots)
+    assert heavy_long / light_short == pytest.approx(1.0, rel=0.05)  # weight pays for it
