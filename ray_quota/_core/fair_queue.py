@@ -142,6 +142,10 @@ class FairQueue:
             heapq.heapify(heap)
 
     @property
+    def bypass_factor(self) -> float:
+        return self._bypass_factor
+
+    @property
     def entries(self) -> int:
         """Heap entries held, stale ones included until swept (for tests)."""
         return len(self._heap)
@@ -196,29 +200,3 @@ class FairQueue:
     def _budget(self, head: Waiter) -> int:
         """Units, as multiples of a blocked head's request, smaller waiters may take before it."""
         return math.ceil(head.ticket.amount * self._bypass_factor)
-
-    # ------------------------------------------------------------------------------- ahead
-
-    @staticmethod
-    def pass_after(token: Flow, before_seq: float = math.inf) -> float:
-        """The token's pass once its waiters that arrived before ``before_seq`` are granted."""
-        queued = sum(w.ticket.amount for w in token.waiters if w.seq < before_seq)
-        return token.pass_ + queued / max(token.expected_use, 1)
-
-    def ahead(self, key: float, seq: float, mine: Waiter | None = None) -> int:
-        """Units that stride order serves before a request keyed (key, seq): every queued
-        request, each keyed by its token's pass once the requests before it are granted."""
-        ahead = 0
-        for first in self._live(self._heap):
-            token = first.token
-            pass_ = token.pass_
-            for waiter in token.waiters:
-                if waiter is mine or (pass_, waiter.seq) >= (key, seq):
-                    break
-                ahead += waiter.ticket.amount
-                pass_ += waiter.ticket.amount / max(token.expected_use, 1)
-        return ahead
-
-    def ahead_of(self, waiter: Waiter) -> int:
-        """Units that stride order serves before the queued ``waiter``."""
-        return self.ahead(self.pass_after(waiter.token, waiter.seq), waiter.seq, waiter)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
+from ray_quota._core.forecast import forecast, next_fit, serve
 from ray_quota._core.ledger import Lease, LeaseLedger
 from ray_quota._core.pools import Pool, RatePool, make_pool
 from ray_quota._core.protocol import PREFETCH_FRACTION, Grant
@@ -283,19 +284,9 @@ class Resource:
     def dispatch(self, now: float) -> None:
         """Grant waiters in stride order while they fit, letting smaller ones past a blocked
         head within its bypass budget."""
-        pool, queue = self.pool, self.queue
-        while (head := queue.head()) is not None:
-            available = pool.available(now)
-            if head.ticket.amount <= available:
-                self._grant(head, available, now)
-                continue
-            if available < 1:
-                return  # nobody can pass the head: skip the scan
-            for waiter in queue.may_pass(head):
-                if waiter.ticket.amount <= available and queue.admit_past(head, waiter):
-                    self._grant(waiter, available, now)
-                    available = pool.available(now)
-            return
+        pool = self.pool
+        serve(self.queue, lambda: pool.available(now),
+              lambda waiter, free: self._grant(waiter, free, now))
 
     def _grant(self, waiter: Waiter, available: int, now: float) -> None:
         token, ticket, policy = waiter.token, waiter.ticket, self._policy
@@ -352,30 +343,24 @@ class Resource:
     def _estimate(self, waiter: Waiter, now: float) -> float | None:
         if not isinstance(self.pool, RatePool):
             return None
-        return self.pool.time_until(self.queue.ahead_of(waiter) + waiter.ticket.amount, now)
+        return forecast(self.queue, self.pool, now, waiter)
 
     def estimate_wait(self, token: Flow, amount: int, now: float) -> float | None:
         """Seconds until ``amount`` units could be granted to ``token`` if it asked now (rate
         resources only: for the others it depends on when holders give back)."""
         if not isinstance(self.pool, RatePool):
             return None
-        if token.waiters:  # behind its own queued requests
-            key = self.queue.pass_after(token)
-        else:
-            key = max(token.pass_,
-                      self.vtime - self.max_credit(token) / max(token.expected_use, 1))
-        return self.pool.time_until(self.queue.ahead(key, math.inf) + amount, now)
+        # Where it would join: behind its own queued requests, or (as admit places it) at
+        # most its maximum credit behind the virtual time.
+        pass_ = max(token.pass_, self.vtime - self.max_credit(token) / max(token.expected_use, 1))
+        return forecast(self.queue, self.pool, now, ask=(token, amount, pass_))
 
     def wakeup(self, now: float) -> float | None:
         """When a waiter's deadline comes, or a rate pool's head (or a smaller waiter allowed
         past it) next fits; or None."""
-        head, deadline = self.queue.head(), self.next_deadline()
-        if head is None or not isinstance(self.pool, RatePool):
-            return deadline
-        smallest = min((w.ticket.amount for w in self.queue.may_pass(head)),
-                       default=head.ticket.amount)
-        wait = self.pool.time_until(min(head.ticket.amount, smallest), now)
-        return deadline if wait is None else min(now + wait, deadline or math.inf)
+        deadline = self.next_deadline()
+        fit = next_fit(self.queue, self.pool, now) if isinstance(self.pool, RatePool) else None
+        return min((t for t in (deadline, fit) if t is not None), default=None)
 
     # ---------------------------------------------------------------------------------- limits
 

@@ -4,6 +4,7 @@ failed before its fix. Fairness shares, wait estimates, bounded bookkeeping, deb
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 
@@ -19,8 +20,8 @@ from scheduler_world import (
 )
 
 from ray_quota._core.scheduler import Ticket
-from ray_quota._errors import InvalidAmountError
-from ray_quota._spec import MAX_UNITS
+from ray_quota._errors import FailedReservation, InvalidAmountError
+from ray_quota._spec import MAX_UNITS, Enforcement
 
 # ============================================================================ settling reports
 
@@ -192,3 +193,42 @@ def test_a_token_holding_twice_as_long_gets_half_the_slot_grants(slots: int) -> 
     assert long / short == pytest.approx(0.5, rel=0.05)
     light_short, heavy_long = _slot_grants((1, 2), (0.1, 0.2), slots)
     assert heavy_long / light_short == pytest.approx(1.0, rel=0.05)  # weight pays for it
+
+
+# ========================================================================== wait estimates
+
+
+def _random_queue(seed: int) -> tuple[Env, str, int]:
+    """A rate resource with a random queue (tokens of mixed weights, requests of mixed sizes,
+    some with their own wait limits) part-way through, and a request to estimate."""
+    rng = random.Random(seed)
+    env = Env(rate(value=10, burst=20, enforcement=Enforcement.REJECT, wait_limit_s=1e4))
+    tokens = [env.token("r", rng.choice([1, 2, 5, 10])) for _ in range(rng.randint(1, 5))]
+    for i in range(rng.randint(0, 10)):
+        timeout = rng.choice([None, None, rng.uniform(0.2, 6.0)])
+        env.acquire(rng.choice(tokens), rng.randint(1, 20), holder=f"h{i}", timeout=timeout)
+        env.clock.advance(rng.choice([0.0, 0.0, rng.uniform(0.0, 1.0)]))
+        env.sched.poll()
+    target = rng.choice([*tokens, env.token("r", rng.choice([1, 5]))])
+    return env, target, rng.randint(1, 20)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_wait_estimates_agree_with_when_the_same_request_is_granted(seed: int) -> None:
+    # The estimate (asked before, and given with a refusal) against the time the same request
+    # is granted if it waits, in a copy of the same world. No one else arrives and the
+    # executor polls at its wake-ups, which is what the estimate assumes: so it must be exact,
+    # up to float rounding of the bucket's refill (1e-6 s).
+    env, target, amount = _random_queue(seed)
+    asked = env.sched.estimate_wait(target, amount)
+    waiting = copy.deepcopy(env)
+    refused = env.acquire(target, amount, holder="x", timeout=0.0)
+    ticket = waiting.acquire(target, amount, holder="x")
+    start = waiting.now
+    granted_after = waiting.wait_for(ticket) - start
+    granted(ticket)
+    assert asked == pytest.approx(granted_after, abs=1e-6)
+    if isinstance(refused.outcome, FailedReservation):
+        assert refused.outcome.estimated_wait_s == pytest.approx(granted_after, abs=1e-6)
+    else:
+        assert granted_after == 0.0
