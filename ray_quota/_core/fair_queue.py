@@ -5,7 +5,8 @@ orders by them. The rule, written into the data structure: each token's waiters 
 only the first of each is in a heap keyed ``(pass, seq, version)``, so the lowest pass goes first
 and, at equal passes, the request that arrived first. When a first waiter leaves or its token's
 pass moves, the token's (new) first waiter is pushed again with a higher version; the entries left
-behind are stale and skipped when they come up, never searched for.
+behind are stale: skipped when they come up, and swept once they outnumber the live entries, so a
+token that waits while its pass keeps moving (reports, refunds, debt) cannot grow the heap.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ray_quota._core.protocol import Grant
 from ray_quota._errors import QuotaError
 
 BACKFILL_SCAN = 64  # waiters looked at when the head is blocked
+STALE_SLACK = 64  # stale heap entries allowed beyond the live ones before a sweep
 
 
 @dataclass(slots=True, eq=False)
@@ -35,11 +37,13 @@ class Ticket:
 
 @dataclass(slots=True, eq=False)
 class Flow:
-    """A token as its queue sees it: its pass in virtual time, its weight, its waiters in order."""
+    """A token as its queue sees it: its pass in virtual time, its weight, its waiters in order,
+    and how many live leases it has (while it waits or has a lease, it is *active*)."""
 
     pass_: float
     expected_use: int
     waiters: deque[Waiter] = field(default_factory=deque)
+    leases: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -60,6 +64,9 @@ class Waiter:
         return self.token.pass_ + self.ticket.amount / self.token.expected_use
 
 
+Entry = tuple[float, int, int, Waiter]  # (pass, seq, version, waiter) in the heap
+
+
 class FairQueue:
     """The waiters of one resource: per-token FIFOs, tokens in a heap by (pass, arrival).
 
@@ -74,12 +81,18 @@ class FairQueue:
         ('heavy', 2)
     """
 
-    __slots__ = ("_bypass_factor", "_heap", "waiting")
+    __slots__ = ("_active", "_bypass_factor", "_heap", "flows", "waiting", "weight")
 
     def __init__(self, bypass_factor: float = 1.0) -> None:
-        self._heap: list[tuple[float, int, int, Waiter]] = []
+        self._heap: list[Entry] = []
         self._bypass_factor = bypass_factor
         self.waiting = 0  # waiters queued, every token's
+        self.flows = 0  # tokens with waiters: the live heap entries
+        # Active tokens (waiting, or with a live lease: a holder serves it) -> the weight
+        # counted for them. Tokens between two requests still count, so their share is not
+        # given away while they use a grant or commit it and ask again.
+        self._active: dict[Flow, int] = {}
+        self.weight = 0  # expected use of the active tokens, summed
 
     # ------------------------------------------------------------------------ join and leave
 
@@ -89,6 +102,8 @@ class FairQueue:
         waiters.append(waiter)
         self.waiting += 1
         if len(waiters) == 1:
+            self.flows += 1
+            self.touch(waiter.token)
             self._push(waiter)
 
     def leave(self, waiter: Waiter) -> None:
@@ -98,23 +113,50 @@ class FairQueue:
         waiters.remove(waiter)
         waiter.done = True
         self.waiting -= 1
-        if was_first and waiters:
+        if not waiters:
+            self.flows -= 1
+            self.touch(waiter.token)
+        elif was_first:
             self._push(waiters[0])
 
     def rekey(self, token: Flow) -> None:
-        """Re-place ``token`` after its pass moved."""
+        """Re-place ``token`` after its pass (or its expected use) changed."""
+        self.touch(token)
         if token.waiters:
             self._push(token.waiters[0])
 
+    def touch(self, token: Flow, *, closed: bool = False) -> None:
+        """Count ``token`` as active or not, by its waiters and leases, at its weight."""
+        weight = 0 if closed or not (token.waiters or token.leases) else token.expected_use
+        counted = self._active.pop(token, 0)
+        if weight:
+            self._active[token] = weight
+        self.weight += weight - counted
+
     def _push(self, waiter: Waiter) -> None:
         waiter.version += 1
-        heapq.heappush(self._heap, (waiter.token.pass_, waiter.seq, waiter.version, waiter))
+        heap = self._heap
+        heapq.heappush(heap, (waiter.token.pass_, waiter.seq, waiter.version, waiter))
+        if len(heap) > 2 * self.flows + STALE_SLACK:
+            heap[:] = self._live_entries(heap)
+            heapq.heapify(heap)
+
+    @property
+    def bypass_factor(self) -> float:
+        return self._bypass_factor
+
+    @property
+    def entries(self) -> int:
+        """Heap entries held, stale ones included until swept (for tests)."""
+        return len(self._heap)
 
     @staticmethod
-    def _live(entries: Iterable[tuple[float, int, int, Waiter]]) -> Iterator[Waiter]:
-        for _, _, version, waiter in entries:
-            if not waiter.done and version == waiter.version:
-                yield waiter
+    def _live_entries(entries: Iterable[Entry]) -> list[Entry]:
+        return [entry for entry in entries if not entry[3].done and entry[2] == entry[3].version]
+
+    @classmethod
+    def _live(cls, entries: Iterable[Entry]) -> Iterator[Waiter]:
+        return (entry[3] for entry in cls._live_entries(entries))
 
     # ------------------------------------------------------------------------------- order
 
@@ -141,7 +183,9 @@ class FairQueue:
         if budget < 1:
             return []
         head_pass, head_finish = head.token.pass_, head.finish()
-        return [w for w in self._live(heapq.nsmallest(BACKFILL_SCAN, self._heap))
+        # Stale entries are left out before the cut: they must not hide the real candidates.
+        return [w for w in self._live(heapq.nsmallest(BACKFILL_SCAN,
+                                                      self._live_entries(self._heap)))
                 if w is not head and w.ticket.amount <= budget
                 and (w.token.pass_ <= head_pass or w.finish() <= head_finish)]
 
@@ -156,29 +200,3 @@ class FairQueue:
     def _budget(self, head: Waiter) -> int:
         """Units, as multiples of a blocked head's request, smaller waiters may take before it."""
         return math.ceil(head.ticket.amount * self._bypass_factor)
-
-    # ------------------------------------------------------------------------------- ahead
-
-    @staticmethod
-    def pass_after(token: Flow, before_seq: float = math.inf) -> float:
-        """The token's pass once its waiters that arrived before ``before_seq`` are granted."""
-        queued = sum(w.ticket.amount for w in token.waiters if w.seq < before_seq)
-        return token.pass_ + queued / max(token.expected_use, 1)
-
-    def ahead(self, key: float, seq: float, mine: Waiter | None = None) -> int:
-        """Units that stride order serves before a request keyed (key, seq): every queued
-        request, each keyed by its token's pass once the requests before it are granted."""
-        ahead = 0
-        for first in self._live(self._heap):
-            token = first.token
-            pass_ = token.pass_
-            for waiter in token.waiters:
-                if waiter is mine or (pass_, waiter.seq) >= (key, seq):
-                    break
-                ahead += waiter.ticket.amount
-                pass_ += waiter.ticket.amount / max(token.expected_use, 1)
-        return ahead
-
-    def ahead_of(self, waiter: Waiter) -> int:
-        """Units that stride order serves before the queued ``waiter``."""
-        return self.ahead(self.pass_after(waiter.token, waiter.seq), waiter.seq, waiter)

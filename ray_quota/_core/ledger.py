@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 from ray_quota._core.state import ChangeLog, LeaseKey, SavedLease
@@ -32,11 +32,25 @@ class Lease:
     returned: int = 0
     used: int = 0
     debt: int = 0
+    # Concurrency: slot-seconds held and not yet charged, accrued up to ``accrued_at`` (None
+    # until the first grant into it; not stored: a restored lease starts accruing afresh).
+    slot_s: float = 0.0
+    accrued_at: float | None = None
 
     @property
     def ident(self) -> LeaseKey:
         """How the ledger knows this lease: (token id, lease key)."""
         return (self.token_id, self.key)
+
+    def advance_totals(self, returned: int, used: int, debt: int) -> tuple[int, int, int]:
+        """Take up a holder's running totals; returns what is new in each (never negative,
+        so a report that comes twice or late adds nothing)."""
+        fresh = (max(0, returned - self.returned), max(0, used - self.used),
+                 max(0, debt - self.debt))
+        self.returned += fresh[0]
+        self.used += fresh[1]
+        self.debt += fresh[2]
+        return fresh
 
     def saved(self) -> SavedLease:
         return SavedLease(self.token_id, self.key, self.resource, self.units, self.returned,
@@ -66,10 +80,12 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         "_ended",
         "_expiries",
         "_leases",
+        "_on_active",
         "_recalls",
     )
 
-    def __init__(self, changes: ChangeLog | None = None) -> None:
+    def __init__(self, changes: ChangeLog | None = None, *,
+                 on_active: Callable[[str, int], None] | None = None) -> None:
         self._leases: dict[LeaseKey, Lease] = {}
         self._by_key: dict[str, set[str]] = {}  # lease key -> token ids
         self._by_resource: dict[str, set[LeaseKey]] = {}
@@ -80,6 +96,8 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         self._ended: OrderedDict[LeaseKey, int] = OrderedDict()  # -> debt applied by then
         self._recalls: dict[str, set[str]] = {}  # lease key -> token ids
         self._changes = changes if changes is not None else ChangeLog()
+        # Told (token id, its live leases) when a token's first lease begins or its last ends.
+        self._on_active = on_active
 
     # ------------------------------------------------------------------------------- mapping
 
@@ -100,7 +118,9 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         self._leases[key] = lease
         self._by_key.setdefault(lease.key, set()).add(lease.token_id)
         self._by_resource.setdefault(lease.resource, set()).add(key)
-        self._count[lease.token_id] = self._count.get(lease.token_id, 0) + 1
+        count = self._count[lease.token_id] = self._count.get(lease.token_id, 0) + 1
+        if count == 1 and self._on_active is not None:
+            self._on_active(lease.token_id, count)
         heapq.heappush(self._expiries, (lease.expires_at, lease.token_id, lease.key))
         self._changes.leases.add(key)
         return lease
@@ -142,6 +162,8 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         left = self._count.pop(lease.token_id) - 1
         if left:
             self._count[lease.token_id] = left
+        elif self._on_active is not None:
+            self._on_active(lease.token_id, 0)
         self._changes.leases.add(key)
         self._changes.resources.add(lease.resource)
         self._by_resource[lease.resource].discard(key)

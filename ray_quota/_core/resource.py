@@ -7,10 +7,12 @@ is explained once, in :mod:`ray_quota._core.scheduler`; tokens' lifecycle is the
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
 from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
+from ray_quota._core.forecast import forecast, next_fit, serve
 from ray_quota._core.ledger import Lease, LeaseLedger
 from ray_quota._core.pools import Pool, RatePool, make_pool
 from ray_quota._core.protocol import PREFETCH_FRACTION, Grant
@@ -23,6 +25,9 @@ from ray_quota._errors import (
     QuotaTerminated,
 )
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
+
+DEADLINE_SLACK = 64  # deadlines of resolved waiters kept before the watch list is swept
+HOLD_SMOOTHING = 0.1  # weight of each returned slot's hold in the reference hold time
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,8 @@ class Resource:
 
     __slots__ = (
         "_changes",
+        "_deadlines",
+        "_hold_s",
         "_leases",
         "_policy",
         "_resolved",
@@ -94,6 +101,10 @@ class Resource:
         self._leases = leases
         self._changes = changes
         self._resolved = resolved
+        # (deadline, seq, waiter) of waiters that may run out of time; an entry is stale once
+        # its waiter is resolved, and stale ones are swept before they outnumber the live.
+        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._hold_s: float | None = None  # concurrency: a slot's usual hold, smoothed
 
     @property
     def name(self) -> str:
@@ -105,35 +116,96 @@ class Resource:
         return self._policy.credit_factor * token.expected_use
 
     def credit(self, token: Flow) -> float:
-        """The token's credit in units: how far its pass lags the virtual time, capped."""
-        return min(self.max_credit(token), (self.vtime - token.pass_) * token.expected_use)
+        """The token's credit in units: how far its pass lags the virtual time, capped.
+
+        A token whose expected use was all split off counts as weighing one unit, with no
+        credit to gain: its pass then holds only the debt charged to it since (see
+        :meth:`give_back`), which a merge back hands on.
+        """
+        weight = max(1, token.expected_use)
+        return min(self.max_credit(token), (self.vtime - token.pass_) * weight)
+
+    def reweigh(self, token: Flow, expected_use: int) -> None:
+        """Change the token's expected use (a split), keeping its credit per unit of it."""
+        token.expected_use = expected_use
+        if not expected_use:
+            token.pass_ = self.vtime  # its credit or debt went with its expected use
+        self.queue.rekey(token)
 
     def start_pass(self) -> float:
-        """Where a token joining now starts: never ahead of the most-behind waiter, so a stream
-        of new tokens cannot starve those already waiting."""
+        """Where a token joining now starts: at the virtual time, which moves on with every
+        grant (:meth:`_advance`), so a stream of new tokens enters behind what was served and
+        cannot starve those already waiting."""
         head = self.queue.head()
         return self.vtime if head is None else max(self.vtime, head.token.pass_)
+
+    def _advance(self, units: int, weight: int) -> None:
+        """Move virtual time on by a grant of ``units`` while tokens of total expected use
+        ``weight`` were active (the granted one included): it advances as the passes of
+        tokens served their fair share do.
+
+        Moving it only to the granted token's pass stood still while fresh tokens, each
+        granted at its entry pass, were served; pulling it up to the lowest waiting pass
+        would jump to an indebted token's pass whenever a token just served is out of the
+        queue between its grant and its next request, wiping the debt.
+        """
+        self.vtime += units / max(1, weight)
 
     def give_back(self, lease: Lease | None, token: Flow | None, units: int, used: int,
                   debt: int, now: float) -> None:
         """Settle part of a lease (see :meth:`Scheduler.give_back`); the caller dispatches."""
         if self.spec.kind is Kind.CONCURRENCY:
             units, used = units + used, 0  # a slot is free again however it was "used"
+        active = self.queue.weight  # before the token may stop counting as active
+        overheld = 0.0  # concurrency: slots returned, in multiples of the usual hold, minus one
         if lease is not None and (units or used):
             used = min(used, lease.units)
             units = min(units, lease.units - used)
+            if self.spec.kind is Kind.CONCURRENCY and units:
+                overheld = self._held(lease, units, now) - units
             lease.units -= units + used
             self.leased -= units + used
             self.pool.give_back(units, now)
-        if lease is not None and units and token is not None and token.expected_use:
-            floor = self.vtime - self.max_credit(token) / token.expected_use
-            token.pass_ = max(floor, token.pass_ - units / token.expected_use)
+        # A token with no expected use left is charged (and refunded) as if it weighed one
+        # unit: overuse on it is still its debt, owed when expected use comes back.
+        weight = max(1, token.expected_use) if token is not None else 1
+        refund = -overheld if self.spec.kind is Kind.CONCURRENCY else units
+        if lease is not None and refund and token is not None:
+            floor = self.vtime - self.max_credit(token) / weight
+            token.pass_ = max(floor, token.pass_ - refund / weight)
+        if lease is not None and units and self.spec.kind is not Kind.CONCURRENCY:
+            # Units not used were not service: virtual time gives back what their grant
+            # moved it, or it would run ahead of every active token and push newcomers back.
+            self.vtime -= units / max(1, active)
         if debt:
             self.pool.charge_debt(debt, now)
-            if token is not None and token.expected_use:
-                token.pass_ += debt / token.expected_use
+            if token is not None:
+                if not token.expected_use:
+                    token.pass_ = max(token.pass_, self.vtime)  # debt, never lost in credit
+                token.pass_ += debt / weight
         if token is not None:
             self.queue.rekey(token)
+
+    def _held(self, lease: Lease, slots: int, now: float) -> float:
+        """What ``slots`` of the lease given back now held, in multiples of a slot's usual
+        hold: a concurrency grant charges one slot each, this settles it by time held
+        (DESIGN 4: a long holder pays for its hold), so equal holds share slots by weight."""
+        self._accrue(lease, now)
+        held_s = lease.slot_s * slots / lease.units  # the lease's slots held alike, on average
+        lease.slot_s -= held_s
+        per_slot, usual = held_s / slots, self._hold_s
+        if usual is None:
+            usual = per_slot
+        # Charged against the usual hold from before this one, which would otherwise pull it
+        # towards itself and undercharge the long holds.
+        self._hold_s = usual + HOLD_SMOOTHING * (per_slot - usual)
+        return held_s / usual if usual > 0 else float(slots)
+
+    @staticmethod
+    def _accrue(lease: Lease, now: float) -> None:
+        if lease.accrued_at is not None:
+            lease.slot_s += lease.units * max(0.0, now - lease.accrued_at)
+        lease.accrued_at = now
 
     def expire(self, lease: Lease, now: float) -> None:
         """Take back what an expired lease held: concurrency slots are free again; rate and
@@ -141,6 +213,11 @@ class Resource:
         if self.spec.kind is Kind.CONCURRENCY:
             self.pool.give_back(lease.units, now)
         self.leased -= lease.units
+
+    def close(self, token: Flow) -> None:
+        """The token is closed: it no longer counts among this resource's tokens."""
+        self.queue.touch(token, closed=True)
+        self.tokens -= 1
 
     # ---------------------------------------------------------------------------------- waiters
 
@@ -153,11 +230,9 @@ class Resource:
         return InvalidAmountError(f"{self.name!r}: {amount} units is more than the {limit} can "
                                   f"ever grant ({self.spec.ceiling})")
 
-    def admit(self, waiter: Waiter, now: float) -> bool:
-        """Queue ``waiter`` and grant what fits; fail it at once if it cannot be granted in time.
-
-        Returns whether it waits with a deadline to watch.
-        """
+    def admit(self, waiter: Waiter, now: float) -> None:
+        """Queue ``waiter`` and grant what fits; fail it at once if it cannot be granted in time,
+        else watch its deadline (if it has one)."""
         token, spec, deadline = waiter.token, self.spec, waiter.deadline
         if not token.waiters:
             # A returning token regains at most its maximum credit.
@@ -167,37 +242,55 @@ class Resource:
         contention_starts = self.queue.waiting == 1
         self.dispatch(now)
         if waiter.ticket.outcome is not None:
-            return False
+            return
         if deadline <= now or (spec.enforcement is not Enforcement.THROTTLE
                                and deadline != math.inf
                                and (estimate := self._estimate(waiter, now)) is not None
                                and now + estimate > deadline):
             self.fail(waiter, now)
-            return False
+            return
         if contention_starts:
             self._leases.recall(spec.name)
-        return deadline != math.inf
+        if deadline != math.inf:
+            self._watch(waiter)
+
+    def _watch(self, waiter: Waiter) -> None:
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (waiter.deadline, waiter.seq, waiter))
+        if len(deadlines) > 2 * self.queue.waiting + DEADLINE_SLACK:
+            deadlines[:] = [entry for entry in deadlines if not entry[2].done]
+            heapq.heapify(deadlines)
+
+    @property
+    def watched(self) -> int:
+        """Deadline entries held, resolved waiters' included until swept (for tests)."""
+        return len(self._deadlines)
+
+    def fail_due(self, now: float) -> None:
+        """Fail the waiters whose deadline is at or before ``now``, earliest first."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            waiter = heapq.heappop(deadlines)[2]
+            if not waiter.done:
+                self.fail(waiter, now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a waiter still waiting, or None."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].done:
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
 
     def dispatch(self, now: float) -> None:
         """Grant waiters in stride order while they fit, letting smaller ones past a blocked
         head within its bypass budget."""
-        pool, queue = self.pool, self.queue
-        while (head := queue.head()) is not None:
-            available = pool.available(now)
-            if head.ticket.amount <= available:
-                self._grant(head, available, now)
-                continue
-            if available < 1:
-                return  # nobody can pass the head: skip the scan
-            for waiter in queue.may_pass(head):
-                if waiter.ticket.amount <= available and queue.admit_past(head, waiter):
-                    self._grant(waiter, available, now)
-                    available = pool.available(now)
-            return
+        pool = self.pool
+        serve(self.queue, lambda: pool.available(now),
+              lambda waiter, free: self._grant(waiter, free, now))
 
     def _grant(self, waiter: Waiter, available: int, now: float) -> None:
         token, ticket, policy = waiter.token, waiter.ticket, self._policy
-        key = (ticket.token_id, ticket.key)
+        key, active = (ticket.token_id, ticket.key), self.queue.weight
         self.queue.leave(waiter)
         if self._leases.is_ended(key):
             # Its lease ended while it waited: granting under that key would start a fresh
@@ -211,7 +304,7 @@ class Resource:
             extra = max(0, min(waiter.prefetch, cap, available - ticket.amount))
         units = ticket.amount + extra
         self.pool.take(units, now)
-        self.vtime = max(self.vtime, token.pass_)
+        self._advance(units, active)
         token.pass_ += units / token.expected_use
         self.queue.rekey(token)
         lease = self._leases.get(key)
@@ -220,6 +313,8 @@ class Resource:
             lease = self._leases.add(Lease(ticket.token_id, ticket.key, self.name, 0, expires))
         else:
             self._leases.extend(lease, expires)
+        if self.spec.kind is Kind.CONCURRENCY:
+            self._accrue(lease, now)
         lease.units += units
         self.leased += units
         self._changes.tokens.add(ticket.token_id)
@@ -248,29 +343,24 @@ class Resource:
     def _estimate(self, waiter: Waiter, now: float) -> float | None:
         if not isinstance(self.pool, RatePool):
             return None
-        return self.pool.time_until(self.queue.ahead_of(waiter) + waiter.ticket.amount, now)
+        return forecast(self.queue, self.pool, now, waiter)
 
     def estimate_wait(self, token: Flow, amount: int, now: float) -> float | None:
         """Seconds until ``amount`` units could be granted to ``token`` if it asked now (rate
         resources only: for the others it depends on when holders give back)."""
         if not isinstance(self.pool, RatePool):
             return None
-        if token.waiters:  # behind its own queued requests
-            key = self.queue.pass_after(token)
-        else:
-            key = max(token.pass_,
-                      self.vtime - self.max_credit(token) / max(token.expected_use, 1))
-        return self.pool.time_until(self.queue.ahead(key, math.inf) + amount, now)
+        # Where it would join: behind its own queued requests, or (as admit places it) at
+        # most its maximum credit behind the virtual time.
+        pass_ = max(token.pass_, self.vtime - self.max_credit(token) / max(token.expected_use, 1))
+        return forecast(self.queue, self.pool, now, ask=(token, amount, pass_))
 
     def wakeup(self, now: float) -> float | None:
-        """When a rate pool's head, or a smaller waiter allowed past it, next fits; or None."""
-        head = self.queue.head()
-        if head is None or not isinstance(self.pool, RatePool):
-            return None
-        smallest = min((w.ticket.amount for w in self.queue.may_pass(head)),
-                       default=head.ticket.amount)
-        wait = self.pool.time_until(min(head.ticket.amount, smallest), now)
-        return None if wait is None else now + wait
+        """When a waiter's deadline comes, or a rate pool's head (or a smaller waiter allowed
+        past it) next fits; or None."""
+        deadline = self.next_deadline()
+        fit = next_fit(self.queue, self.pool, now) if isinstance(self.pool, RatePool) else None
+        return min((t for t in (deadline, fit) if t is not None), default=None)
 
     # ---------------------------------------------------------------------------------- limits
 

@@ -28,7 +28,6 @@ resource's pool, virtual time and :mod:`.fair_queue`, granting into the :mod:`.l
 
 from __future__ import annotations
 
-import heapq
 import math
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -87,13 +86,12 @@ class Scheduler:
         now = clock()
         # What changed since the last drain_changes(), for a durable store to write.
         self._changes = ChangeLog(resources)
-        self._leases = LeaseLedger(self._changes)
+        self._leases = LeaseLedger(self._changes, on_active=self._lease_count_changed)
         self._tokens = TokenRegistry(new_id, self._changes)
         self._resolved: list[Ticket] = []  # since the last poll, appended to by the resources
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
                                           self._resolved)
                            for name, spec in resources.items()}
-        self._deadlines: list[tuple[float, int, Waiter, str]] = []  # (..., resource name)
         self._seq = 0
         self.lease_expiries = 0
 
@@ -123,9 +121,9 @@ class Scheduler:
         # Same pass means same credit per unit of weight: credit divides in proportion.
         child = self._tokens.open(token.resource, child_expected_use, pass_=token.pass_,
                                   claimant=claimant, label=token.label)
-        token.expected_use -= child_expected_use
-        self._changes.tokens.add(token.id)
         res = self._resources[token.resource]
+        res.reweigh(token, token.expected_use - child_expected_use)
+        self._changes.tokens.add(token.id)
         res.tokens += 1
         return TokenInfo(child.id, res.spec, 0)
 
@@ -222,9 +220,7 @@ class Scheduler:
         self._seq += 1
         ticket = Ticket(self._seq, token_id, key, amount)
         deadline = now + _wait_allowed(res.spec, timeout)
-        waiter = Waiter(ticket, token, max(0, int(prefetch)), deadline, self._seq)
-        if res.admit(waiter, now):
-            heapq.heappush(self._deadlines, (deadline, waiter.seq, waiter, res.name))
+        res.admit(Waiter(ticket, token, max(0, int(prefetch)), deadline, self._seq), now)
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
@@ -287,8 +283,9 @@ class Scheduler:
         whatever it still holds by the executor's count (a grant whose answer was lost, say)
         goes back to the pool and the lease ends.
         """
-        lease_id = (token_id, key)
-        lease = self._leases.get(lease_id)
+        for what, total in (("returned", returned), ("used", used), ("debt", debt)):
+            check_units(what, total, allow_zero=True)  # all checked before any total moves
+        lease_id, lease = (token_id, key), self._leases.get((token_id, key))
         if lease is None:
             ended_debt = self._leases.ended_debt(lease_id)
             if ended_debt is not None and debt > ended_debt:
@@ -299,12 +296,7 @@ class Scheduler:
         if final:
             # Ended first, so that units freed below are not granted back under this key.
             self._leases.mark_ended(lease_id, lease.debt)
-        fresh_returned = max(0, returned - lease.returned)
-        fresh_used = max(0, used - lease.used)
-        fresh_debt = max(0, debt - lease.debt)
-        lease.returned += fresh_returned
-        lease.used += fresh_used
-        lease.debt += fresh_debt
+        fresh_returned, fresh_used, fresh_debt = lease.advance_totals(returned, used, debt)
         if fresh_returned or fresh_used or fresh_debt:
             self.give_back(token_id, key, fresh_returned, used=fresh_used, debt=fresh_debt)
         if final:
@@ -381,10 +373,8 @@ class Scheduler:
         """
         now = self._clock()
         self._dispatch_all(now)
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, waiter, resource = heapq.heappop(self._deadlines)
-            if not waiter.done:
-                self._resources[resource].fail(waiter, now)
+        for res in self._resources.values():
+            res.fail_due(now)
         for lease in self._leases.due(now):
             self._expire(lease, now)
         if self._tokens.has_orphans:
@@ -405,8 +395,7 @@ class Scheduler:
         """When :meth:`poll` next has something to do with no other call in between, or None."""
         now = self._clock()
         times = [res.wakeup(now) for res in self._resources.values()]
-        times += [self._deadlines[0][0] if self._deadlines else None,
-                  self._leases.next_expiry()]
+        times.append(self._leases.next_expiry())
         return min((t for t in times if t is not None), default=None)
 
     # ----------------------------------------------------------------------- limits and status
@@ -492,8 +481,13 @@ class Scheduler:
             res.queue.leave(waiter)
             res.resolve(waiter, TokenClosedError("the token was closed while waiting"))
         self._tokens.close(token)
-        res.tokens -= 1
+        res.close(token)
         res.dispatch(now)
+
+    def _lease_count_changed(self, token_id: str, leases: int) -> None:
+        if (token := self._tokens.get(token_id)) is not None:  # a token with a lease is active
+            token.leases = leases
+            self._resources[token.resource].queue.touch(token)
 
     def _expire(self, lease: Lease, now: float) -> None:
         res = self._resources[lease.resource]

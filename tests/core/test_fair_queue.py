@@ -1,10 +1,9 @@
-"""The fair queue alone: stride order, stale heap entries, the bypass budget and units ahead."""
+"""The fair queue alone: stride order, stale heap entries and the bypass budget (wait
+estimates replay the queue: see test_scheduler_regressions)."""
 
 from __future__ import annotations
 
 import itertools
-
-import pytest
 
 from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
 
@@ -123,35 +122,3 @@ def test_admit_past_refuses_a_waiter_that_would_overrun_the_budget() -> None:
 
 
 # -------------------------------------------------------------------------------------- ahead
-
-
-def test_ahead_counts_every_request_stride_order_serves_first() -> None:
-    queue = FairQueue()
-    a, b = flow(0.0, expected_use=10), flow(0.0, expected_use=10)
-    queued(queue, a, 4)  # at pass 0.0
-    queued(queue, a, 6)  # at pass 0.4
-    queued(queue, b, 3)  # at pass 0.0
-    assert queue.ahead(0.5, float("inf")) == 4 + 6 + 3
-    assert queue.ahead(0.3, float("inf")) == 4 + 3  # a's second request is keyed 0.4
-    assert queue.ahead(0.0, 0) == 0  # at the lowest key, first in arrival order
-
-
-def test_ahead_of_a_waiter_counts_its_tokens_earlier_requests_and_not_itself() -> None:
-    queue = FairQueue()
-    mine, other = flow(0.0, expected_use=2), flow(0.0, expected_use=10)
-    first = queued(queue, mine, 2)
-    queued(queue, other, 5)  # keyed (0.0, later seq), then 0.5
-    second = queued(queue, mine, 3)  # keyed at pass 1.0, behind ``first``
-    assert FairQueue.pass_after(mine, second.seq) == pytest.approx(1.0)
-    assert FairQueue.pass_after(mine) == pytest.approx(2.5)
-    assert queue.ahead_of(first) == 0
-    assert queue.ahead_of(second) == 2 + 5
-
-
-def test_ahead_ignores_waiters_that_left() -> None:
-    queue = FairQueue()
-    a = flow(0.0)
-    gone = queued(queue, a, 5)
-    queued(queue, flow(0.0), 1)
-    queue.leave(gone)
-    assert queue.ahead(10.0, float("inf")) == 1

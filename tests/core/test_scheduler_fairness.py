@@ -278,8 +278,9 @@ def test_only_waiters_that_would_finish_first_may_pass_a_blocked_head() -> None:
     # A token of small requests must not take a large request's share by slipping past it.
     env = Env(capacity(value=20))
     head_token, light, filler = env.token("c", 10), env.token("c", 1), env.token("c", 1)
-    env.commit(light, granted(env.acquire(light, 1)))  # light is now further on than the head
-    granted(env.acquire(filler, 19))
+    granted(env.acquire(filler, 18))
+    env.commit(light, granted(env.acquire(light, 1)))
+    env.sched.give_back(light, HOLDER, debt=1)  # light is now further on than the head
     head = env.acquire(head_token, 6)  # finishes at its pass + 0.6
     small = env.acquire(light, 2)  # starts later and finishes at its pass + 2: after the head
     env.sched.give_back(filler, HOLDER, 4)

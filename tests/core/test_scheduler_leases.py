@@ -111,13 +111,16 @@ def test_grant_carries_prefetch_only_when_nobody_waits() -> None:
 
 
 def test_prefetched_units_given_back_refund_the_tokens_pass() -> None:
-    env = Env(rate(value=10, burst=100), policy=Policy(max_lease_fraction=0.5))
-    a = env.token("r", 10)
-    before = env.sched.credit(a)
-    env.acquire(a, 10, prefetch=40)
-    assert env.sched.credit(a) == pytest.approx(before - 50)
+    # What a token gives back pulls its pass back by the units: credit against the other
+    # active tokens (virtual time also gives back what the unused units' grant moved it).
+    env = Env(rate(value=10, burst=100),
+              policy=Policy(max_lease_fraction=0.5, credit_factor=10.0))
+    a, b = env.token("r", 10), env.token("r", 10)
+    granted(env.acquire(b, 10, holder="other"))  # b holds units: both are active
+    assert granted(env.acquire(a, 10, prefetch=40)) == 50
+    gap = env.sched.credit(a) - env.sched.credit(b)
     env.sched.give_back(a, HOLDER, 40, used=10)
-    assert env.sched.credit(a) == pytest.approx(before - 10)
+    assert env.sched.credit(a) - env.sched.credit(b) == pytest.approx(gap + 40)
 
 
 def test_settle_applies_running_totals_once() -> None:
