@@ -17,7 +17,12 @@ the broker's own spare, and every guarantee of a direct lease carries over:
   contention every request goes through the executor's fair queue, as a direct one would;
 - expiry: a process's trust in a sub-lease ends before the broker's trust in the upstream lease
   (answers carry the upstream lease's remaining trust as the time-to-live), and a sub-lease that
-  is not renewed expires at the broker, which charges or frees its units as the executor would.
+  is not renewed expires at the broker, which charges or frees its units as the executor would;
+- liveness: a sub-lease ends only as a direct lease would, when its process settles it as final,
+  stops renewing it, or the executor ended the lease above it. Neither the broker's own trust
+  running out (its renewals paused: the executor may be restarting, and keeps the lease) nor the
+  token ending (closed, merged) ends the sub-lease of a process that still renews it: that
+  process may hold a slot, or an open reservation whose rest is still to come back.
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ class _Up:
     lease: LocalLease
     subs: dict[str, _Sub] = field(default_factory=dict)
     claim: tuple[int, str] | None = None  # the generation and claimant the executor last accepted
-    retired: bool = False  # the executor no longer has it: no new sub-leases, report as final
+    # No new sub-leases and no local service: renewed upstream while processes still hold
+    # sub-leases of it, settled as final once they are gone.
+    retired: bool = False
+    ended: bool = False  # the executor no longer has it: its sub-leases end, it is not renewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +182,10 @@ class BrokerCore:
             sub.expires_at = now + self._ttl_s
 
     def lost(self, token_id: str, up_key: str) -> None:
-        """The executor refused the broker's lease (it ended): retire it; sub-leases follow."""
+        """The broker's totals for its lease ``up_key`` can no longer be trusted (the executor
+        refused it, or an answer with a grant was lost): retire it. It stays renewed while its
+        processes hold sub-leases of it; if the executor no longer has it, the next renewal's
+        answer says so, and they end then."""
         up = self._ups.get(token_id)
         if up is not None and up.lease.key == up_key:
             self._retire(up)
@@ -246,12 +257,16 @@ class BrokerCore:
             sub = self._subs.get((report.token_id, report.key))
             if report.final or sub is None:
                 continue
-            trust = self._trust_left(sub.up, now)
-            if sub.up.retired or trust <= 0:
-                self._end(sub, charge=True)  # the units may have been used; none are safe now
+            if sub.up.ended:
+                # The executor settled the lease above it: the units may have been used.
+                self._end(sub, charge=True)
                 continue
+            # Still alive, even with no trust left: the broker's renewals may have paused (the
+            # executor restarting) while the executor keeps the lease. The process then serves
+            # nothing locally, but keeps what it holds, as it would with a direct lease.
             sub.expires_at = now + self._ttl_s
-            alive[(report.token_id, report.key)] = LeaseAnswer(sub.up.lease.contended, trust)
+            alive[(report.token_id, report.key)] = LeaseAnswer(sub.up.lease.contended,
+                                                               self._trust_left(sub.up, now))
         return alive
 
     def expire(self, now: float) -> None:
@@ -263,34 +278,48 @@ class BrokerCore:
 
     def upstream_reports(self, now: float) -> list[Report]:
         """The broker's own renewal: totals of every upstream lease. Spare goes back unless it
-        is in use and nobody waits; a lease with no sub-leases left is settled as final."""
+        is in use and nobody waits; a lease with no sub-leases left is settled as final, and
+        one the executor ended is not renewed."""
         reports = []
         for up in [*self._ups.values(), *self._retired]:
             lease = up.lease
-            if not lease.active:
+            if not lease.active:  # never granted: nothing to settle upstream
+                if up.retired and not up.subs:
+                    self._forget(up)
                 continue
-            final = up.retired or not up.subs
+            final = not up.subs
             if final:
-                if up.subs:
-                    continue  # retired, but processes still hold units from it
                 lease.release_all()
                 self._forget(up)
+            elif up.ended:
+                continue  # its processes learn at their next renewal that it is gone
             else:
-                lease.report(now, keep_spare=True)
+                lease.report(now, keep_spare=not up.retired)
             reports.append(_report(up, final=final))
         return reports
 
     def report_of(self, token_id: str) -> list[Report]:
         """The current totals of the token's upstream leases, to send at once."""
-        return [_report(up, final=False) for up in self._ups_of(token_id) if up.lease.active]
+        return [_report(up, final=False) for up in self._ups_of(token_id)
+                if up.lease.active and not up.ended]
 
     def release(self, token_id: str) -> list[Report]:
-        """The token ends (closed, merged away): end its sub-leases and settle its upstream
-        leases as final; open reservations count as used, as the executor would count them."""
+        """The token ends (closed, merged away), after :meth:`settle` applied the final totals
+        of the process that ends it: settle its upstream leases as final, or, while other
+        processes still hold sub-leases of them, retire them and report their totals.
+
+        Those sub-leases carry on, as their direct leases would at the executor: the process
+        the token moved away from may still hold a slot, or an open reservation whose rest
+        comes back when it commits. Each ends as a direct lease would (see the module's
+        docstring), and the upstream lease is settled as final after the last one.
+        """
         reports = []
         for up in self._ups_of(token_id):
-            for sub in list(up.subs.values()):
-                self._end(sub, charge=True)
+            if up.subs:
+                self._retire(up)
+                if up.lease.active and not up.ended:
+                    reports.append(_report(up, final=False))
+                continue
             if up.lease.active:
                 up.lease.release_all()
                 reports.append(_report(up, final=True))
@@ -304,12 +333,13 @@ class BrokerCore:
         ``sent_at``. Only leases the renewal reported are judged by it: one first granted while
         it was out is not in the answer, and is not gone."""
         reported = {(report.token_id, report.key) for report in reports if not report.final}
-        for up in list(self._ups.values()):
+        for up in [*self._ups.values(), *self._retired]:
             if (up.token_id, up.lease.key) not in reported or up.lease.final:
                 continue
             answer = alive.get((up.token_id, up.lease.key))
             if answer is None:
                 self._retire(up)  # the executor expired it: its units are settled there
+                up.ended = True
             else:
                 contended, ttl_s = answer
                 up.lease.renewed(contended=contended, sent_at=sent_at, ttl_s=ttl_s)
@@ -378,7 +408,7 @@ class BrokerCore:
             del self._ups[up.token_id]
         up.retired = True
         up.lease.let_go()  # the spare is not ours to serve any more
-        if up.subs:
+        if up.subs and up not in self._retired:
             self._retired.append(up)
 
     def _forget(self, up: _Up) -> None:
