@@ -110,7 +110,10 @@ class BrokerCore:
         self._ups: dict[str, _Up] = {}  # token id -> current upstream lease
         self._retired: list[_Up] = []
         self._subs: dict[tuple[str, str], _Sub] = {}  # (token id, process lease key) -> sub
-        self._ended: OrderedDict[tuple[str, str], int] = OrderedDict()  # -> debt applied
+        # (token id, process lease key) of an ended sub-lease -> the debt applied for it, and
+        # the upstream lease it was part of (late overuse is owed on that lease)
+        self._ended: OrderedDict[tuple[str, str], tuple[int, LocalLease]] = OrderedDict()
+        self._owed: list[Report] = []  # final upstream totals grown by late debt, to send again
         self.local_grants = 0  # requests served without the executor
         self.forwarded = 0  # requests passed on to the executor
         self.expiries = 0
@@ -222,13 +225,23 @@ class BrokerCore:
         return grew or (lease.contended and fresh_returned > 0)
 
     def _late_debt(self, token_id: str, key: str, debt: int) -> bool:
-        """Overuse declared on a sub-lease after it ended is still owed upstream."""
-        applied = self._ended.get((token_id, key))
-        up = self._ups.get(token_id)
-        if applied is None or debt <= applied or up is None:
+        """Overuse declared on a sub-lease after it ended is still owed upstream, on the lease it
+        was part of: as debt of that lease while it lives, or, once it was settled as final, as
+        a final report again with the larger debt, which the executor charges (see
+        :meth:`Scheduler.settle`)."""
+        ended = self._ended.get((token_id, key))
+        if ended is None or debt <= ended[0]:
             return False
-        self._ended[(token_id, key)] = debt
-        return up.lease.settle(0, debt - applied)
+        applied, lease = ended
+        self._ended[(token_id, key)] = (debt, lease)
+        if not lease.final:
+            return lease.settle(0, debt - applied)
+        lease.debt += debt - applied
+        totals = lease.totals()
+        self._owed = [r for r in self._owed if (r.token_id, r.key) != (token_id, lease.key)]
+        self._owed.append(Report(token_id, lease.key, totals.returned, totals.used, totals.debt,
+                                 True))
+        return True
 
     def _end(self, sub: _Sub, *, charge: bool) -> None:
         """End a sub-lease. What it still holds goes back to the broker's spare, or, if the process
@@ -240,7 +253,7 @@ class BrokerCore:
             lease.settle(held, used)
         del self._subs[(sub.up.token_id, sub.key)]
         del sub.up.subs[sub.key]
-        self._ended[(sub.up.token_id, sub.key)] = sub.debt
+        self._ended[(sub.up.token_id, sub.key)] = (sub.debt, sub.up.lease)
         if len(self._ended) > TOMBSTONES:
             self._ended.popitem(last=False)
 
@@ -279,8 +292,8 @@ class BrokerCore:
     def upstream_reports(self, now: float) -> list[Report]:
         """The broker's own renewal: totals of every upstream lease. Spare goes back unless it
         is in use and nobody waits; a lease with no sub-leases left is settled as final, and
-        one the executor ended is not renewed."""
-        reports = []
+        one the executor ended is not renewed. Final totals that late debt grew go again."""
+        reports, self._owed = self._owed, []
         for up in [*self._ups.values(), *self._retired]:
             lease = up.lease
             if not lease.active:  # never granted: nothing to settle upstream
@@ -299,9 +312,12 @@ class BrokerCore:
         return reports
 
     def report_of(self, token_id: str) -> list[Report]:
-        """The current totals of the token's upstream leases, to send at once."""
-        return [_report(up, final=False) for up in self._ups_of(token_id)
-                if up.lease.active and not up.ended]
+        """The current totals of the token's upstream leases, to send at once (with final
+        totals that late debt grew)."""
+        owed = [report for report in self._owed if report.token_id == token_id]
+        self._owed = [report for report in self._owed if report.token_id != token_id]
+        return owed + [_report(up, final=False) for up in self._ups_of(token_id)
+                       if up.lease.active and not up.ended]
 
     def release(self, token_id: str) -> list[Report]:
         """The token ends (closed, merged away), after :meth:`settle` applied the final totals

@@ -364,6 +364,28 @@ def test_overuse_declared_after_a_sub_lease_ended_is_still_owed() -> None:
     assert w.status().in_use >= 35
 
 
+@pytest.mark.parametrize("sent", ["at once", "at the renewal"])
+def test_overuse_declared_after_the_brokers_lease_was_settled_is_still_owed(sent: str) -> None:
+    """The broker's lease of the token ended with the process's; debt declared later still
+    reaches the executor, once (issue 13, item 7)."""
+    w, node, token, proc = one_process(capacity(1000))
+    assert proc.reserve(100)
+    proc.commit(100)
+    proc.close()
+    node.renew_upstream()  # nothing of the token is left on the node: settled as final
+    assert node.core.upstream_leases() == 0 and w.status().in_use == 100
+    late = Report(token, proc.lease.key, *proc.report()[2:4], 50, True)
+    for repeated in (False, True):  # a repeated report changes nothing
+        assert node.core.settle([late], w.now) is not repeated  # debt: send it upstream now
+        if sent == "at once":
+            for token_id, key, returned, used, debt, final in node.core.report_of(token):
+                w.sched.settle(token_id, key, returned, used, debt, final=final)
+        else:
+            node.renew_upstream()
+        assert w.status().in_use == 150
+        assert w.status().leased_units == 0
+
+
 # ------------------------------------------- a live process keeps what it holds (issue 13, 2)
 
 
