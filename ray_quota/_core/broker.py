@@ -7,8 +7,9 @@ Upstream, the broker is an ordinary holder: for each token used on its node it k
 :class:`LocalLease` from the executor, under the broker's own key, and reports running totals for
 it. Downstream, each process lease is a *sub-lease* of that lease: units the broker hands to a
 process count as reserved in the upstream lease, and the process's running totals, as they
-arrive, move them on: returned units become the broker's spare again, used units are used
-upstream, and overuse is covered from the broker's spare before it becomes debt. So the
+arrive, move them on: returned units go back upstream at once (what a process gives back is
+for anyone, not only for the node), used units are used upstream, and overuse is covered from
+the broker's spare before it becomes debt. So the
 executor's accounting of the broker's lease is exactly the sum of its processes' leases plus
 the broker's own spare, and every guarantee of a direct lease carries over:
 
@@ -206,7 +207,7 @@ class BrokerCore:
                 continue
             urgent |= self._apply(sub, returned, used, debt)
             if final:
-                self._end(sub, charge=False)
+                urgent |= self._end(sub, charge=False)
         return urgent
 
     def _apply(self, sub: _Sub, returned: int, used: int, debt: int) -> bool:
@@ -217,12 +218,15 @@ class BrokerCore:
         sub.returned += fresh_returned
         fresh_debt = max(0, debt - sub.debt)
         sub.debt += fresh_debt
+        urgent = False  # units went back upstream (what processes give back is not kept as
+        # the broker's spare: see LocalLease.settle), or debt grew
         if fresh_used:
-            lease.settle(fresh_used, fresh_used)
+            urgent |= lease.settle(fresh_used, fresh_used)
         if fresh_returned:
-            lease.settle(fresh_returned, 0)
-        grew = bool(fresh_debt) and lease.settle(0, fresh_debt)
-        return grew or (lease.contended and fresh_returned > 0)
+            urgent |= lease.settle(fresh_returned, 0)
+        if fresh_debt:
+            urgent |= lease.settle(0, fresh_debt)
+        return urgent
 
     def _late_debt(self, token_id: str, key: str, debt: int) -> bool:
         """Overuse declared on a sub-lease after it ended is still owed upstream, on the lease it
@@ -243,19 +247,22 @@ class BrokerCore:
                                  True))
         return True
 
-    def _end(self, sub: _Sub, *, charge: bool) -> None:
-        """End a sub-lease. What it still holds goes back to the broker's spare, or, if the process
-        may have used it (expiry of rate and capacity units), counts as used."""
+    def _end(self, sub: _Sub, *, charge: bool) -> bool:
+        """End a sub-lease. What it still holds goes back upstream, or, if the process may have
+        used it (expiry of rate and capacity units), counts as used. Returns whether units went
+        back, to report at once."""
         held = sub.held
+        back = False
         if held:
             lease = sub.up.lease
             used = held if charge and lease.kind is not Kind.CONCURRENCY else 0
-            lease.settle(held, used)
+            back = lease.settle(held, used)
         del self._subs[(sub.up.token_id, sub.key)]
         del sub.up.subs[sub.key]
         self._ended[(sub.up.token_id, sub.key)] = (sub.debt, sub.up.lease)
         if len(self._ended) > TOMBSTONES:
             self._ended.popitem(last=False)
+        return back
 
     # ------------------------------------------------------------------------------ renewals
 
