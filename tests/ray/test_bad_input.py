@@ -45,7 +45,8 @@ class World:
         self.tok = QuotaToken("tok", expected_use=100)
         self.budget = QuotaToken("budget", expected_use=100)
         self.committed = self.budget.reserve(10)
-        self.committed.commit(5)
+        self.committed.commit(5)  # the 5 unused go back at once
+        self.open = self.budget.reserve(1)  # for the bad commits: reserved before the snapshot
         self.closed = QuotaToken("tok", expected_use=10)
         self.closed_reservation = self.closed.reserve(1)
         self.closed.close()
@@ -86,8 +87,8 @@ CASES: dict[str, tuple[Callable[[World], Any], type[Exception], str]] = {
                                 "10000"),
     "timeout negative": (lambda w: w.tok.reserve(1, timeout=-1), ValueError, "timeout"),
     "commit twice": (lambda w: w.committed.commit(1), TokenStateError, "already committed"),
-    "commit negative": (lambda w: w.budget.reserve(1).commit(-1), InvalidAmountError, "used"),
-    "commit float": (lambda w: w.budget.reserve(1).commit(0.5), InvalidAmountError, "0.5"),
+    "commit negative": (lambda w: w.open.commit(-1), InvalidAmountError, "used"),
+    "commit float": (lambda w: w.open.commit(0.5), InvalidAmountError, "0.5"),
     "commit after release": (lambda w: w.closed_reservation.commit(1), TokenClosedError,
                              "closed"),
     "use after close": (lambda w: w.closed.reserve(1), TokenClosedError, "closed"),
