@@ -266,8 +266,17 @@ class LeaseSet:
     # ----------------------------------------------------------------------- leases that end
 
     def ended(self, lease: LocalLease) -> None:
-        """The executor ended ``lease`` (it expired): carry on under a new one."""
+        """The executor (or broker) ended ``lease``: carry on under a new one.
+
+        A lease with reservations still open is kept and reported until they close, then
+        settled as final: a broker refuses more units under a lease it retired but still keeps
+        (see :meth:`BrokerCore.lost`), and a sub-lease its process stopped renewing would expire
+        there and free a slot the process still holds. Where the lease really ended, the
+        reports change nothing but late debt, which is owed anyway.
+        """
         if self.current is lease:
+            if lease.reserved:
+                self._retired.append(lease)
             self.current = self._new_lease()
 
     def lost(self, lease: LocalLease) -> None:

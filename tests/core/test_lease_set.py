@@ -104,9 +104,23 @@ def test_losing_an_answer_twice_retires_the_lease_once() -> None:
 def test_an_ended_lease_is_replaced_without_being_settled() -> None:
     leases = new_set()
     old = grant(leases, 10, 10)
+    leases.settle(old, 10, used=10)
     leases.ended(old)
     assert leases.current is not old
     assert list(leases) == [leases.current]  # the executor ended it: nothing to report
+
+
+def test_an_ended_lease_with_open_reservations_is_reported_until_they_close() -> None:
+    """A broker refused more under a lease it retired but keeps: the process goes on renewing
+    it while it holds a slot of it, so the broker never frees that slot under it."""
+    leases = new_set(Kind.CONCURRENCY, max_prefetch=0)
+    old = grant(leases, 1, 1)
+    leases.ended(old)
+    assert leases.current is not old
+    assert leases.reports(now=1.0, live=True) == [Report("tok", "proc:0", 0, 0, 0, False)]
+    leases.settle(old, 1, used=1)
+    assert leases.reports(now=2.0, live=True) == [Report("tok", "proc:0", 1, 0, 0, True)]
+    assert list(leases) == [leases.current]
 
 
 def test_final_reports_count_open_reservations_in_full() -> None:
