@@ -29,7 +29,15 @@ from ray_quota._errors import (
     TokenStateError,
 )
 from ray_quota._core.holder import LeaseSet, LocalLease
-from ray_quota._core.protocol import Adoption, Grant, Renewed, Report, TokenInfo, prefetch_cap
+from ray_quota._core.protocol import (
+    Adoption,
+    Grant,
+    Renewed,
+    Report,
+    TokenInfo,
+    check_timeout,
+    prefetch_cap,
+)
 from ray_quota._spec import ResourceSpec, check_units
 
 
@@ -136,7 +144,9 @@ class QuotaToken:
         Raises:
             FailedReservation: the units could not be had in time (reject, or a timeout).
             QuotaTerminated: a ``terminate`` resource could not grant in time.
-            InvalidAmountError: ``amount`` is not a whole number the resource can ever grant.
+            InvalidAmountError: ``amount`` is not a whole number the resource can ever grant, or
+                ``timeout`` is not None nor a number of seconds from 0 (``math.inf`` waits as
+                long as the resource allows; NaN is refused).
         """
         local = self._try_local(amount, timeout)
         return local if local is not None else run(self._acquiring(amount, timeout))
@@ -172,8 +182,8 @@ class QuotaToken:
         if type(amount) is not int or amount < 1:
             check_units("amount", amount)  # raises; the ceiling is checked by the executor,
             # whose limits may have changed since this handle learned them
-        if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
-            raise ValueError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
+        if timeout is not None:
+            check_timeout("timeout", timeout)  # NaN too: it would compare as no wait at all
         with self._lock:
             lease = self._leases.take(amount, time.monotonic())
         if lease is None:

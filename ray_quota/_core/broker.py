@@ -7,8 +7,9 @@ Upstream, the broker is an ordinary holder: for each token used on its node it k
 :class:`LocalLease` from the executor, under the broker's own key, and reports running totals for
 it. Downstream, each process lease is a *sub-lease* of that lease: units the broker hands to a
 process count as reserved in the upstream lease, and the process's running totals, as they
-arrive, move them on: returned units become the broker's spare again, used units are used
-upstream, and overuse is covered from the broker's spare before it becomes debt. So the
+arrive, move them on: returned units go back upstream at once (what a process gives back is
+for anyone, not only for the node), used units are used upstream, and overuse is covered from
+the broker's spare before it becomes debt. So the
 executor's accounting of the broker's lease is exactly the sum of its processes' leases plus
 the broker's own spare, and every guarantee of a direct lease carries over:
 
@@ -17,7 +18,12 @@ the broker's own spare, and every guarantee of a direct lease carries over:
   contention every request goes through the executor's fair queue, as a direct one would;
 - expiry: a process's trust in a sub-lease ends before the broker's trust in the upstream lease
   (answers carry the upstream lease's remaining trust as the time-to-live), and a sub-lease that
-  is not renewed expires at the broker, which charges or frees its units as the executor would.
+  is not renewed expires at the broker, which charges or frees its units as the executor would;
+- liveness: a sub-lease ends only as a direct lease would, when its process settles it as final,
+  stops renewing it, or the executor ended the lease above it. Neither the broker's own trust
+  running out (its renewals paused: the executor may be restarting, and keeps the lease) nor the
+  token ending (closed, merged) ends the sub-lease of a process that still renews it: that
+  process may hold a slot, or an open reservation whose rest is still to come back.
 """
 
 from __future__ import annotations
@@ -58,7 +64,10 @@ class _Up:
     lease: LocalLease
     subs: dict[str, _Sub] = field(default_factory=dict)
     claim: tuple[int, str] | None = None  # the generation and claimant the executor last accepted
-    retired: bool = False  # the executor no longer has it: no new sub-leases, report as final
+    # No new sub-leases and no local service: renewed upstream while processes still hold
+    # sub-leases of it, settled as final once they are gone.
+    retired: bool = False
+    ended: bool = False  # the executor no longer has it: its sub-leases end, it is not renewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +111,10 @@ class BrokerCore:
         self._ups: dict[str, _Up] = {}  # token id -> current upstream lease
         self._retired: list[_Up] = []
         self._subs: dict[tuple[str, str], _Sub] = {}  # (token id, process lease key) -> sub
-        self._ended: OrderedDict[tuple[str, str], int] = OrderedDict()  # -> debt applied
+        # (token id, process lease key) of an ended sub-lease -> the debt applied for it, and
+        # the upstream lease it was part of (late overuse is owed on that lease)
+        self._ended: OrderedDict[tuple[str, str], tuple[int, LocalLease]] = OrderedDict()
+        self._owed: list[Report] = []  # final upstream totals grown by late debt, to send again
         self.local_grants = 0  # requests served without the executor
         self.forwarded = 0  # requests passed on to the executor
         self.expiries = 0
@@ -174,7 +186,10 @@ class BrokerCore:
             sub.expires_at = now + self._ttl_s
 
     def lost(self, token_id: str, up_key: str) -> None:
-        """The executor refused the broker's lease (it ended): retire it; sub-leases follow."""
+        """The broker's totals for its lease ``up_key`` can no longer be trusted (the executor
+        refused it, or an answer with a grant was lost): retire it. It stays renewed while its
+        processes hold sub-leases of it; if the executor no longer has it, the next renewal's
+        answer says so, and they end then."""
         up = self._ups.get(token_id)
         if up is not None and up.lease.key == up_key:
             self._retire(up)
@@ -192,7 +207,7 @@ class BrokerCore:
                 continue
             urgent |= self._apply(sub, returned, used, debt)
             if final:
-                self._end(sub, charge=False)
+                urgent |= self._end(sub, charge=False)
         return urgent
 
     def _apply(self, sub: _Sub, returned: int, used: int, debt: int) -> bool:
@@ -203,35 +218,51 @@ class BrokerCore:
         sub.returned += fresh_returned
         fresh_debt = max(0, debt - sub.debt)
         sub.debt += fresh_debt
+        urgent = False  # units went back upstream (what processes give back is not kept as
+        # the broker's spare: see LocalLease.settle), or debt grew
         if fresh_used:
-            lease.settle(fresh_used, fresh_used)
+            urgent |= lease.settle(fresh_used, fresh_used)
         if fresh_returned:
-            lease.settle(fresh_returned, 0)
-        grew = bool(fresh_debt) and lease.settle(0, fresh_debt)
-        return grew or (lease.contended and fresh_returned > 0)
+            urgent |= lease.settle(fresh_returned, 0)
+        if fresh_debt:
+            urgent |= lease.settle(0, fresh_debt)
+        return urgent
 
     def _late_debt(self, token_id: str, key: str, debt: int) -> bool:
-        """Overuse declared on a sub-lease after it ended is still owed upstream."""
-        applied = self._ended.get((token_id, key))
-        up = self._ups.get(token_id)
-        if applied is None or debt <= applied or up is None:
+        """Overuse declared on a sub-lease after it ended is still owed upstream, on the lease it
+        was part of: as debt of that lease while it lives, or, once it was settled as final, as
+        a final report again with the larger debt, which the executor charges (see
+        :meth:`Scheduler.settle`)."""
+        ended = self._ended.get((token_id, key))
+        if ended is None or debt <= ended[0]:
             return False
-        self._ended[(token_id, key)] = debt
-        return up.lease.settle(0, debt - applied)
+        applied, lease = ended
+        self._ended[(token_id, key)] = (debt, lease)
+        if not lease.final:
+            return lease.settle(0, debt - applied)
+        lease.debt += debt - applied
+        totals = lease.totals()
+        self._owed = [r for r in self._owed if (r.token_id, r.key) != (token_id, lease.key)]
+        self._owed.append(Report(token_id, lease.key, totals.returned, totals.used, totals.debt,
+                                 True))
+        return True
 
-    def _end(self, sub: _Sub, *, charge: bool) -> None:
-        """End a sub-lease. What it still holds goes back to the broker's spare, or, if the process
-        may have used it (expiry of rate and capacity units), counts as used."""
+    def _end(self, sub: _Sub, *, charge: bool) -> bool:
+        """End a sub-lease. What it still holds goes back upstream, or, if the process may have
+        used it (expiry of rate and capacity units), counts as used. Returns whether units went
+        back, to report at once."""
         held = sub.held
+        back = False
         if held:
             lease = sub.up.lease
             used = held if charge and lease.kind is not Kind.CONCURRENCY else 0
-            lease.settle(held, used)
+            back = lease.settle(held, used)
         del self._subs[(sub.up.token_id, sub.key)]
         del sub.up.subs[sub.key]
-        self._ended[(sub.up.token_id, sub.key)] = sub.debt
+        self._ended[(sub.up.token_id, sub.key)] = (sub.debt, sub.up.lease)
         if len(self._ended) > TOMBSTONES:
             self._ended.popitem(last=False)
+        return back
 
     # ------------------------------------------------------------------------------ renewals
 
@@ -246,12 +277,16 @@ class BrokerCore:
             sub = self._subs.get((report.token_id, report.key))
             if report.final or sub is None:
                 continue
-            trust = self._trust_left(sub.up, now)
-            if sub.up.retired or trust <= 0:
-                self._end(sub, charge=True)  # the units may have been used; none are safe now
+            if sub.up.ended:
+                # The executor settled the lease above it: the units may have been used.
+                self._end(sub, charge=True)
                 continue
+            # Still alive, even with no trust left: the broker's renewals may have paused (the
+            # executor restarting) while the executor keeps the lease. The process then serves
+            # nothing locally, but keeps what it holds, as it would with a direct lease.
             sub.expires_at = now + self._ttl_s
-            alive[(report.token_id, report.key)] = LeaseAnswer(sub.up.lease.contended, trust)
+            alive[(report.token_id, report.key)] = LeaseAnswer(sub.up.lease.contended,
+                                                               self._trust_left(sub.up, now))
         return alive
 
     def expire(self, now: float) -> None:
@@ -263,34 +298,51 @@ class BrokerCore:
 
     def upstream_reports(self, now: float) -> list[Report]:
         """The broker's own renewal: totals of every upstream lease. Spare goes back unless it
-        is in use and nobody waits; a lease with no sub-leases left is settled as final."""
-        reports = []
+        is in use and nobody waits; a lease with no sub-leases left is settled as final, and
+        one the executor ended is not renewed. Final totals that late debt grew go again."""
+        reports, self._owed = self._owed, []
         for up in [*self._ups.values(), *self._retired]:
             lease = up.lease
-            if not lease.active:
+            if not lease.active:  # never granted: nothing to settle upstream
+                if up.retired and not up.subs:
+                    self._forget(up)
                 continue
-            final = up.retired or not up.subs
+            final = not up.subs
             if final:
-                if up.subs:
-                    continue  # retired, but processes still hold units from it
                 lease.release_all()
                 self._forget(up)
+            elif up.ended:
+                continue  # its processes learn at their next renewal that it is gone
             else:
-                lease.report(now, keep_spare=True)
+                lease.report(now, keep_spare=not up.retired)
             reports.append(_report(up, final=final))
         return reports
 
     def report_of(self, token_id: str) -> list[Report]:
-        """The current totals of the token's upstream leases, to send at once."""
-        return [_report(up, final=False) for up in self._ups_of(token_id) if up.lease.active]
+        """The current totals of the token's upstream leases, to send at once (with final
+        totals that late debt grew)."""
+        owed = [report for report in self._owed if report.token_id == token_id]
+        self._owed = [report for report in self._owed if report.token_id != token_id]
+        return owed + [_report(up, final=False) for up in self._ups_of(token_id)
+                       if up.lease.active and not up.ended]
 
     def release(self, token_id: str) -> list[Report]:
-        """The token ends (closed, merged away): end its sub-leases and settle its upstream
-        leases as final; open reservations count as used, as the executor would count them."""
+        """The token ends (closed, merged away), after :meth:`settle` applied the final totals
+        of the process that ends it: settle its upstream leases as final, or, while other
+        processes still hold sub-leases of them, retire them and report their totals.
+
+        Those sub-leases carry on, as their direct leases would at the executor: the process
+        the token moved away from may still hold a slot, or an open reservation whose rest
+        comes back when it commits. Each ends as a direct lease would (see the module's
+        docstring), and the upstream lease is settled as final after the last one.
+        """
         reports = []
         for up in self._ups_of(token_id):
-            for sub in list(up.subs.values()):
-                self._end(sub, charge=True)
+            if up.subs:
+                self._retire(up)
+                if up.lease.active and not up.ended:
+                    reports.append(_report(up, final=False))
+                continue
             if up.lease.active:
                 up.lease.release_all()
                 reports.append(_report(up, final=True))
@@ -304,12 +356,13 @@ class BrokerCore:
         ``sent_at``. Only leases the renewal reported are judged by it: one first granted while
         it was out is not in the answer, and is not gone."""
         reported = {(report.token_id, report.key) for report in reports if not report.final}
-        for up in list(self._ups.values()):
+        for up in [*self._ups.values(), *self._retired]:
             if (up.token_id, up.lease.key) not in reported or up.lease.final:
                 continue
             answer = alive.get((up.token_id, up.lease.key))
             if answer is None:
                 self._retire(up)  # the executor expired it: its units are settled there
+                up.ended = True
             else:
                 contended, ttl_s = answer
                 up.lease.renewed(contended=contended, sent_at=sent_at, ttl_s=ttl_s)
@@ -378,7 +431,7 @@ class BrokerCore:
             del self._ups[up.token_id]
         up.retired = True
         up.lease.let_go()  # the spare is not ours to serve any more
-        if up.subs:
+        if up.subs and up not in self._retired:
             self._retired.append(up)
 
     def _forget(self, up: _Up) -> None:

@@ -97,24 +97,33 @@ class LocalLease:
     def settle(self, amount: int, used: int) -> bool:
         """Close a reservation of ``amount`` that really used ``used``.
 
-        Returns whether debt grew: overuse that spare units could not cover, which the caller
-        should report at once so that the pool stops granting what was already consumed.
+        What the reservation did not use (for concurrency: its slots, whatever was "used")
+        goes back to the pool at once rather than into spare, and so does spare beyond the
+        prefetch limit: a request elsewhere, a ``reject`` one included, must not fail while
+        those units sit idle here, nor must they be lost with this process if it dies. The
+        spare kept is what prefetch granted, at most ``max_prefetch``. (Keeping a freed slot
+        would spare this process one executor call for its next reservation, at the price of
+        a slot nobody else can have until the next renewal.)
+
+        Returns whether to report at once: units went back, or debt grew (overuse that spare
+        units could not cover, which the pool must stop granting).
         """
         self.reserved -= amount
         if self.kind is Kind.CONCURRENCY:
-            self.spare += amount  # the slots are free again, whatever was "used"
-            over = max(0, used - amount)
+            back, over = amount, max(0, used - amount)
         elif used <= amount:
-            self.spare += amount - used
+            back, over = amount - used, 0
             self.used += used
-            over = 0
         else:
             cover = min(used - amount, self.spare)  # overuse comes out of spare units first
             self.spare -= cover
             self.used += amount + cover
-            over = used - amount - cover
+            back, over = 0, used - amount - cover
+        back += max(0, self.spare - self._max_prefetch)
+        self.spare = min(self.spare, self._max_prefetch)
+        self.returned += back
         self.debt += over
-        return over > 0
+        return over > 0 or back > 0
 
     def recall(self) -> bool:
         """Others wait: stop serving locally and give every spare unit back.
@@ -185,10 +194,10 @@ class LeaseSet:
         >>> lease = leases.current
         >>> leases.granted(lease, 10, Grant(units=30, ttl_s=10.0, contended=False), sent_at=0.0)
         True
-        >>> leases.settle(lease, 10, used=4) is None  # nothing urgent to report
+        >>> leases.settle(lease, 10, used=10) is None  # nothing urgent to report
         True
         >>> leases.reports(now=1.0, live=True)
-        [Report(token_id='t1', key='p:0', returned=0, used=4, debt=0, final=False)]
+        [Report(token_id='t1', key='p:0', returned=0, used=10, debt=0, final=False)]
 
     Args:
         token_id: the token's id, which every report and adoption carries.
@@ -241,7 +250,8 @@ class LeaseSet:
     def settle(self, lease: LocalLease, amount: int, used: int) -> Report | None:
         """A reservation of ``amount`` that used ``used`` closed.
 
-        Returns a report to send at once, or None to wait for the renewal: overuse is charged at
+        Returns a report to send at once, or None to wait for the renewal: what the reservation
+        did not use goes back at once (see :meth:`LocalLease.settle`), overuse is charged at
         once, and under contention the spare goes back at once.
         """
         urgent = lease.settle(amount, used)
@@ -256,8 +266,17 @@ class LeaseSet:
     # ----------------------------------------------------------------------- leases that end
 
     def ended(self, lease: LocalLease) -> None:
-        """The executor ended ``lease`` (it expired): carry on under a new one."""
+        """The executor (or broker) ended ``lease``: carry on under a new one.
+
+        A lease with reservations still open is kept and reported until they close, then
+        settled as final: a broker refuses more units under a lease it retired but still keeps
+        (see :meth:`BrokerCore.lost`), and a sub-lease its process stopped renewing would expire
+        there and free a slot the process still holds. Where the lease really ended, the
+        reports change nothing but late debt, which is owed anyway.
+        """
         if self.current is lease:
+            if lease.reserved:
+                self._retired.append(lease)
             self.current = self._new_lease()
 
     def lost(self, lease: LocalLease) -> None:

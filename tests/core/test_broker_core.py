@@ -16,7 +16,7 @@ from fakes import FakeClock
 from ray_quota._core.broker import BrokerCore, Forward
 from ray_quota._errors import InvalidAmountError
 from ray_quota._core.holder import LocalLease
-from ray_quota._core.protocol import Grant, Report
+from ray_quota._core.protocol import TRUST, Grant, Report
 from ray_quota._core.scheduler import Policy, ResourceStatus, Scheduler
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
@@ -140,8 +140,10 @@ class Proc:
         self.open.append(amount)
 
     def commit(self, used: int) -> None:
+        """As the client does: what is urgent (units back, debt) goes to the broker at once."""
         amount = self.open.pop(0)
-        self.lease.settle(amount, used)
+        if self.lease.settle(amount, used):
+            self.node.core.settle([self.report()], self.node.world.now)
         self.used += used
 
     def report(self, *, final: bool = False) -> tuple[str, str, int, int, int, bool]:
@@ -254,11 +256,27 @@ def test_a_processs_trust_never_outlasts_the_brokers_which_never_outlasts_the_ex
     assert proc.lease.valid_until <= up_trust
 
 
-def test_when_the_brokers_trust_runs_out_its_sub_leases_end_at_the_next_renewal() -> None:
+def test_when_the_brokers_trust_runs_out_its_processes_serve_nothing_but_keep_their_leases(
+        ) -> None:
     w, node, _token, proc = one_process(rate())
     assert proc.reserve(10)
     proc.commit(10)
-    w.clock.advance(TTL)  # the broker could not renew (executor unreachable)
+    w.clock.advance(TTL)  # the broker could not renew (executor unreachable, or restarting)
+    old_key = proc.lease.key
+    proc.renew()
+    assert proc.lease.key == old_key  # still alive: the executor may well keep it
+    assert node.core.sub_leases() == 1
+    assert not proc.lease.take(1, w.now)  # but not trusted: nothing is served locally
+
+
+def test_once_the_executor_ended_the_brokers_lease_its_sub_leases_end_at_the_next_renewal(
+        ) -> None:
+    w, node, _token, proc = one_process(rate())
+    assert proc.reserve(10)
+    proc.commit(10)
+    w.clock.advance(TTL + 1)
+    w.sched.poll()  # the broker could not renew for a whole time-to-live: the lease expired
+    node.renew_upstream()  # and the executor's answer says so
     old_key = proc.lease.key
     proc.renew()
     assert proc.lease.key != old_key  # a new lease: the old one is gone
@@ -310,21 +328,28 @@ def test_a_final_report_gives_back_what_the_process_still_held() -> None:
     assert w.status().in_use == 30  # exactly what was used is spent
 
 
-@pytest.mark.parametrize("process_reported, spent", [(True, 50), (False, 100)])
-def test_release_settles_the_token_upstream_as_final(process_reported: bool,
-                                                     spent: int) -> None:
+@pytest.mark.parametrize("process_reported", [True, False])
+def test_release_settles_the_token_upstream_as_final(process_reported: bool) -> None:
     """With the process's final totals (the normal close) exactly the used units and the open
-    reservation are spent; without them, all it held, since it may have used it."""
+    reservation are spent. A sub-lease without them lives on while its process renews it (the
+    token may have moved away from it); once it stops, expiry charges all it held, since it
+    may have used it, and the upstream lease is settled as final."""
     w, node, token, proc = one_process(capacity())
     assert proc.reserve(100)
     proc.commit(40)
     assert proc.reserve(10)  # open when the token closes: counted as used
+    spent = 50 if process_reported else 40 + proc.lease.held  # used, and all it still held
     if process_reported:
         proc.close()
     reports = node.core.release(token)
-    assert [r[5] for r in reports] == [True]
+    assert [r[5] for r in reports] == [process_reported]
     for token_id, key, returned, used, debt, final in reports:
         w.sched.settle(token_id, key, returned, used, debt, final=final)
+    if not process_reported:
+        assert node.core.sub_leases() == 1
+        for _ in range(int(TTL) + 1):  # the process is silent: its sub-lease expires
+            w.clock.advance(1.0)
+            node.renew_upstream()
     assert w.status().in_use == spent
     assert w.status().leased_units == 0
     assert node.core.upstream_leases() == 0
@@ -339,6 +364,140 @@ def test_overuse_declared_after_a_sub_lease_ended_is_still_owed() -> None:
     assert node.core.settle([late], w.now)  # debt: send upstream now
     node.renew_upstream()
     assert w.status().in_use >= 35
+
+
+@pytest.mark.parametrize("sent", ["at once", "at the renewal"])
+def test_overuse_declared_after_the_brokers_lease_was_settled_is_still_owed(sent: str) -> None:
+    """The broker's lease of the token ended with the process's; debt declared later still
+    reaches the executor, once (issue 13, item 7)."""
+    w, node, token, proc = one_process(capacity(1000))
+    assert proc.reserve(100)
+    proc.commit(100)
+    proc.close()
+    node.renew_upstream()  # nothing of the token is left on the node: settled as final
+    assert node.core.upstream_leases() == 0 and w.status().in_use == 100
+    late = Report(token, proc.lease.key, *proc.report()[2:4], 50, True)
+    for repeated in (False, True):  # a repeated report changes nothing
+        assert node.core.settle([late], w.now) is not repeated  # debt: send it upstream now
+        if sent == "at once":
+            for token_id, key, returned, used, debt, final in node.core.report_of(token):
+                w.sched.settle(token_id, key, returned, used, debt, final=final)
+        else:
+            node.renew_upstream()
+        assert w.status().in_use == 150
+        assert w.status().leased_units == 0
+
+
+# ------------------------------------------- a live process keeps what it holds (issue 13, 2)
+
+
+def slots_in_use(*procs: Proc) -> int:
+    """Slots held, by the processes' own records: their open reservations."""
+    return sum(sum(proc.open) for proc in procs)
+
+
+def run_until_quiet(w: World, nodes: list[Node], procs: list[Proc], seconds: int) -> None:
+    """Every second: the executor's loop, the brokers' renewals, answers to their processes,
+    and the processes' renewals; slots in use never exceed the limit meanwhile."""
+    for _ in range(seconds):
+        w.clock.advance(1.0)
+        w.sched.poll()
+        for node in nodes:
+            for key, amount, grant in node.answered():
+                if grant is not None:
+                    next(p for p in procs if p.lease.key == key).got(amount, grant)
+            node.renew_upstream()
+            node.recalls()
+        for proc in procs:
+            proc.renew()
+        assert slots_in_use(*procs) <= w.spec.value
+
+
+@pytest.mark.parametrize("spec", [concurrency(1), capacity(100)], ids=["slot", "capacity"])
+def test_a_pause_in_the_brokers_renewals_takes_nothing_from_a_process_that_renews(
+        spec: ResourceSpec) -> None:
+    """The broker's renewals pause past its trust but within the executor's time-to-live (Ray
+    restarting the executor, which keeps its leases): its process, renewing all along, keeps
+    its slot, and its open reservation's rest comes back when it commits."""
+    w = World(spec)
+    node, other = Node(w, "b1"), Node(w, "b2")
+    holder = Proc(node, w.token(), "pa")
+    assert holder.reserve(spec.value)
+    for _ in range(int(TTL * TRUST) + 1):  # past the broker's trust; the process renews
+        w.clock.advance(1.0)
+        holder.renew()
+    node.renew_upstream()  # the executor is back, with the broker's lease
+    rival = Proc(other, w.token(), "pb")
+    asked = 1 if spec.kind is Kind.CONCURRENCY else 80
+    assert not rival.reserve(asked)  # it waits: the holder still holds everything
+    run_until_quiet(w, [node, other], [holder, rival], 3)
+    assert rival.open == [], "a held slot was handed out again"
+    holder.commit(20 if spec.kind is Kind.CAPACITY else 1)
+    run_until_quiet(w, [node, other], [holder, rival], 3)
+    assert rival.open == [asked]  # what the holder gave back went to the rival
+    if spec.kind is Kind.CAPACITY:
+        rival.commit(80)
+        assert w.status().in_use == 100  # 20 + 80: the holder's rest was not charged
+
+
+@pytest.mark.parametrize("ending", ["close", "merge", "merge_back"])
+@pytest.mark.parametrize("spec", [concurrency(1), capacity(100)], ids=["slot", "capacity"])
+def test_a_token_ending_on_a_node_leaves_the_open_reservation_of_the_process_it_moved_from(
+        spec: ResourceSpec, ending: str) -> None:
+    """A token moves from one process to another on the same node, and ends there while the
+    first still has a reservation of it open: that process keeps its slot (or its
+    reservation's rest), as it would with a direct lease."""
+    w = World(spec)
+    node, other = Node(w, "b1"), Node(w, "b2")
+    kept = w.token()
+    token = w.sched.split(kept, 0, "c", 50).id if ending == "merge_back" else w.token()
+    sender = Proc(node, token, "pa")
+    assert sender.reserve(spec.value)
+    receiver = Proc(node, token, "pb")  # the token moved here; it ends without reserving
+    receiver.close()
+    for token_id, key, returned, used, debt, final in node.core.release(token):
+        w.sched.settle(token_id, key, returned, used, debt, final=final)
+    if ending == "close":
+        w.sched.close_token(token, 0, "c")
+    elif ending == "merge":
+        w.sched.merge(kept, 0, "c", token, 0)
+    else:
+        assert w.sched.merge_back(token, 0, "c", kept)
+    rival = Proc(other, w.token(), "pr")
+    asked = 1 if spec.kind is Kind.CONCURRENCY else 80
+    assert not rival.reserve(asked)
+    run_until_quiet(w, [node, other], [sender, rival], 3)
+    assert rival.open == [], "a held slot was handed out again"
+    sender.commit(20 if spec.kind is Kind.CAPACITY else 1)
+    sender.close()  # its lease of the moved token is done
+    run_until_quiet(w, [node, other], [sender, rival], 3)
+    assert rival.open == [asked]
+    assert node.core.upstream_leases() == 0 or node.core.held(token) == 0
+    if spec.kind is Kind.CAPACITY:
+        rival.commit(80)
+        assert w.status().in_use == 100  # the sender's rest came back
+
+
+def test_a_lost_answer_retires_the_brokers_lease_but_its_processes_keep_their_slots() -> None:
+    """A forwarded request's answer is lost (the executor restarting): the broker retires its
+    lease, but keeps renewing it while processes hold sub-leases of it."""
+    w = World(concurrency(2))
+    node, other = Node(w, "b1"), Node(w, "b2")
+    holder = Proc(node, w.token(), "pa")
+    assert holder.reserve(1)
+    ask = node.core.acquire(holder.token_id, Kind.CONCURRENCY, "pa:9", 1, prefetch=0,
+                            max_prefetch=0, now=w.now, claim=CLAIM)
+    assert isinstance(ask, Forward)
+    node.core.refused(holder.token_id, "pa:9", w.now)  # ExecutorUnavailableError
+    node.core.lost(holder.token_id, ask.key)
+    rival = Proc(other, w.token(), "pr")
+    assert not rival.reserve(2)
+    run_until_quiet(w, [node, other], [holder, rival], int(TTL) + 2)
+    assert rival.open == [], "a held slot was handed out again"
+    holder.commit(1)
+    holder.close()
+    run_until_quiet(w, [node, other], [holder, rival], 3)
+    assert rival.open == [2]
 
 
 # ---------------------------------------------------------------------------------- recalls

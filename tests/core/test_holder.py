@@ -87,11 +87,22 @@ def test_renewal_extends_trust_from_when_it_was_sent() -> None:
     assert lease.take(1, now=5.0 + TTL * TRUST) is False
 
 
-def test_under_use_returns_the_rest_to_spare() -> None:
-    lease = granted_lease(amount=10, units=10)
-    assert lease.settle(10, 4) is False
-    assert (lease.spare, lease.reserved) == (6, 0)
-    assert lease.report(now=1.0, keep_spare=False) == Settlement(returned=6, used=4, debt=0)
+def test_under_use_goes_back_to_the_pool_at_once() -> None:
+    """What a commit gives back is for others at once, not spare (issue 13, item 11)."""
+    lease = granted_lease(amount=100, units=100)
+    assert lease.settle(100, 20) is True  # to report at once
+    assert (lease.spare, lease.reserved) == (0, 0)
+    assert lease.totals() == Settlement(returned=80, used=20, debt=0)
+    assert lease.report(now=1.0, keep_spare=True) == Settlement(returned=80, used=20, debt=0)
+
+
+def test_a_commit_keeps_the_prefetched_spare_up_to_the_prefetch_limit() -> None:
+    lease = granted_lease(amount=10, units=15, max_prefetch=8)
+    assert lease.settle(10, 10) is False  # nothing given back: nothing to report
+    assert lease.spare == 5  # prefetched, within the limit: serves the next reservation
+    over = granted_lease(amount=10, units=30, max_prefetch=8)
+    assert over.settle(10, 10) is True
+    assert (over.spare, over.returned) == (8, 12)  # spare beyond the limit went back
 
 
 def test_overuse_is_drawn_from_spare_first_then_debt() -> None:
@@ -182,15 +193,16 @@ def test_prefetch_is_zero_under_contention() -> None:
     assert lease.prefetch() > 0
 
 
-def test_concurrency_settle_returns_the_slot_whatever_was_used() -> None:
-    lease = granted_lease(Kind.CONCURRENCY, amount=2, units=2)
-    assert lease.settle(2, 0) is False
-    assert (lease.spare, lease.reserved) == (2, 0)
-    assert lease.take(2, now=1.0) is True
+def test_concurrency_settle_returns_the_slot_at_once_whatever_was_used() -> None:
+    lease = granted_lease(Kind.CONCURRENCY, amount=2, units=2, max_prefetch=0)
+    assert lease.settle(2, 0) is True  # a freed slot is for others at once: report it now
+    assert (lease.spare, lease.reserved) == (0, 0)
+    assert lease.totals() == Settlement(returned=2, used=0, debt=0)
+    lease.granted(2, units=2, sent_at=1.0, ttl_s=TTL, contended=False)
     assert lease.settle(2, 5) is True  # "overuse" of a slot takes no extra slot; only debt
-    assert (lease.spare, lease.reserved) == (2, 0)
+    assert (lease.spare, lease.reserved) == (0, 0)
     settlement = lease.report(now=1.0, keep_spare=False)
-    assert settlement.returned == 2
+    assert settlement.returned == 4
     assert settlement.used == 0  # slots are returned, never consumed
 
 

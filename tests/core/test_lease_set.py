@@ -43,11 +43,21 @@ def test_granted_units_serve_later_reservations_locally() -> None:
 def test_renewal_reports_running_totals_and_keeps_spare_while_busy() -> None:
     leases = new_set()
     lease = grant(leases, 10, 30)
-    assert leases.settle(lease, 10, used=4) is None  # nothing urgent
-    assert leases.reports(now=1.0, live=True) == [Report("tok", "proc:0", 0, 4, 0, False)]
-    assert lease.spare == 26  # busy, alone and trusted: kept
+    assert leases.settle(lease, 10, used=10) is None  # nothing urgent
+    assert leases.reports(now=1.0, live=True) == [Report("tok", "proc:0", 0, 10, 0, False)]
+    assert lease.spare == 20  # busy, alone and trusted: kept
     # Idle since that renewal: the spare goes back at the next.
-    assert leases.reports(now=2.0, live=True) == [Report("tok", "proc:0", 26, 4, 0, False)]
+    assert leases.reports(now=2.0, live=True) == [Report("tok", "proc:0", 20, 10, 0, False)]
+
+
+def test_what_a_commit_gives_back_is_reported_at_once() -> None:
+    """Issue 13, item 11: reserve(100), commit(20): the 80 go back now, not at a renewal."""
+    leases = new_set(max_prefetch=5)
+    lease = grant(leases, 100, 100)
+    assert leases.settle(lease, 100, used=20) == Report("tok", "proc:0", 80, 20, 0, False)
+    slots = new_set(Kind.CONCURRENCY, max_prefetch=0)
+    slot = grant(slots, 1, 1)
+    assert slots.settle(slot, 1, used=1) == Report("tok", "proc:0", 1, 0, 0, False)
 
 
 def test_overuse_is_reported_at_once() -> None:
@@ -94,9 +104,23 @@ def test_losing_an_answer_twice_retires_the_lease_once() -> None:
 def test_an_ended_lease_is_replaced_without_being_settled() -> None:
     leases = new_set()
     old = grant(leases, 10, 10)
+    leases.settle(old, 10, used=10)
     leases.ended(old)
     assert leases.current is not old
     assert list(leases) == [leases.current]  # the executor ended it: nothing to report
+
+
+def test_an_ended_lease_with_open_reservations_is_reported_until_they_close() -> None:
+    """A broker refused more under a lease it retired but keeps: the process goes on renewing
+    it while it holds a slot of it, so the broker never frees that slot under it."""
+    leases = new_set(Kind.CONCURRENCY, max_prefetch=0)
+    old = grant(leases, 1, 1)
+    leases.ended(old)
+    assert leases.current is not old
+    assert leases.reports(now=1.0, live=True) == [Report("tok", "proc:0", 0, 0, 0, False)]
+    leases.settle(old, 1, used=1)
+    assert leases.reports(now=2.0, live=True) == [Report("tok", "proc:0", 1, 0, 0, True)]
+    assert list(leases) == [leases.current]
 
 
 def test_final_reports_count_open_reservations_in_full() -> None:
@@ -176,7 +200,7 @@ def test_adoption_lists_brokered_live_leases_with_their_totals() -> None:
     leases.lost(old)
     grant(leases, 5, 5, sent_at=1.0, via="broker:8")
     assert leases.adoptions() == [Adoption("tok", "broker:8", "proc:1", 5, 0, 0, 0),
-                                  Adoption("tok", "broker:7", "proc:0", 24, 0, 6, 0)]
+                                  Adoption("tok", "broker:7", "proc:0", 20, 4, 6, 0)]
 
 
 def test_adoption_skips_direct_and_final_leases() -> None:

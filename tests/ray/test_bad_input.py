@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import pickle
 import secrets
 from collections.abc import Callable, Iterator
@@ -45,7 +46,8 @@ class World:
         self.tok = QuotaToken("tok", expected_use=100)
         self.budget = QuotaToken("budget", expected_use=100)
         self.committed = self.budget.reserve(10)
-        self.committed.commit(5)
+        self.committed.commit(5)  # the 5 unused go back at once
+        self.open = self.budget.reserve(1)  # for the bad commits: reserved before the snapshot
         self.closed = QuotaToken("tok", expected_use=10)
         self.closed_reservation = self.closed.reserve(1)
         self.closed.close()
@@ -85,9 +87,13 @@ CASES: dict[str, tuple[Callable[[World], Any], type[Exception], str]] = {
     "amount above the budget": (lambda w: w.budget.reserve(10_001), InvalidAmountError,
                                 "10000"),
     "timeout negative": (lambda w: w.tok.reserve(1, timeout=-1), ValueError, "timeout"),
+    "timeout NaN": (lambda w: w.tok.reserve(1, timeout=math.nan), InvalidAmountError,
+                    "timeout"),
+    "timeout a string": (lambda w: w.tok.reserve(1, timeout="1"), InvalidAmountError,
+                         "timeout"),
     "commit twice": (lambda w: w.committed.commit(1), TokenStateError, "already committed"),
-    "commit negative": (lambda w: w.budget.reserve(1).commit(-1), InvalidAmountError, "used"),
-    "commit float": (lambda w: w.budget.reserve(1).commit(0.5), InvalidAmountError, "0.5"),
+    "commit negative": (lambda w: w.open.commit(-1), InvalidAmountError, "used"),
+    "commit float": (lambda w: w.open.commit(0.5), InvalidAmountError, "0.5"),
     "commit after release": (lambda w: w.closed_reservation.commit(1), TokenClosedError,
                              "closed"),
     "use after close": (lambda w: w.closed.reserve(1), TokenClosedError, "closed"),
@@ -152,6 +158,23 @@ def renewals_paused() -> Iterator[None]:
         return
     with renewer._flush_lock:
         yield
+
+
+def test_a_nan_timeout_is_refused_even_when_the_local_lease_could_serve_it() -> None:
+    """Issue 13, item 10: NaN compares as neither negative nor positive; it is refused before
+    anything changes, also on the local path, which never asks the executor."""
+    token = QuotaToken("tok", expected_use=100)
+    with renewals_paused():  # a renewal could give the spare back
+        for _ in range(2):  # the second grant brings prefetched spare
+            token.reserve(1).commit(1)
+        lease = token._leases.current
+        spare = lease.spare
+        assert spare > 0, "no local spare: the case would not test the local path"
+        with pytest.raises(InvalidAmountError, match="timeout"):
+            token.reserve(1, timeout=math.nan)
+        assert (lease.spare, lease.reserved) == (spare, 0)
+        token.reserve(1, timeout=math.inf).commit(1)  # infinity: as long as the resource allows
+    token.close()
 
 
 def test_calls_before_init_say_to_call_init() -> None:
