@@ -140,6 +140,7 @@ class Handle:
     expected_use: int
     parent: str | None = None
     live: bool = True  # False once closed, merged or moved away
+    waiting: int = 0  # requests of this handle waiting at the executor
 
 
 @dataclass
@@ -199,8 +200,11 @@ class Process:
             return "local"
         lease = handle.leases.current
         sent_at = now
+        queued = False
 
         def answer(outcome: Grant | QuotaError) -> None:
+            if queued:
+                handle.waiting -= 1
             if self.dead:
                 return
             if isinstance(outcome, Grant):
@@ -223,6 +227,8 @@ class Process:
             return type(exc).__name__
         if ticket.outcome is None:
             executor.waiting[ticket.id] = answer
+            handle.waiting += 1
+            queued = True
             return "waiting"
         answer(ticket.outcome)
         return "granted" if isinstance(ticket.outcome, Grant) else type(ticket.outcome).__name__
@@ -378,3 +384,71 @@ def slots_in_use(world: World) -> int:
                for held, _ in process.held
                if held.handle.resource == CONC.name
                and (not process.frozen or held.lease.valid_until > now))
+
+
+# ------------------------------------------------------------------------------ workloads
+
+
+def backlog(world: World, resource: str, weights: list[int], *, seconds: float,
+            one_shot: tuple[int, int] | None = None, hold_s: float | list[float] = 0.0,
+            amount: int | list[int] | None = None, parallel: int = 1,
+            step_s: float = 0.05) -> tuple[list[int], list[float], int]:
+    """Keep one token per weight backlogged on ``resource`` for ``seconds``: each always has a
+    request out for ``amount`` units (its expected use if not given; a list: per token) and
+    commits it in full as soon as it has
+    it (or after ``hold_s``, per token if a list), with ``parallel`` requests out at a time
+    (as that many threads of one task would). ``one_shot=(count, weight)`` adds a stream of fresh tokens, one
+    request each, ``count`` of them waiting at any time, as ``@quota`` opens per call.
+
+    Returns the units each backlogged token was granted, each one's longest wait, and how many
+    one-shot tokens were served.
+    """
+    spec = SPECS[resource]
+    workers = [p for p in world.processes if not p.dead][:2]
+    assert workers, "no process left to work"
+    worker, streamer = workers[0], workers[-1]
+    handles = []
+    for weight in weights:
+        info = world.token_call("open_token", resource, weight, worker.claimant, None)
+        handles.append(worker.adopt_handle(info.id, resource, 0, weight, None))
+    amounts = amount if isinstance(amount, list) else [amount or w for w in weights]
+    holds = hold_s if isinstance(hold_s, list) else [hold_s] * len(weights)
+    units = [0] * len(handles)
+    asked_at: dict[int, float] = {}
+    longest = [0.0] * len(handles)
+    stream: list[Handle] = []
+    served = 0
+    end = world.clock.now + seconds
+    while world.clock.now < end:
+        now = world.clock.now
+        for i, handle in enumerate(handles):
+            mine = [pair for pair in worker.held if pair[0].handle is handle]
+            for held, entry in mine:
+                if now - held.opened_at >= holds[i] - EPS:
+                    worker.commit(worker.held.index((held, entry)), held.amount)
+                    units[i] += held.amount
+                    longest[i] = max(longest[i], held.opened_at - asked_at.pop(i, now))
+            out = handle.waiting + sum(p[0].handle is handle for p in worker.held)
+            for _ in range(parallel - out):
+                asked_at.setdefault(i, now)
+                worker.reserve(handle, min(amounts[i], spec.ceiling))
+        if one_shot is not None:
+            count, weight = one_shot
+            for handle in list(stream):
+                if not handle.waiting:
+                    for held, entry in [p for p in streamer.held if p[0].handle is handle]:
+                        streamer.commit(streamer.held.index((held, entry)), held.amount)
+                        served += 1
+                    world.token_call("close", handle.token_id, 0, streamer.claimant,
+                                     streamer.final_reports(handle))
+                    stream.remove(handle)
+            while len(stream) < count:
+                info = world.token_call("open_token", resource, weight, streamer.claimant, None)
+                handle = streamer.adopt_handle(info.id, resource, 0, weight, None)
+                stream.append(handle)
+                streamer.reserve(handle, min(weight, spec.ceiling))
+        world.advance(step_s)
+    for handle in [*handles, *stream]:
+        owner = worker if handle in handles else streamer
+        world.token_call("close", handle.token_id, 0, owner.claimant, owner.final_reports(handle))
+    return units, longest, served
