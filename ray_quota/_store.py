@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ray_quota._core.ledger import TOMBSTONES
 from ray_quota._core.state import Changes, SavedLease, SavedResource, SavedToken
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
@@ -31,6 +32,9 @@ CREATE TABLE IF NOT EXISTS leases (
     token_id TEXT NOT NULL, lease_key TEXT NOT NULL, resource TEXT NOT NULL,
     units INTEGER NOT NULL, returned INTEGER NOT NULL, used INTEGER NOT NULL,
     debt INTEGER NOT NULL, PRIMARY KEY (token_id, lease_key));
+CREATE TABLE IF NOT EXISTS ended_leases (
+    token_id TEXT NOT NULL, lease_key TEXT NOT NULL, debt INTEGER NOT NULL,
+    PRIMARY KEY (token_id, lease_key));
 """
 
 
@@ -44,6 +48,7 @@ class SavedState:
     resources: list[SavedResource]
     tokens: list[SavedToken]
     leases: list[SavedLease]
+    ended: list[tuple[str, str, int]]  # lease keys never to be used again, oldest first
 
 
 class StateStore:
@@ -80,14 +85,17 @@ class StateStore:
             "SELECT id, resource, expected_use, pass, generation, claimant, label FROM tokens")]
         leases = [SavedLease(*row) for row in self._db.execute(
             "SELECT token_id, lease_key, resource, units, returned, used, debt FROM leases")]
+        ended = list(self._db.execute(
+            "SELECT token_id, lease_key, debt FROM ended_leases ORDER BY rowid"))
         return SavedState(meta["cluster_id"], meta["environment"],
-                          float(meta.get("saved_at", time.time())), resources, tokens, leases)
+                          float(meta.get("saved_at", time.time())), resources, tokens, leases,
+                          ended)
 
     def start(self, cluster_id: str, environment: str) -> None:
         """Forget any earlier state and begin afresh for this executor."""
         self._specs.clear()
         with self._transaction() as db:
-            for table in ("meta", "resources", "tokens", "leases"):
+            for table in ("meta", "resources", "tokens", "leases", "ended_leases"):
                 db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
             db.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("cluster_id", cluster_id), ("environment", environment),
@@ -111,6 +119,12 @@ class StateStore:
                  lease.used, lease.debt) for lease in changes.leases])
             db.executemany("DELETE FROM leases WHERE token_id = ? AND lease_key = ?",
                            changes.dropped_leases)
+            if changes.ended:
+                # A replaced row gets a new rowid: rowids order the keys by when they ended.
+                db.executemany("INSERT OR REPLACE INTO ended_leases VALUES (?, ?, ?)",
+                               changes.ended)
+                db.execute("DELETE FROM ended_leases WHERE rowid <= "
+                           "(SELECT MAX(rowid) FROM ended_leases) - ?", (TOMBSTONES,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('saved_at', ?)", (repr(time.time()),))
         self._specs.update((r.spec.name, r.spec) for r in changed_specs)
 

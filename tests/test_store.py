@@ -110,3 +110,21 @@ def test_a_state_file_written_by_0_1_is_read_with_its_leases(tmp_path: Path) -> 
     assert saved is not None
     assert [(lease.token_id, lease.key, lease.units) for lease in saved.leases] == [
         (token.id, "proc:3", 70)]
+
+
+def test_a_lease_key_that_ended_stays_ended_after_a_restart(tmp_path: Path) -> None:
+    """A holder's totals for an ended key would not match a fresh lease under it: returning
+    'unused' units it still holds would let the pool grant them twice (issue 13, item 4)."""
+    from ray_quota._errors import LeaseEndedError
+
+    state = tmp_path / "state.sqlite"
+    first = start(state)
+    token = run(first.open_token("budget", 100, "me", None))
+    assert isinstance(run(acquire(first, token.id, 40, key="proc:0")), Grant)
+    run(first.settle([Report(token.id, "proc:0", 10, 30, 0, True)]))  # ended, as final
+    del first
+
+    second = start(state)
+    refused = run(acquire(second, token.id, 40, key="proc:0"))
+    assert isinstance(refused, LeaseEndedError)
+    assert isinstance(run(acquire(second, token.id, 40, key="proc:1")), Grant)

@@ -55,7 +55,8 @@ class ExecutorActor:
             # Restarted by Ray (or started again on the same state): carry on where it stopped.
             self._cluster_id = saved.cluster_id
             specs = self._service.restore(saved.resources, saved.tokens, saved.leases,
-                                          elapsed_s=time.time() - saved.saved_at)
+                                          elapsed_s=time.time() - saved.saved_at,
+                                          ended=saved.ended)
             self._manifest = self._manifest.with_environment(environment, specs)
         else:
             self._cluster_id = cluster_id or secrets.token_hex(8)

@@ -147,6 +147,7 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
     def mark_ended(self, key: LeaseKey, debt: int) -> None:
         """Remember ``key`` as ended (before its lease is dropped, or again with later debt)."""
         self._ended[key] = debt
+        self._changes.ended[key] = debt
 
     def ended_debt(self, key: LeaseKey) -> int | None:
         """The debt applied under ``key`` when it ended, or None if it has not ended."""

@@ -440,10 +440,14 @@ class Scheduler:
         return self._changes.drain(resource_row, token_row, lease_row)
 
     def restore(self, resources: Iterable[SavedResource], tokens: Iterable[SavedToken],
-                leases: Iterable[SavedLease], elapsed_s: float) -> None:
+                leases: Iterable[SavedLease], elapsed_s: float,
+                ended: Iterable[tuple[str, str, int]] = ()) -> None:
         """Take up a saved state, ``elapsed_s`` seconds old; every lease gets a fresh TTL so
-        holders that come back can renew, and the rest expire as if their holder had died."""
+        holders that come back can renew, and the rest expire as if their holder had died.
+        Keys of leases that ended stay ended: a holder cannot start one afresh under them."""
         now = self._clock()
+        for token_id, key, debt in ended:
+            self._leases.mark_ended((token_id, key), debt)
         for saved in resources:
             res = self._resources.get(saved.spec.name)
             if res is not None:  # the saved state wins over a new manifest for known resources

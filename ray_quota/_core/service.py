@@ -138,10 +138,11 @@ class ExecutorService:
         return self._sched.specs()
 
     def restore(self, resources: Iterable[SavedResource], tokens: Iterable[SavedToken],
-                leases: Iterable[SavedLease], elapsed_s: float) -> dict[str, ResourceSpec]:
+                leases: Iterable[SavedLease], elapsed_s: float,
+                ended: Iterable[tuple[str, str, int]] = ()) -> dict[str, ResourceSpec]:
         """Take up a saved state ``elapsed_s`` old (see :meth:`Scheduler.restore`); returns
         the resources as saved, which win over the manifest's."""
-        self._sched.restore(resources, tokens, leases, elapsed_s=elapsed_s)
+        self._sched.restore(resources, tokens, leases, elapsed_s=elapsed_s, ended=ended)
         self._changes.clear()  # the initial state is superseded by the saved one, on disk
         return self._sched.specs()
 

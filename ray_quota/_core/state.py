@@ -4,7 +4,7 @@ last write (so that only those are written, before replies go out)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ray_quota._spec import ResourceSpec
 
@@ -51,10 +51,13 @@ class Changes:
     closed_tokens: list[str]
     leases: list[SavedLease]
     dropped_leases: list[LeaseKey]
+    # Lease keys that ended, with the debt applied by then: never to be used again, so a
+    # restarted executor must know them too.
+    ended: list[tuple[str, str, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.resources or self.tokens or self.closed_tokens or self.leases
-                    or self.dropped_leases)
+                    or self.dropped_leases or self.ended)
 
 
 class ChangeLog:
@@ -71,12 +74,13 @@ class ChangeLog:
         (['t1'], False)
     """
 
-    __slots__ = ("leases", "resources", "tokens")
+    __slots__ = ("ended", "leases", "resources", "tokens")
 
     def __init__(self, resources: Iterable[str] = ()) -> None:
         self.resources: set[str] = set(resources)
         self.tokens: set[str] = set()
         self.leases: set[LeaseKey] = set()
+        self.ended: dict[LeaseKey, int] = {}  # -> debt applied by the end
 
     def drain(
         self,
@@ -105,7 +109,9 @@ class ChangeLog:
                 dropped.append(key)
             else:
                 leases.append(lease)
+        ended = [(token_id, key, debt) for (token_id, key), debt in self.ended.items()]
         self.resources.clear()
         self.tokens.clear()
         self.leases.clear()
-        return Changes(resources, tokens, closed, leases, dropped)
+        self.ended.clear()
+        return Changes(resources, tokens, closed, leases, dropped, ended)

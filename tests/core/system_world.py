@@ -96,7 +96,7 @@ class Executor:
         self.service = ExecutorService(SPECS, clock=self.clock, policy=POLICY,
                                        new_id=self._new_id)
         self.service.restore(saved.resources, saved.tokens, saved.leases,
-                             elapsed_s=self.clock.now - self.saved_at)
+                             elapsed_s=self.clock.now - self.saved_at, ended=saved.ended)
         lost, self.waiting = self.waiting, {}
         for answer in lost.values():
             answer(ExecutorUnavailableError("the executor died before answering"))
@@ -172,6 +172,7 @@ class Process:
         self.held: list[tuple[Held, list[Any]]] = []
         self.frozen_until = -math.inf
         self.dead = False
+        self.cut_off = False  # frozen once for longer than a lease lives: presumed dead
 
     def new_key(self) -> str:
         return f"{self.holder}:{next(self.keys)}"

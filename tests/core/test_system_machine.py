@@ -237,6 +237,7 @@ class SystemMachine(RuleBasedStateMachine):
         process = self._process(pick)
         if process is not None:
             process.frozen_until = self.world.clock.now + seconds
+            process.cut_off |= seconds >= POLICY.lease_ttl_s
 
     @precondition(lambda self: self._fault_due()
                   and sum(not p.dead for p in self.world.processes) > 1)
@@ -260,10 +261,11 @@ class SystemMachine(RuleBasedStateMachine):
         self.world.executor.store.fail_next = True
 
     def _forget_released(self) -> None:
-        """Tokens of dead processes are released by the executor after their leases expire."""
+        """Tokens of dead processes (and of processes cut off for longer than a lease lives,
+        which look dead) are released by the executor after their leases expire."""
         sched = self.world.executor.service.scheduler
         for token_id, process in list(self.owner.items()):
-            if process.dead and sched.token_key(token_id) is None:
+            if (process.dead or process.cut_off) and sched.token_key(token_id) is None:
                 del self.owner[token_id]
                 del self.expected_use[token_id]
 
@@ -278,7 +280,7 @@ class SystemMachine(RuleBasedStateMachine):
         if sum(not p.dead and not p.frozen for p in self.world.processes) < 2:
             return
         one_shot = (stream, 2) if stream else None
-        units, longest, served = backlog(self.world, RATE.name, weights, seconds=20.0,
+        units, longest, served = backlog(self.world, RATE.name, weights, seconds=40.0,
                                          one_shot=one_shot)
         total_weight = sum(weights) + 2 * stream
         share = [u / sum(units) for u in units]
@@ -327,13 +329,16 @@ class SystemMachine(RuleBasedStateMachine):
             process = self.owner[token_id]
             ours[self._resource_of(token_id, process)] += use
         theirs = {k: v for k, v in totals.items() if v}
-        assert theirs == {k: v for k, v in ours.items() if v}, (theirs, dict(ours))
+        sched = self.world.executor.service.scheduler
+        gone = [(token_id, process.name, process.dead, process.frozen, process.cut_off)
+                for token_id, process in self.owner.items() if sched.token_key(token_id) is None]
+        assert theirs == {k: v for k, v in ours.items() if v}, (theirs, dict(ours), gone)
 
     def _resource_of(self, token_id: str, process: Process) -> str:
         return next(h.resource for h in process.handles if h.token_id == token_id)
 
 
-MACHINE_SETTINGS = settings(max_examples=300, stateful_step_count=40, deadline=None,
+MACHINE_SETTINGS = settings(max_examples=200, stateful_step_count=40, deadline=None,
                             suppress_health_check=[HealthCheck.too_slow])
 
 
