@@ -288,13 +288,12 @@ class SystemMachine(RuleBasedStateMachine):
             bound = 2 * weight * (total_weight / weight) / RATE.refill_per_s + POLICY.lease_ttl_s
             assert waited <= bound, (weight, waited, bound)
         if stream:
-            # Not starved. Within 5 % of the fair share only in a fresh world (see
-            # test_system_fairness.py): after some histories virtual time lags the backlogged
-            # tokens' passes (idle tokens with empty live leases count as active and slow it),
-            # and newcomers, entering at it, take more than their weight.
+            # The newcomers, entering at virtual time, take no more than their weight, whatever
+            # tokens earlier steps left idle (with empty live leases: they are not active and
+            # do not slow virtual time; see test_system_fairness.py).
             mine = sum(units) / (sum(units) + 2 * served)
             fair_mine = sum(weights) / total_weight
-            assert mine >= 0.5 * fair_mine, (units, served)
+            assert mine >= 0.95 * fair_mine, (units, served)
 
     # ---------------------------------------------------------------------------- promises
 
