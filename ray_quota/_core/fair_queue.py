@@ -38,12 +38,12 @@ class Ticket:
 @dataclass(slots=True, eq=False)
 class Flow:
     """A token as its queue sees it: its pass in virtual time, its weight, its waiters in order,
-    and how many live leases it has (while it waits or has a lease, it is *active*)."""
+    and how many units its live leases hold (while it waits or holds units, it is *active*)."""
 
     pass_: float
     expected_use: int
     waiters: deque[Waiter] = field(default_factory=deque)
-    leases: int = 0
+    held: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -88,9 +88,11 @@ class FairQueue:
         self._bypass_factor = bypass_factor
         self.waiting = 0  # waiters queued, every token's
         self.flows = 0  # tokens with waiters: the live heap entries
-        # Active tokens (waiting, or with a live lease: a holder serves it) -> the weight
-        # counted for them. Tokens between two requests still count, so their share is not
-        # given away while they use a grant or commit it and ask again.
+        # Active tokens (waiting, or holding units: a holder serves it) -> the weight counted
+        # for them. Holding units, not merely a live lease: a holder renews a lease it keeps
+        # empty for as long as its token lives, and idle tokens counted would slow virtual
+        # time below the backlogged tokens' passes, so that newcomers entering at it jump
+        # ahead of them.
         self._active: dict[Flow, int] = {}
         self.weight = 0  # expected use of the active tokens, summed
 
@@ -126,8 +128,8 @@ class FairQueue:
             self._push(token.waiters[0])
 
     def touch(self, token: Flow, *, closed: bool = False) -> None:
-        """Count ``token`` as active or not, by its waiters and leases, at its weight."""
-        weight = 0 if closed or not (token.waiters or token.leases) else token.expected_use
+        """Count ``token`` as active or not, by its waiters and held units, at its weight."""
+        weight = 0 if closed or not (token.waiters or token.held > 0) else token.expected_use
         counted = self._active.pop(token, 0)
         if weight:
             self._active[token] = weight

@@ -163,7 +163,7 @@ class Resource:
             units = min(units, lease.units - used)
             if self.spec.kind is Kind.CONCURRENCY and units:
                 overheld = self._held(lease, units, now) - units
-            lease.units -= units + used
+            self._leases.set_units(lease, lease.units - units - used)
             self.leased -= units + used
             self.pool.give_back(units, now)
         # A token with no expected use left is charged (and refunded) as if it weighed one
@@ -315,7 +315,7 @@ class Resource:
             self._leases.extend(lease, expires)
         if self.spec.kind is Kind.CONCURRENCY:
             self._accrue(lease, now)
-        lease.units += units
+        self._leases.set_units(lease, lease.units + units)
         self.leased += units
         self._changes.tokens.add(ticket.token_id)
         self._changes.leases.add(key)

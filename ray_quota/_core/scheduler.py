@@ -86,7 +86,7 @@ class Scheduler:
         now = clock()
         # What changed since the last drain_changes(), for a durable store to write.
         self._changes = ChangeLog(resources)
-        self._leases = LeaseLedger(self._changes, on_active=self._lease_count_changed)
+        self._leases = LeaseLedger(self._changes, on_active=self._held_changed)
         self._tokens = TokenRegistry(new_id, self._changes)
         self._resolved: list[Ticket] = []  # since the last poll, appended to by the resources
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
@@ -344,7 +344,7 @@ class Scheduler:
         if source is None or self._leases.is_ended((token_id, to_key)):
             return False
         moved = min(units, source.units)
-        source.units -= moved
+        self._leases.set_units(source, source.units - moved)
         lease = self._leases.add(Lease(token_id, to_key, source.resource, moved,
                                        self._clock() + self.policy.lease_ttl_s,
                                        returned=returned, used=used))
@@ -488,9 +488,9 @@ class Scheduler:
         res.close(token)
         res.dispatch(now)
 
-    def _lease_count_changed(self, token_id: str, leases: int) -> None:
-        if (token := self._tokens.get(token_id)) is not None:  # a token with a lease is active
-            token.leases = leases
+    def _held_changed(self, token_id: str, held: int) -> None:
+        if (token := self._tokens.get(token_id)) is not None:  # a token holding units is active
+            token.held = held
             self._resources[token.resource].queue.touch(token)
 
     def _expire(self, lease: Lease, now: float) -> None:

@@ -65,3 +65,28 @@ def test_mixed_request_sizes_keep_their_shares(tmp_path: Path) -> None:
     units, longest, _ = backlog(world, "rate", [10, 10], seconds=60, amount=[20, 2])
     assert units[0] == pytest.approx(units[1], rel=0.05), units
     assert max(longest) < 5.0, longest
+
+
+def test_idle_tokens_with_empty_live_leases_do_not_slow_virtual_time(tmp_path: Path) -> None:
+    """Tokens used once and then left idle keep renewing their (now empty) leases. They must
+    not count as active: if they did, virtual time would lag the backlogged tokens' passes and
+    a stream of fresh one-shot tokens, entering at it, would take far more than its weight."""
+    world = World(tmp_path / "state.sqlite")
+    idler = world.processes[0]
+    idle = []
+    for _ in range(3):
+        info = world.token_call("open_token", "rate", 20, idler.claimant, None)
+        handle = idler.adopt_handle(info.id, "rate", 0, 20, None)
+        idler.reserve(handle, 5)
+        world.advance(0.1)
+        idler.commit(len(idler.held) - 1, 5)
+        idle.append(handle)
+    world.advance(2.0)  # renewals keep the idle tokens' leases live
+    sched = world.executor.service.scheduler
+    assert all(list(handle.leases) for handle in idle)
+    assert all(lease.active and sched.held(handle.token_id, lease.key) == 0
+               for handle in idle for lease in handle.leases)  # live, and empty
+    units, _, served = backlog(world, "rate", [5, 10, 20], seconds=30, one_shot=(1, 2))
+    backlogged = sum(units) / (sum(units) + 2 * served)
+    fair = 35 / 37
+    assert abs(backlogged - fair) <= 0.05 * fair, (units, served)
