@@ -508,15 +508,11 @@ class Scheduler:
 
 
 def _wait_allowed(spec: ResourceSpec, timeout: float | None) -> tuple[float, bool]:
-    """Seconds a waiter may wait, and whether only for spare recalled from other holders.
-
-    The resource's wait limit, shortened by the caller's timeout. With none, a throttle
-    resource waits for ever, and a reject or terminate one only for the recall grace (see
-    :meth:`Resource.admit`); a wait limit or timeout of 0 does not wait at all.
-    """
+    """Seconds a waiter may wait (the resource's wait limit, shortened by the caller's timeout),
+    and whether only for spare recalled from others: with no wait limit, a throttle resource
+    waits for ever, a reject or terminate one the recall grace (see :meth:`Resource.admit`)."""
     recall_only = spec.wait_limit_s is None and spec.enforcement is not Enforcement.THROTTLE
-    if spec.wait_limit_s is not None:
-        limit = spec.wait_limit_s
-    else:
-        limit = RECALL_GRACE_S if recall_only else math.inf
+    limit = RECALL_GRACE_S if recall_only else spec.wait_limit_s
+    if limit is None:
+        limit = math.inf
     return (limit if timeout is None else min(limit, max(0.0, timeout))), recall_only
