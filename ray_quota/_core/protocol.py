@@ -41,8 +41,8 @@ TRUST = 0.8
 # How long a request of a reject (or terminate) resource with no wait limit of its own may wait
 # for spare units that other holders' leases may hold (prefetched, or just freed and not yet
 # reported) while the executor recalls them. A watching holder answers a recall with two actor
-# calls (its open watch returns, it settles), a few ms, through a node's broker four; allowing for
-# a loaded node, half a renewal interval. A holder that has not answered by then is not watching
+# calls (its open watch returns, it settles): a few ms; through a node's broker, four calls. Half a
+# renewal interval leaves room for a loaded node. A holder that has not answered by then is not watching
 # (frozen, or between executors) and gives spare back only when it renews, up to RENEW_INTERVAL_S
 # later: waiting for that would make every refusal of a full pool cost a renewal interval.
 RECALL_GRACE_S = 0.5
