@@ -48,7 +48,7 @@ class ResourceSpec:
     burst: int = 0  # rate only; the most the pool holds
     enforcement: Enforcement = Enforcement.THROTTLE
     unit: str = "unit"
-    wait_limit_s: float | None = None  # None: wait for ever (throttle) or not at all (reject)
+    wait_limit_s: float | None = None  # None: for ever (throttle), else only for recalled spare
 
     @property
     def refill_per_s(self) -> float:

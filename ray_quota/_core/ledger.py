@@ -226,6 +226,10 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         """The tokens leased under the lease key ``key``."""
         return self._by_key.get(key, set())
 
+    def of_resource(self, resource: str) -> Iterator[Lease]:
+        """The live leases of ``resource``."""
+        return (self._leases[key] for key in self._by_resource.get(resource, ()))
+
     def recall(self, resource: str) -> None:
         """Mark every holder of a lease of ``resource`` to be told to give spare units back."""
         for token_id, key in self._by_resource.get(resource, ()):

@@ -38,6 +38,14 @@ IDLE_TICK_S = 0.5
 # A lease is trusted locally for this share of its time-to-live, measured from when the request
 # that granted or renewed it was *sent*, so the holder always stops before the executor expires it.
 TRUST = 0.8
+# How long a request of a reject (or terminate) resource with no wait limit of its own may wait
+# for spare units that other holders' leases may hold (prefetched, or just freed and not yet
+# reported) while the executor recalls them. A watching holder answers a recall with two actor
+# calls (its open watch returns, it settles): a few ms; through a node's broker, four calls. Half a
+# renewal interval leaves room for a loaded node. A holder that has not answered by then is not watching
+# (frozen, or between executors) and gives spare back only when it renews, up to RENEW_INTERVAL_S
+# later: waiting for that would make every refusal of a full pool cost a renewal interval.
+RECALL_GRACE_S = 0.5
 # The most a holder may hold beyond what it asked for, as a share of the resource's ceiling: the
 # spare a process (or broker) may lose with its death is at most this.
 PREFETCH_FRACTION = 0.05

@@ -15,7 +15,7 @@ from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
 from ray_quota._core.forecast import forecast, next_fit, serve
 from ray_quota._core.ledger import Lease, LeaseLedger
 from ray_quota._core.pools import Pool, RatePool, make_pool
-from ray_quota._core.protocol import PREFETCH_FRACTION, Grant
+from ray_quota._core.protocol import PREFETCH_FRACTION, RECALL_GRACE_S, Grant
 from ray_quota._core.state import ChangeLog, SavedResource
 from ray_quota._errors import (
     FailedReservation,
@@ -230,9 +230,16 @@ class Resource:
         return InvalidAmountError(f"{self.name!r}: {amount} units is more than the {limit} can "
                                   f"ever grant ({self.spec.ceiling})")
 
-    def admit(self, waiter: Waiter, now: float) -> None:
+    def admit(self, waiter: Waiter, now: float, *, recall_only: bool = False) -> None:
         """Queue ``waiter`` and grant what fits; fail it at once if it cannot be granted in time,
-        else watch its deadline (if it has one)."""
+        else watch its deadline (if it has one).
+
+        A request of a reject or terminate resource that the pool cannot grant in time may still
+        be covered by spare units sitting in other holders' leases: if free units and that spare
+        could cover it, it waits at most :data:`RECALL_GRACE_S` (and never past its deadline)
+        while the spare is recalled; if they could not, it fails at once. ``recall_only``: the
+        resource sets no wait limit, so it may wait for nothing else.
+        """
         token, spec, deadline = waiter.token, self.spec, waiter.deadline
         if not token.waiters:
             # A returning token regains at most its maximum credit.
@@ -243,16 +250,43 @@ class Resource:
         self.dispatch(now)
         if waiter.ticket.outcome is not None:
             return
-        if deadline <= now or (spec.enforcement is not Enforcement.THROTTLE
-                               and deadline != math.inf
-                               and (estimate := self._estimate(waiter, now)) is not None
-                               and now + estimate > deadline):
+        if deadline <= now:
             self.fail(waiter, now)
             return
-        if contention_starts:
+        if spec.enforcement is not Enforcement.THROTTLE and deadline != math.inf and (
+                recall_only or ((estimate := self._estimate(waiter, now)) is not None
+                                and now + estimate > deadline)):
+            if not self._spare_covers(waiter, now):
+                self.fail(waiter, now)  # waiting would not help: say so now
+                return
+            waiter.deadline = min(deadline, now + RECALL_GRACE_S)
+            self._leases.recall(spec.name)  # even if others already wait: it is what it waits for
+        elif contention_starts:
             self._leases.recall(spec.name)
-        if deadline != math.inf:
+        if waiter.deadline != math.inf:
             self._watch(waiter)
+
+    def _spare_cap(self) -> int:
+        """The most spare units the executor grants into a lease beyond a request."""
+        return max(1, int(self.spec.ceiling * self._policy.max_lease_fraction))
+
+    def _spare_covers(self, waiter: Waiter, now: float) -> bool:
+        """Whether the free units and the spare that other leases of the resource may hold
+        could cover ``waiter``: what a recall can bring back.
+
+        The executor cannot tell a lease's spare from its open reservations, so each lease
+        counts for what it holds, but at most the spare a grant adds to one; a concurrency slot
+        freed and not yet reported looks the same, and counts alike. The waiter's own lease is
+        left out: its holder asked because that lease's spare was not enough.
+        """
+        need = waiter.ticket.amount - self.pool.available(now)
+        cap, own = self._spare_cap(), (waiter.ticket.token_id, waiter.ticket.key)
+        for lease in self._leases.of_resource(self.name):
+            if need <= 0:
+                break
+            if lease.ident != own:
+                need -= min(lease.units, cap)
+        return need <= 0
 
     def _watch(self, waiter: Waiter) -> None:
         deadlines = self._deadlines
@@ -300,8 +334,7 @@ class Resource:
             return
         extra = 0
         if waiter.prefetch and self.queue.waiting == 0:
-            cap = max(1, int(self.spec.ceiling * policy.max_lease_fraction))
-            extra = max(0, min(waiter.prefetch, cap, available - ticket.amount))
+            extra = max(0, min(waiter.prefetch, self._spare_cap(), available - ticket.amount))
         units = ticket.amount + extra
         self.pool.take(units, now)
         self._advance(units, active)

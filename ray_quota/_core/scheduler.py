@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from ray_quota._core.fair_queue import Ticket, Waiter
 from ray_quota._core.ledger import Lease, LeaseLedger
 from ray_quota._core.pools import Pool
-from ray_quota._core.protocol import TokenInfo
+from ray_quota._core.protocol import RECALL_GRACE_S, TokenInfo
 from ray_quota._core.resource import Policy, Resource, ResourceStatus
 from ray_quota._core.state import (
     ChangeLog,
@@ -219,8 +219,9 @@ class Scheduler:
         now = self._clock()
         self._seq += 1
         ticket = Ticket(self._seq, token_id, key, amount)
-        deadline = now + _wait_allowed(res.spec, timeout)
-        res.admit(Waiter(ticket, token, max(0, int(prefetch)), deadline, self._seq), now)
+        wait_s, recall_only = _wait_allowed(res.spec, timeout)
+        res.admit(Waiter(ticket, token, max(0, int(prefetch)), now + wait_s, self._seq), now,
+                  recall_only=recall_only)
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
@@ -506,10 +507,12 @@ class Scheduler:
         res.dispatch(now)
 
 
-def _wait_allowed(spec: ResourceSpec, timeout: float | None) -> float:
-    """Seconds a waiter may wait: the resource's wait limit, shortened by the caller's timeout."""
-    if spec.wait_limit_s is not None:
-        limit = spec.wait_limit_s
-    else:
-        limit = math.inf if spec.enforcement is Enforcement.THROTTLE else 0.0
-    return limit if timeout is None else min(limit, max(0.0, timeout))
+def _wait_allowed(spec: ResourceSpec, timeout: float | None) -> tuple[float, bool]:
+    """Seconds a waiter may wait (the resource's wait limit, shortened by the caller's timeout),
+    and whether only for spare recalled from others: with no wait limit, a throttle resource
+    waits for ever, a reject or terminate one the recall grace (see :meth:`Resource.admit`)."""
+    recall_only = spec.wait_limit_s is None and spec.enforcement is not Enforcement.THROTTLE
+    limit = RECALL_GRACE_S if recall_only else spec.wait_limit_s
+    if limit is None:
+        limit = math.inf
+    return (limit if timeout is None else min(limit, max(0.0, timeout))), recall_only

@@ -17,7 +17,7 @@ from scheduler_world import (
     rate,
 )
 
-from ray_quota._core.protocol import Grant
+from ray_quota._core.protocol import RECALL_GRACE_S, Grant
 from ray_quota._core.scheduler import Policy
 from ray_quota._errors import (
     FailedReservation,
@@ -212,11 +212,13 @@ def test_reject_with_no_wait_limit_fails_at_once() -> None:
     assert env.snapshot([token]) == before
 
 
-def test_terminate_gives_quota_terminated_at_once() -> None:
+def test_terminate_gives_quota_terminated_when_the_recall_grace_ends() -> None:
     env = Env(concurrency(value=1, enforcement=Enforcement.TERMINATE))
     a, b = env.token("k", 1), env.token("k", 1)
     env.acquire(a, 1)
     ticket = env.acquire(b, 1)
+    assert ticket.outcome is None  # a's slot may be freed and on its way back: it is recalled
+    assert env.wait_for(ticket) == RECALL_GRACE_S
     assert isinstance(ticket.outcome, QuotaTerminated)
     assert (ticket.outcome.resource, ticket.outcome.amount) == ("k", 1)
 

@@ -16,7 +16,7 @@ from fakes import FakeClock
 from ray_quota._core.broker import BrokerCore, Forward
 from ray_quota._core.fair_queue import Ticket
 from ray_quota._core.holder import LeaseSet
-from ray_quota._core.protocol import Grant, Report, prefetch_cap
+from ray_quota._core.protocol import RECALL_GRACE_S, Grant, Report, prefetch_cap
 from ray_quota._core.resource import Policy
 from ray_quota._core.service import ExecutorService
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
@@ -45,7 +45,8 @@ class Holder:
                                new_key=lambda: f"{name}:{next(keys)}")
 
     def reserve(self, amount: int) -> bool:
-        """Granted at once (True) or refused (False); a reject resource never waits."""
+        """Granted at once (True) or refused (False): a reject request left waiting for spare
+        recalled from others fails when the recall grace ends, since nobody answers here."""
         lease = self.leases.current
         key, prefetch = lease.key, lease.prefetch()
         if self.broker is not None:
@@ -61,6 +62,9 @@ class Holder:
         ticket = self.service.acquire(self.token_id, *self.claim, key, amount_up, prefetch,
                                       None)
         assert isinstance(ticket, Ticket), ticket
+        if ticket.outcome is None:  # it waits for spare recalled from others: none answer here
+            self.clock.advance(RECALL_GRACE_S)
+            self.service.tick()
         if not isinstance(ticket.outcome, Grant):
             if self.broker is not None:
                 self.broker.refused(self.token_id, lease.key, self.clock.now)
