@@ -76,6 +76,15 @@ class Markers:
         else:
             _LOCAL_MARKERS[path] = raw
 
+    def clear(self, path: str) -> None:
+        """Forget the marker of ``path`` (tests of a deliberate stop outside Ray)."""
+        if self._ray:
+            from ray.experimental.internal_kv import _internal_kv_del
+
+            _internal_kv_del(_MARKER_PREFIX + path, namespace=_MARKER_NAMESPACE)
+        else:
+            _LOCAL_MARKERS.pop(path, None)
+
 
 def clear_markers() -> None:
     """A deliberate stop: the next start of an executor in this cluster may start afresh."""

@@ -266,7 +266,8 @@ class ExecutorActor:
         if the write failed (then nothing is acknowledged, and memory is as on disk)."""
         outbox = self._service.drain()
         try:
-            self._store.write(*outbox.changes)
+            if outbox.changes:
+                self._store.write(*outbox.changes)
         except StateWriteError as exc:
             self._recover(exc)
             return exc
