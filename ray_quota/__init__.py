@@ -36,6 +36,8 @@ _WHERE = {
     "Reservation": "_token",
     "ResourceSpec": "_spec",
     "ResourceStatus": "_core.scheduler",
+    "StateMissingError": "_errors",
+    "StateWriteError": "_errors",
     "TokenClosedError": "_errors",
     "TokenMovedError": "_errors",
     "TokenStateError": "_errors",
@@ -47,6 +49,7 @@ _WHERE = {
     "load_manifest": "_manifest",
     "metrics_address": "_api",
     "quota": "_decorate",
+    "reset": "_api",
     "set_limit": "_api",
     "shutdown": "_api",
     "status": "_api",
@@ -71,7 +74,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from ray_quota._api import apply, info, init, metrics_address, set_limit, shutdown, status
+    from ray_quota._api import (
+        apply,
+        info,
+        init,
+        metrics_address,
+        reset,
+        set_limit,
+        shutdown,
+        status,
+    )
     from ray_quota._context import current_token
     from ray_quota._core.protocol import ExecutorInfo
     from ray_quota._core.scheduler import Policy, ResourceStatus
@@ -85,6 +97,8 @@ if TYPE_CHECKING:
         NotInitializedError,
         QuotaError,
         QuotaTerminated,
+        StateMissingError,
+        StateWriteError,
         TokenClosedError,
         TokenMovedError,
         TokenStateError,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import ray
@@ -12,12 +11,11 @@ import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_quota._runtime import rpc
-from ray_quota._errors import InvalidAmountError, ManifestError, UnknownResourceError
+from ray_quota._errors import ExecutorUnavailableError, ManifestError, StateMissingError
 from ray_quota._actors.executor import ExecutorActor
 from ray_quota._core.protocol import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
 from ray_quota._manifest import load_manifest
 from ray_quota._core.scheduler import Policy, ResourceStatus
-from ray_quota._spec import MAX_UNITS
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -34,8 +32,12 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     changes the running executor's limits.
 
     The executor keeps its state (spent budgets, rate levels, tokens, leases) in SQLite at
-    ``state_path``, by default in the Ray session's folder; if Ray restarts the executor, it
-    carries on from there. An explicit path outlives the Ray cluster (and :func:`shutdown`).
+    ``state_path``, by default in this user's state directory, one file per environment
+    (``RAY_QUOTA_STATE_DIR`` moves it). The state outlives :func:`shutdown`, ``ray-quota stop``
+    and the Ray cluster: the next executor on it carries on, under the manifest's limits, and
+    only :func:`reset` refills. With the default path the executor is pinned to the node it
+    starts on (the driver's), which holds the file; an explicit ``state_path`` lets Ray restart
+    it on any node, so give one on storage every node sees.
 
     The executor serves the cluster's Prometheus metrics on ``metrics_port`` (0: any free port,
     None: no endpoint); :func:`metrics_address` says where. Both only apply when it starts.
@@ -48,6 +50,8 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     Raises:
         ManifestError: the manifest is invalid, names no such environment, or differs from the
             running executor's and ``apply`` was not given.
+        StateMissingError: the state file is unreadable, or Ray restarted the executor where
+            its state is missing (README, "State and durability").
         TypeError: ``brokers`` is not True, False or None.
     """
     if brokers is not None and not isinstance(brokers, bool):
@@ -67,8 +71,11 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     except ValueError:
         if plain is None:
             raise ManifestError("no executor is running: pass a manifest to start one") from None
-        # On this (the driver's) node by preference: usually the head, which lives longest.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # On this (the driver's) node: usually the head, which lives longest. Pinned there if
+        # the state file is local to it, so that Ray never restarts the executor afresh
+        # elsewhere; an explicit path is taken to be one every node sees.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                              soft=state_path is not None)
         actor = ray.remote(ExecutorActor).options(
             name=EXECUTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_concurrency=10_000, num_cpus=0, scheduling_strategy=here)
@@ -77,6 +84,7 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         handle = actor.remote(plain, environment, policy or Policy(), None,
                               os.fspath(state_path) if state_path is not None else None,
                               metrics_port=metrics_port, brokers=brokers)
+        _started(handle)
     if plain is not None:
         running, running_env = ray.get(handle.manifest.remote())
         if (running, running_env) != (plain, environment):
@@ -86,6 +94,17 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
                     f"({running_env!r}); pass apply=True to change its limits")
             rpc.call("apply", plain, environment)
     return rpc.info()
+
+
+def _started(handle: Any) -> None:
+    """Wait for a new executor to start; if it refused to, raise its reason."""
+    try:
+        ray.get(handle.calls_served.remote())
+    except ray.exceptions.RayActorError as exc:
+        if "StateMissingError" in str(exc):
+            reason = str(exc).rsplit("StateMissingError: ", 1)[-1].strip()
+            raise StateMissingError(reason) from None
+        raise ExecutorUnavailableError(f"the ray_quota executor did not start: {exc}") from exc
 
 
 def apply(manifest: str | os.PathLike[str] | Mapping[str, Any],
@@ -106,21 +125,24 @@ def apply(manifest: str | os.PathLike[str] | Mapping[str, Any],
 
 
 def shutdown() -> None:
-    """Stop the executor; live tokens stop working. The session's state file is deleted; an
-    explicit ``state_path`` is kept, so the next executor started on it carries on."""
+    """Stop the executor; live tokens stop working. Its state file is kept: the next executor
+    started on it carries on with what was spent (:func:`reset` refills)."""
     if not ray.is_initialized():
         return
+    from ray_quota._actors.durable import clear_markers
+
     try:
         handle = ray.get_actor(EXECUTOR_NAME, namespace=NAMESPACE)
     except ValueError:
-        rpc.reset()
-        return
-    try:
-        ray.get(handle.forget_state.remote(), timeout=30)
-    except ray.exceptions.RayError:
-        pass  # a dead executor has nothing to forget
-    ray.kill(handle, no_restart=True)
-    _stop_brokers()
+        handle = None
+    if handle is not None:
+        try:
+            ray.get(handle.close_state.remote(), timeout=30)
+        except ray.exceptions.RayError:
+            pass  # a dead executor has nothing to close
+        ray.kill(handle, no_restart=True)
+        _stop_brokers()
+    clear_markers()  # stopped on purpose: the next start need not find this state
     rpc.reset()
 
 
@@ -154,22 +176,32 @@ def status() -> list[ResourceStatus]:
 def set_limit(resource: str, value: int) -> None:
     """Change one resource's limit value at run time; spent budget is never refilled.
 
+    Only the value changes (and a rate's burst that equals it), on the resource as the executor
+    has it now: other changes made since, by :func:`apply` or another process, are kept.
+
     Raises:
         UnknownResourceError: no such resource.
         InvalidAmountError: ``value`` is not a whole number from 1.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_UNITS:
-        raise InvalidAmountError(f"a limit must be a whole number from 1 to {MAX_UNITS}, "
-                                 f"not {value!r}")
-    specs = rpc.info().resources
-    if resource not in specs:
-        raise UnknownResourceError(f"no resource {resource!r} (known: {', '.join(sorted(specs))})")
-    spec = specs[resource]
-    burst = spec.burst
-    if spec.kind.value == "rate" and spec.burst == spec.value:
-        burst = value  # a burst that defaulted to the value follows it
-    rpc.call("set_limit", replace(spec, value=value, burst=burst))
+    rpc.call("change_limit", resource, value)
     rpc.reset()
+
+
+def reset(resource: str | None = None, *, all_resources: bool = False) -> list[str]:
+    """Refill a resource's spent budget (or every resource's, with ``all_resources``).
+
+    The explicit way to give back what was spent: a capacity budget is unspent again except for
+    units in live leases, a rate pool is full. Returns one line per resource saying what was
+    refilled.
+
+    Raises:
+        ValueError: neither or both of ``resource`` and ``all_resources`` were given.
+        UnknownResourceError: no such resource; nothing was refilled.
+    """
+    if (resource is None) == (not all_resources):
+        raise ValueError("name one resource to reset, or pass all_resources=True (not both)")
+    lines: list[str] = rpc.call("reset", None if all_resources else [resource])
+    return lines
 
 
 def metrics_address() -> str | None:

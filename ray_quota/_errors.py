@@ -14,7 +14,9 @@
     ├── IncompatibleTokensError (ValueError) merge across resources, environments or with itself
     ├── ProtocolError (TypeError)        a message to the executor has a field of the wrong type
     ├── FailedReservation                a `reject` resource could not grant in time; `.estimated_wait_s`
-    └── QuotaTerminated                  a `terminate` resource ended the task or actor that asked
+    ├── QuotaTerminated                  a `terminate` resource ended the task or actor that asked
+    ├── StateWriteError                  the executor could not save a call (disk full, locked); it changed nothing
+    └── StateMissingError                the executor's saved state is missing or unreadable where it was expected
 
 Each exception takes all its arguments through ``super().__init__`` so that it pickles, crosses Ray
 and still matches ``isinstance`` in the caller.
@@ -119,3 +121,16 @@ class QuotaTerminated(QuotaError):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (type(self), (self.resource, self.amount))
+
+
+class StateWriteError(QuotaError):
+    """The executor could not save a call's changes (disk full, database locked).
+
+    The call changed nothing: the executor went back to its last saved state. Asking again is
+    safe once the disk has room.
+    """
+
+
+class StateMissingError(QuotaError):
+    """The executor refused to start: its saved state is unreadable, or missing where it was
+    expected (see README, "State and durability"). Starting afresh would refill spent budgets."""

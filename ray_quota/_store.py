@@ -4,6 +4,10 @@ One transaction per executor call holds every change that call made (``Scheduler
 so a burst of grants costs one commit. WAL mode with ``synchronous=NORMAL`` survives the death of
 the executor's process, which is what Ray restarts; it does not promise durability through a power
 cut of the machine.
+
+A failed write raises :class:`StateWriteError` and leaves the file as it was (the transaction is
+rolled back); a file that cannot be read raises :class:`StateMissingError`. The file is created
+with mode 0600: it holds every token id, which is what a process needs to spend a budget.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from ray_quota._core.ledger import TOMBSTONES
 from ray_quota._core.state import Changes, SavedLease, SavedResource, SavedToken
+from ray_quota._errors import StateMissingError, StateWriteError
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
 _SCHEMA = """
@@ -64,17 +69,34 @@ class StateStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
-        if "holder" in columns:  # written by 0.1, which called the lease key a holder
-            self._db.execute("ALTER TABLE leases RENAME COLUMN holder TO lease_key")
+        try:
+            # Created private before SQLite opens it; SQLite gives its -wal and -shm files the
+            # same mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
+            if "holder" in columns:  # written by 0.1, which called the lease key a holder
+                self._db.execute("ALTER TABLE leases RENAME COLUMN holder TO lease_key")
+        except (sqlite3.Error, OSError) as exc:
+            raise _unreadable(self.path, exc) from exc
         self._specs: dict[str, ResourceSpec] = {}  # as last written: most writes keep them
 
     def load(self) -> SavedState | None:
-        """The saved state, or None if this file holds none yet."""
+        """The saved state, or None if this file holds none yet.
+
+        Raises:
+            StateMissingError: the file cannot be read (corrupt, or not a database).
+        """
+        try:
+            return self._load()
+        except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:
+            raise _unreadable(self.path, exc) from exc
+
+    def _load(self) -> SavedState | None:
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
         if "cluster_id" not in meta:
             return None
@@ -94,39 +116,48 @@ class StateStore:
     def start(self, cluster_id: str, environment: str) -> None:
         """Forget any earlier state and begin afresh for this executor."""
         self._specs.clear()
-        with self._transaction() as db:
+        with self._transaction("start afresh") as db:
             for table in ("meta", "resources", "tokens", "leases", "ended_leases"):
                 db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
             db.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("cluster_id", cluster_id), ("environment", environment),
                 ("saved_at", repr(time.time()))])
 
-    def write(self, changes: Changes) -> None:
-        """Write one call's changes in one transaction."""
-        changed_specs = [r for r in changes.resources if self._specs.get(r.spec.name) != r.spec]
-        with self._transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?)", [
-                (r.spec.name, _spec_to_json(r.spec), r.pool, r.vtime) for r in changed_specs])
-            db.executemany("UPDATE resources SET pool = ?, vtime = ? WHERE name = ?", [
-                (r.pool, r.vtime, r.spec.name) for r in changes.resources])
-            db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)", [
-                (t.id, t.resource, t.expected_use, t.pass_, t.generation, t.claimant, t.label)
-                for t in changes.tokens])
-            db.executemany("DELETE FROM tokens WHERE id = ?",
-                           [(token_id,) for token_id in changes.closed_tokens])
-            db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)", [
-                (lease.token_id, lease.key, lease.resource, lease.units, lease.returned,
-                 lease.used, lease.debt) for lease in changes.leases])
-            db.executemany("DELETE FROM leases WHERE token_id = ? AND lease_key = ?",
-                           changes.dropped_leases)
-            if changes.ended:
-                # A replaced row gets a new rowid: rowids order the keys by when they ended.
-                db.executemany("INSERT OR REPLACE INTO ended_leases VALUES (?, ?, ?)",
-                               changes.ended)
-                db.execute("DELETE FROM ended_leases WHERE rowid <= "
-                           "(SELECT MAX(rowid) FROM ended_leases) - ?", (TOMBSTONES,))
+    def write(self, *batches: Changes) -> None:
+        """Write one call's changes (one batch or several) in one transaction, or nothing.
+
+        Raises:
+            StateWriteError: SQLite failed (disk full, locked); the file is as it was.
+        """
+        with self._transaction("save a call's changes") as db:
+            written = [self._write(db, changes) for changes in batches]
             db.execute("INSERT OR REPLACE INTO meta VALUES ('saved_at', ?)", (repr(time.time()),))
-        self._specs.update((r.spec.name, r.spec) for r in changed_specs)
+        for specs in written:  # only once committed: a rolled-back spec is not on disk
+            self._specs.update((spec.name, spec) for spec in specs)
+
+    def _write(self, db: sqlite3.Connection, changes: Changes) -> list[ResourceSpec]:
+        changed_specs = [r for r in changes.resources if self._specs.get(r.spec.name) != r.spec]
+        db.executemany("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?)", [
+            (r.spec.name, _spec_to_json(r.spec), r.pool, r.vtime) for r in changed_specs])
+        db.executemany("UPDATE resources SET pool = ?, vtime = ? WHERE name = ?", [
+            (r.pool, r.vtime, r.spec.name) for r in changes.resources])
+        db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)", [
+            (t.id, t.resource, t.expected_use, t.pass_, t.generation, t.claimant, t.label)
+            for t in changes.tokens])
+        db.executemany("DELETE FROM tokens WHERE id = ?",
+                       [(token_id,) for token_id in changes.closed_tokens])
+        db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)", [
+            (lease.token_id, lease.key, lease.resource, lease.units, lease.returned,
+             lease.used, lease.debt) for lease in changes.leases])
+        db.executemany("DELETE FROM leases WHERE token_id = ? AND lease_key = ?",
+                       changes.dropped_leases)
+        if changes.ended:
+            # A replaced row gets a new rowid: rowids order the keys by when they ended.
+            db.executemany("INSERT OR REPLACE INTO ended_leases VALUES (?, ?, ?)",
+                           changes.ended)
+            db.execute("DELETE FROM ended_leases WHERE rowid <= "
+                       "(SELECT MAX(rowid) FROM ended_leases) - ?", (TOMBSTONES,))
+        return [r.spec for r in changed_specs]
 
     def close(self, *, delete: bool = False) -> None:
         self._db.close()
@@ -135,14 +166,27 @@ class StateStore:
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN")
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """All of the block's statements or none; a failed COMMIT is rolled back too."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StateWriteError(f"could not {what} in the executor's state file {self.path}: "
+                                  f"{exc}; nothing was changed") from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> StateMissingError:
+    return StateMissingError(
+        f"cannot read the executor's state file {path}: {exc}. The executor will not start "
+        "afresh on its own, since that would refill every spent budget: restore the file, or "
+        "move it away to start afresh knowingly")
 
 
 def _spec_to_json(spec: ResourceSpec) -> str:

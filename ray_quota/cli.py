@@ -10,6 +10,7 @@ Example:
     $ ray-quota start --manifest examples/quota.yaml --environment local
     $ ray-quota status --watch 2
     $ ray-quota set-limit llm-tokens 90000
+    $ ray-quota reset llm-tokens
     $ ray-quota stop
 """
 
@@ -217,8 +218,10 @@ def main() -> None:
               help="Serve Prometheus metrics on PORT (0: any free port) [default: 9464].")
 @click.option("--no-metrics", is_flag=True, help="Serve no metrics endpoint.")
 @click.option("--state-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Keep the executor's state (spent budgets, tokens) in this SQLite file, which "
-                   "outlives the cluster [default: a file in the Ray session's folder].")
+              help="Keep the executor's state (spent budgets, tokens) in this SQLite file, on "
+                   "storage every node sees [default: one file per environment in this user's "
+                   "state directory, or $RAY_QUOTA_STATE_DIR; the executor is then pinned to "
+                   "this node].")
 @click.option("--brokers/--no-brokers", default=None,
               help="Lease through a broker on each node, so the executor's load grows with "
                    "nodes, not processes [default: on if the cluster has several nodes].")
@@ -374,12 +377,36 @@ def set_limit(resource: str, value: int, address: str) -> None:
 
 
 @main.command()
+@click.argument("resource", required=False)
+@click.option("--all", "all_resources", is_flag=True, help="Refill every resource.")
+@_address_option
+@_edge
+def reset(resource: str | None, all_resources: bool, address: str) -> None:
+    """Refill a resource's spent budget.
+
+    Spent budgets survive stop and start on purpose; this is the one way to give them back.
+    A capacity budget is unspent again (except units in live leases), a rate pool is full.
+    Prints one line per resource refilled.
+    """
+    if (resource is None) == (not all_resources):
+        raise click.UsageError("name one RESOURCE to reset, or pass --all (not both)")
+    with _connected(address):
+        try:
+            lines = ray_quota.reset(resource, all_resources=all_resources)
+        except UnknownResourceError as exc:
+            raise click.BadParameter(str(exc), param_hint="'RESOURCE'") from exc
+        for line in lines:
+            click.echo(line)
+
+
+@main.command()
 @_address_option
 @_edge
 def stop(address: str) -> None:
     """Stop the executor.
 
-    Tokens still held stop working.
+    Tokens still held stop working. Its state file is kept: the next start carries on with
+    what was spent (`ray-quota reset` refills).
     """
     with _connected(address):
         try:

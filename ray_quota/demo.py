@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,10 @@ Worker: Any = ray.remote(num_cpus=0)(_Worker)
 
 def run(duration_s: float, workers_per_team: int, chart: Path) -> dict[str, list[tuple]]:
     """Run the workload and return each team's records: (wall time, units used, wait)."""
-    spec = ray_quota.init(manifest=MANIFEST, environment="local").resources["llm-tokens"]
+    # A state file of its own: a demo must not spend (or find spent) the user's real budgets.
+    state = Path(tempfile.mkdtemp(prefix="ray_quota_demo_")) / "state.sqlite"
+    spec = ray_quota.init(manifest=MANIFEST, environment="local",
+                          state_path=state).resources["llm-tokens"]
     calls = max(1, int(duration_s * spec.refill_per_s / PROMPT_TOKENS / 2))
     parents = {team: (QuotaToken("llm-tokens", expected_use=w * 1000 * workers_per_team,
                                  label=team),

@@ -1,12 +1,14 @@
 """One local Ray cluster for the whole test session, and a fresh executor for each test that asks.
 
-The core's tests need neither: they run on a fake clock (tests/fakes.py).
+The core's tests need neither: they run on a fake clock (tests/fakes.py). Executors keep their
+state in a temporary directory (``RAY_QUOTA_STATE_DIR``), never in the user's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,24 +35,52 @@ TEST_MANIFEST: dict[str, Any] = {"environments": {"test": {
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session cluster's executors keep their state (its workers are told so)."""
+    return tmp_path_factory.mktemp("ray_quota_state")
+
+
+_tests = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's own state directory, for what it starts outside the session cluster (a
+    scenario's subprocess with its own Ray, an executor built in this process)."""
+    from ray_quota._actors.durable import STATE_DIR_VARIABLE
+
+    monkeypatch.setenv(STATE_DIR_VARIABLE, str(state_dir / "tests" / str(next(_tests))))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(state_dir: Path) -> Iterator[None]:
     import ray
+
+    from ray_quota._actors.durable import STATE_DIR_VARIABLE
 
     # Workers import test helpers by module name, as cloudpickle refers to them.
     paths = ":".join(str(path) for path in (ROOT / "tests", ROOT / "tests" / "ray", ROOT))
+    env = {"PYTHONPATH": paths, STATE_DIR_VARIABLE: str(state_dir)}
     ray.init(num_cpus=4, include_dashboard=False, namespace="ray_quota_tests",
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": paths}})
+             log_to_driver=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()
 
 
+def forget_state(state_dir: Path, environment: str) -> None:
+    """Delete an environment's state file (the executor stopped): the next one starts afresh."""
+    for suffix in ("", "-wal", "-shm"):
+        (state_dir / f"{environment}.sqlite{suffix}").unlink(missing_ok=True)
+
+
 @pytest.fixture
-def executor(ray_cluster: None) -> Iterator[Any]:
+def executor(ray_cluster: None, state_dir: Path) -> Iterator[Any]:
     """A fresh executor on TEST_MANIFEST with a short lease time-to-live; stopped afterwards."""
     import ray_quota
     from ray_quota._runtime import renewer
 
     ray_quota.shutdown()
+    forget_state(state_dir, "test")
     info = ray_quota.init(manifest=TEST_MANIFEST, environment="test",
                           policy=ray_quota.Policy(lease_ttl_s=3.0), metrics_port=0)
     yield info

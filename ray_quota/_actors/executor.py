@@ -5,6 +5,13 @@ service's: this shell routes each call to it, then does what the call set in mot
 write the changes to the store, resolve the futures of waiting acquires, post recalls to the
 holders' watches. Nothing is acknowledged before it is on disk.
 
+Write first, then change memory: the service decides in memory, but nothing it decided is seen
+before the write commits. If the write fails (disk full, database locked), the shell goes back to
+the last committed state exactly as a restart would (:meth:`ExecutorActor._recover`): the call
+that made the changes, and every acquire still waiting in memory, is answered
+:class:`StateWriteError`, and nothing changed. Waiters are failed rather than queued again: their
+place in the queue was in the lost memory, and they may ask again at once.
+
 Every method answers with a value or with a :class:`QuotaError` *returned*, not raised, so errors
 cross Ray as themselves and the client raises them (see ``_runtime.rpc.ask``). Waiting happens on
 futures inside the actor: a blocked reservation never delays commits, renewals or other callers.
@@ -13,11 +20,12 @@ futures inside the actor: a blocked reservation never delays commits, renewals o
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import secrets
 import time
 from typing import Any
 
+from ray_quota._actors.durable import Marker, Markers, check_expected, default_state_path
 from ray_quota._actors.recall_board import RecallBoard
 from ray_quota._core.protocol import (
     Adoption,
@@ -27,13 +35,16 @@ from ray_quota._core.protocol import (
     Report,
     TokenInfo,
 )
-from ray_quota._core.scheduler import Changes, Policy, ResourceStatus
+from ray_quota._core.scheduler import Policy, ResourceStatus
 from ray_quota._core.service import ExecutorService
-from ray_quota._errors import ManifestError, QuotaError
+from ray_quota._errors import ManifestError, QuotaError, StateWriteError
 from ray_quota._manifest import load_manifest
 from ray_quota._observability.observe import Batch
 from ray_quota._spec import ResourceSpec
-from ray_quota._store import StateStore
+from ray_quota._store import SavedState, StateStore
+
+logger = logging.getLogger(__name__)
+TICKER_PAUSE_S = 0.5  # after a tick failed: a failure that repeats is not retried in a busy loop
 
 
 class ExecutorActor:
@@ -46,27 +57,32 @@ class ExecutorActor:
         self._brokers = brokers
         self._manifest = load_manifest(manifest)
         self._environment = environment
+        self._policy = policy
         resources = self._manifest.environment(environment).resources
         self._service = ExecutorService(resources, clock=time.monotonic, policy=policy)
-        self._state_is_default = state_path is None
-        self._store = StateStore(state_path or default_state_path())
+        path = state_path or default_state_path(environment)
+        self._store = StateStore(path)  # an unreadable file: StateMissingError, nothing starts
         saved = self._store.load()
+        markers = Markers()
+        marker = markers.get(path)
+        check_expected(path, marker, None if saved is None else saved.cluster_id)
         if saved is not None and saved.environment == environment:
-            # Restarted by Ray (or started again on the same state): carry on where it stopped.
             self._cluster_id = saved.cluster_id
-            specs = self._service.restore(saved.resources, saved.tokens, saved.leases,
-                                          elapsed_s=time.time() - saved.saved_at,
-                                          ended=saved.ended)
-            self._manifest = self._manifest.with_environment(environment, specs)
+            self._service = self._restored(saved)
+            if marker is None:
+                # A deliberate start (not a Ray restart): the manifest's limits apply, as
+                # `apply` would apply them; what was spent stays spent.
+                self._service.apply(resources)
+                self._manifest = self._manifest.with_environment(environment, resources)
         else:
             self._cluster_id = cluster_id or secrets.token_hex(8)
             self._store.start(self._cluster_id, environment)
         self._futures: dict[int, asyncio.Future[Grant | QuotaError]] = {}
         self._kick: asyncio.Event | None = None
         self._board = RecallBoard()
-        if not self._deliver():
-            # Nothing changed (a restore): the write still records when the state was last good.
-            self._store.write(Changes([], [], [], [], []))
+        # Also when nothing changed (a restore): the write records when the state was last good.
+        self._store.write(*self._service.drain().changes)
+        markers.put(path, Marker(self._cluster_id, environment))
         from ray_quota._observability.metrics import (
             ExecutorMetrics,  # here: only the actor needs it
         )
@@ -128,8 +144,9 @@ class ExecutorActor:
         the resource says."""
         self._ensure_ticker()
         arrived = time.monotonic()
-        ticket = self._service.acquire(token_id, generation, claimant, holder, amount,
-                                       prefetch, timeout)
+        service = self._service
+        ticket = service.acquire(token_id, generation, claimant, holder, amount, prefetch,
+                                 timeout)
         if isinstance(ticket, QuotaError):
             return self._answer(ticket)
         waited = ticket.outcome is None
@@ -138,17 +155,18 @@ class ExecutorActor:
             self._futures[ticket.id] = future
             assert self._kick is not None
             self._kick.set()  # the next wake-up may now be sooner
-            self._deliver()  # which may already resolve it
+            self._deliver()  # which may already resolve it (or fail it, with the write)
             try:
                 outcome = await future
             except asyncio.CancelledError:
                 self._futures.pop(ticket.id, None)
-                self._service.cancel(ticket.id)
+                if self._service is service:  # else the ticket went with the state it was in
+                    service.cancel(ticket.id)
                 raise
             self._service.tick()  # woken: look again, as a call does
+            self._deliver()  # others' changes: a failure here is theirs, not this grant's
         else:
-            outcome = ticket.outcome
-        self._deliver()
+            outcome = self._deliver() or ticket.outcome
         self._metrics.acquired(token_id, outcome, time.monotonic() - arrived, waited)
         return outcome
 
@@ -194,7 +212,17 @@ class ExecutorActor:
         return self._service.status()
 
     async def set_limit(self, spec: ResourceSpec) -> None | QuotaError:
-        return self._answer(self._service.set_limit(spec))
+        """Replace one resource's whole definition (see :meth:`change_limit` for its value)."""
+        return self._limits_changed(self._answer(self._service.set_limit(spec)))
+
+    async def change_limit(self, resource: str, value: int) -> None | QuotaError:
+        """Change only one resource's limit value, on its definition as it is now."""
+        return self._limits_changed(self._answer(self._service.change_limit(resource, value)))
+
+    async def reset(self, resources: list[str] | None) -> list[str] | QuotaError:
+        """Refill ``resources`` (None: all of them); one line per resource says how much."""
+        names = list(self._service.specs()) if resources is None else resources
+        return self._answer(self._service.reset(names))
 
     async def apply(self, manifest: dict[str, Any], environment: str) -> list[str] | QuotaError:
         """Apply a changed manifest: changed limits take effect, the resource set must not change."""
@@ -205,10 +233,7 @@ class ExecutorActor:
             new = load_manifest(manifest).environment(environment).resources
         except ManifestError as exc:
             return exc
-        changes = self._answer(self._service.apply(new))
-        if not isinstance(changes, QuotaError):
-            self._manifest = self._manifest.with_environment(environment, new)
-        return changes
+        return self._limits_changed(self._answer(self._service.apply(new)))
 
     async def calls_served(self) -> int:
         return self._service.calls
@@ -217,31 +242,73 @@ class ExecutorActor:
         """Token and lease calls served since the executor started, by method."""
         return dict(self._service.counts)
 
-    async def forget_state(self) -> None:
-        """Before a deliberate stop: delete the state file if it is the session's default one."""
-        self._store.close(delete=self._state_is_default)
+    async def close_state(self) -> None:
+        """Before a deliberate stop: close the state file, which keeps every spent budget."""
+        self._store.close()
 
     # ---------------------------------------------------------------------------- internals
 
     def _answer(self, answer: Any) -> Any:
-        """A call's answer, once what the call set in motion is done."""
-        self._deliver()
+        """A call's answer, once what the call set in motion is on disk; or the failed write's
+        error, and then the call changed nothing."""
+        return self._deliver() or answer
+
+    def _limits_changed(self, answer: Any) -> Any:
+        """After a limit call: the manifest that :meth:`manifest` answers follows the limits."""
+        if not isinstance(answer, QuotaError):
+            self._manifest = self._manifest.with_environment(self._environment,
+                                                             self._service.specs())
         return answer
 
-    def _deliver(self) -> bool:
+    def _deliver(self) -> StateWriteError | None:
         """Write what changed, then hand every resolved ticket to its caller and every recall to
-        its holder's watcher: nothing is acknowledged before it is on disk. Returns whether
-        anything was written."""
+        its holder's watcher: nothing is acknowledged before it is on disk. Returns the error
+        if the write failed (then nothing is acknowledged, and memory is as on disk)."""
         outbox = self._service.drain()
-        for changes in outbox.changes:
-            self._store.write(changes)
+        try:
+            if outbox.changes:
+                self._store.write(*outbox.changes)
+        except StateWriteError as exc:
+            self._recover(exc)
+            return exc
         for resolved in outbox.resolved:
             future = self._futures.pop(resolved.ticket, None)
             if future is not None and not future.done():
                 future.set_result(resolved.outcome)
         for recall in outbox.recalls:
             self._board.post(recall.holder, recall.token_ids)
-        return bool(outbox.changes)
+        return None
+
+    def _recover(self, failure: StateWriteError) -> None:
+        """A write failed: go back to the last committed state as a restart would, and answer
+        every waiting acquire (their tickets lived in the memory given up) with the failure."""
+        logger.error("ray_quota executor: %s; back to the last saved state", failure)
+        saved = self._store.load()
+        assert saved is not None  # written when the executor started
+        calls, counts = self._service.calls, self._service.counts
+        self._service = self._restored(saved)
+        self._service.calls, self._service.counts = calls, counts
+        self._service.drain()  # the restored state is the one on disk
+        dropped = StateWriteError(f"{failure}; this waiting request was dropped, nothing was "
+                                  "granted: ask again")
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if not future.done():
+                future.set_result(dropped)
+
+    def _restored(self, saved: SavedState) -> ExecutorService:
+        """A service on this executor's resources that takes up ``saved``; a resource whose
+        kind changed since starts afresh (its saved pool, tokens and leases mean nothing now)."""
+        resources = self._manifest.environment(self._environment).resources
+        service = ExecutorService(resources, clock=time.monotonic, policy=self._policy)
+        kept = {r.spec.name for r in saved.resources
+                if r.spec.name in resources and r.spec.kind is resources[r.spec.name].kind}
+        specs = service.restore([r for r in saved.resources if r.spec.name in kept],
+                                [t for t in saved.tokens if t.resource in kept],
+                                [lease for lease in saved.leases if lease.resource in kept],
+                                elapsed_s=time.time() - saved.saved_at, ended=saved.ended)
+        self._manifest = self._manifest.with_environment(self._environment, specs)
+        return service
 
     def _ensure_ticker(self) -> None:
         # Started from the first call: Ray runs __init__ outside the actor's event loop.
@@ -250,28 +317,24 @@ class ExecutorActor:
             self._ticker_task = asyncio.get_running_loop().create_task(self._ticker())
 
     async def _ticker(self) -> None:
-        """Wake for refills, wait limits and lease expiries, which no call announces."""
+        """Wake for refills, wait limits and lease expiries, which no call announces.
+
+        Runs for the executor's life: a tick that fails is logged and the next one comes.
+        """
         assert self._kick is not None
         while True:
-            delay = max(0.0, self._service.next_wakeup() - time.monotonic())
             try:
-                await asyncio.wait_for(self._kick.wait(), timeout=delay)
-            except TimeoutError:
-                pass
-            self._kick.clear()
-            self._service.tick()
-            self._deliver()
+                await self._tick_once(self._kick)
+            except Exception:  # noqa: BLE001 - the ticker must outlive any one tick
+                logger.exception("ray_quota executor: a tick failed; ticking on")
+                await asyncio.sleep(TICKER_PAUSE_S)
 
-
-def default_state_path() -> str:
-    """The state file of this Ray session: a new cluster starts with a clean slate."""
-    import tempfile
-
-    try:
-        import ray
-
-        node = ray._private.worker._global_node  # noqa: SLF001 - no public accessor
-        session_dir = node.get_session_dir_path()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - not in a Ray worker: a local file will do
-        session_dir = os.path.join(tempfile.gettempdir(), "ray_quota")
-    return os.path.join(session_dir, "ray_quota_state.sqlite")
+    async def _tick_once(self, kick: asyncio.Event) -> None:
+        delay = max(0.0, self._service.next_wakeup() - time.monotonic())
+        try:
+            await asyncio.wait_for(kick.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+        kick.clear()
+        self._service.tick()
+        self._deliver()

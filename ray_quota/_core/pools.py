@@ -57,6 +57,12 @@ class Pool:
         """Take up a state saved ``elapsed_s`` seconds ago."""
         raise NotImplementedError
 
+    def refill(self, leased: int, now: float) -> int:
+        """An operator's reset: forget what was spent, keep the ``leased`` units holders still
+        have. Returns the units that became available (none for slots: they come back when
+        released)."""
+        return 0
+
 
 class RatePool(Pool):
     """A token bucket that refills continuously: ``value`` units per period, at most ``burst``."""
@@ -115,6 +121,11 @@ class RatePool(Pool):
     def save(self, now: float) -> float:
         return self.level(now)
 
+    def refill(self, leased: int, now: float) -> int:
+        before = self.available(now)
+        self._level = max(self.level(now), float(self.spec.burst))
+        return self.available(now) - before
+
     def load(self, saved: float, elapsed_s: float, now: float) -> None:
         # Refill for the time the executor was down, as if it had kept running.
         self._level = min(float(self.spec.burst), saved + max(0.0, elapsed_s) * self._rate)
@@ -150,6 +161,11 @@ class CapacityPool(Pool):
 
     def load(self, saved: float, elapsed_s: float, now: float) -> None:
         self.spent = int(saved)
+
+    def refill(self, leased: int, now: float) -> int:
+        before = self.available(now)
+        self.spent = min(self.spent, leased)
+        return self.available(now) - before
 
 
 class ConcurrencyPool(Pool):

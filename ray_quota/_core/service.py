@@ -55,7 +55,7 @@ from ray_quota._core.resource import Policy, ResourceStatus
 from ray_quota._core.scheduler import Scheduler
 from ray_quota._core.state import Changes, SavedLease, SavedResource, SavedToken
 from ray_quota._errors import IncompatibleTokensError, ManifestError, ProtocolError, QuotaError
-from ray_quota._spec import ResourceSpec, check_units
+from ray_quota._spec import Kind, ResourceSpec, check_units
 
 Clock = Callable[[], float]
 T = TypeVar("T")
@@ -352,6 +352,40 @@ class ExecutorService:
             self._sched.set_limit(spec)
         self._pump()
         return [describe_change(old[name], spec) for name, spec in changed.items()]
+
+    def change_limit(self, resource: str, value: int) -> None | QuotaError:
+        """Change only one resource's limit value, on its definition as it is now (a rate's
+        burst that equals its value follows it), so other changes made since are kept."""
+        try:
+            check_id("resource", resource)
+            check_units("limit", value)
+            spec = self._sched.pool(resource).spec  # unknown: UnknownResourceError
+        except QuotaError as exc:
+            return exc
+        follows = spec.kind is Kind.RATE and spec.burst == spec.value
+        return self.set_limit(dataclasses.replace(spec, value=value,
+                                                  burst=value if follows else spec.burst))
+
+    def reset(self, resources: list[str]) -> list[str] | QuotaError:
+        """An operator refills ``resources``: what was spent is forgotten, units in live leases
+        stay held. Answers one line per resource; an unknown name refuses, changing nothing."""
+        try:
+            if not isinstance(resources, list) or not resources:
+                raise ProtocolError("resources must be a non-empty list of names")
+            for name in resources:
+                self._sched.pool(check_id("resource", name))  # unknown: UnknownResourceError
+        except QuotaError as exc:
+            return exc
+        now = self._clock()
+        leased = {status.name: status.leased_units for status in self._sched.status()}
+        lines = []
+        for name in dict.fromkeys(resources):
+            pool = self._sched.pool(name)
+            refilled = pool.refill(leased[name], now)
+            self._sched.set_limit(pool.spec)  # saves the refilled pool and serves its waiters
+            lines.append(f"{name}: {refilled:,} refilled, {pool.available(now):,} available")
+        self._pump()
+        return lines
 
     # ---------------------------------------------------------------------- ticks and drains
 

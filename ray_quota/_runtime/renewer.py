@@ -13,6 +13,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import ray
+import ray.exceptions
 
 from ray_quota._core.protocol import RENEW_INTERVAL_S, WATCH_TIMEOUT_S
 from ray_quota._errors import QuotaError
@@ -50,11 +51,12 @@ def track(token: QuotaToken) -> None:
 
 
 def flush() -> None:
-    """Settle every lease of this process now (tests and clean exits); quiet if nobody listens."""
-    if _Process.renewer is not None:
+    """Settle every lease of this process now (tests and clean exits); quiet if nobody listens
+    (Ray shut down, or the executor gone): at exit, a traceback would only be noise."""
+    if _Process.renewer is not None and ray.is_initialized():
         try:
             _Process.renewer.flush()
-        except QuotaError:
+        except (QuotaError, ray.exceptions.RayError):
             pass
 
 

@@ -79,6 +79,9 @@ def ask(handle: Any, method: str, args: tuple[Any, ...], *, who: str) -> Steps[A
     :class:`ExecutorUnavailableError` caused by it (see :func:`died`): the one place Ray's
     errors become ours.
     """
+    if not ray.is_initialized():
+        # A handle kept from before ray.shutdown(): calling it would start a new local Ray.
+        raise NotInitializedError(f"Ray was shut down: {who} cannot answer {method}")
     try:
         answer = yield Remote(getattr(handle, method), args)
     except ray.exceptions.RayError as exc:
@@ -138,6 +141,8 @@ async def call_async(method: str, *args: Any, retry: bool = True) -> Any:
 def send(method: str, *args: Any, to: Callable[[], Any] = executor) -> None:
     """Call a method of the executor (or of the actor ``to()`` finds) without waiting: for
     settling and closing, which are safe to lose."""
+    if not ray.is_initialized():
+        return  # shut down: nobody to tell, and a call would start a new local Ray
     try:
         getattr(to(), method).remote(*args)
     except Exception:  # noqa: BLE001 - at interpreter exit or after shutdown there is nobody to tell

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
-from conftest import TEST_MANIFEST
+from conftest import TEST_MANIFEST, forget_state
 from workloads import spend
 
 import ray_quota
@@ -25,8 +26,9 @@ SECONDS = 4.0
 
 
 @pytest.fixture
-def brokered(ray_cluster: None) -> Iterator[Any]:
+def brokered(ray_cluster: None, state_dir: Path) -> Iterator[Any]:
     ray_quota.shutdown()
+    forget_state(state_dir, "test")  # state is durable: start on a fresh one
     info = ray_quota.init(manifest=TEST_MANIFEST, environment="test", brokers=True,
                           policy=ray_quota.Policy(lease_ttl_s=3.0), metrics_port=None)
     yield info

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import ray
+from conftest import forget_state
 
 import ray_quota
 
 
 @pytest.fixture
-def example(ray_cluster: None, request: pytest.FixtureRequest) -> Iterator[ModuleType]:
+def example(ray_cluster: None, state_dir: Path,
+            request: pytest.FixtureRequest) -> Iterator[ModuleType]:
     ray_quota.shutdown()
+    forget_state(state_dir, "local")  # state is durable: each example starts on a fresh one
     yield importlib.import_module(f"examples.{request.param}")
     assert ray.is_initialized(), "an example shut down the Ray it did not start"
     ray_quota.shutdown()
