@@ -26,6 +26,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 import ray_quota
+from bench import scratch_state
 from ray_quota import QuotaToken
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +68,8 @@ def executor_counts() -> dict[str, int]:
 
 def measure(brokers: bool, processes: int, seconds: float) -> dict[str, Any]:
     """One mode: start the executor, run the workers, count the executor's calls."""
-    ray_quota.init(manifest=MANIFEST, environment="bench", metrics_port=None, brokers=brokers)
+    ray_quota.init(manifest=MANIFEST, environment="bench", metrics_port=None, brokers=brokers,
+                   state_path=scratch_state("cluster_scale"))
     workers = [Worker.options(resources={f"n{i % NODES}": 1}).remote() for i in range(processes)]
     nodes = ray.get([w.ready.remote(QuotaToken("llm-tokens", expected_use=1))
                      for w in workers], timeout=300)

@@ -176,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     import ray_quota
+    from bench import scratch_state
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
              namespace="ray_quota_profile")
     try:
         ray_quota.shutdown()
-        ray_quota.init(manifest=MANIFEST, environment="profile")
+        ray_quota.init(manifest=MANIFEST, environment="profile",
+                       state_path=scratch_state("profile"))
         if args.executor_path:
             return executor_path(args.seconds)
         token = ray_quota.QuotaToken("open", expected_use=1)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import check
+from bench import check, scratch_state
 from bench.limiters import (
     ACTOR,
     ALL,
@@ -452,7 +452,8 @@ def run(sizes: Sizes, out: Path, *, quick: bool,
                      namespace="ray_quota_bench",
                      runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
         ray_quota.shutdown()
-        ray_quota.init(manifest=manifest(), environment=ENVIRONMENT)
+        ray_quota.init(manifest=manifest(), environment=ENVIRONMENT,
+                       state_path=scratch_state("bench"))
         bench = Bench(sizes, redis_url)
         if "a" in only:
             print("scenario a (single process)", flush=True)
