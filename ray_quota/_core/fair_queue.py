@@ -181,7 +181,7 @@ class FairQueue:
         """The first waiters of the ``limit`` tokens served soonest, in that order: a walk down
         the heap from its root, stale entries stepped over, that costs ``limit`` (and the stale
         entries met), not the whole queue, and leaves the heap as it is."""
-        heap, found = self._heap, []
+        heap, found = self._heap, list[Waiter]()
         frontier = [(heap[0], 0)] if heap else []  # entries are unique: indices never compared
         while frontier and len(found) < limit:
             (_, _, version, waiter), i = heapq.heappop(frontier)
