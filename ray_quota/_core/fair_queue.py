@@ -121,8 +121,6 @@ class FairQueue:
         if not waiters:
             self.flows -= 1
             self.touch(waiter.token)
-            if not self.flows:
-                self._heap.clear()  # every entry left is stale: none outlives the queue
         elif was_first:
             self._push(waiters[0])
 
