@@ -183,7 +183,7 @@ class BrokerModel(Actor):
                 if reports:
                     self._up(self._executor.settle, reports)
                 for holder, ids in tell.items():
-                    answer = self._watches.post(holder, ids)
+                    answer = self._watches.post(holder, ids, self._sim.now)
                     if answer is not None:
                         woken.append(answer)
             cost = self._params.reply_s + self.timer.stop()

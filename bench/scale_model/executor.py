@@ -123,7 +123,7 @@ class ExecutorModel(Actor):
                 self._sim.at(self._sim.now, self.server.submit,
                              functools.partial(self._resume_job, reply, resolved.outcome))
         for recall in outbox.recalls:
-            woken = self._watches.post(recall.holder, recall.token_ids)
+            woken = self._watches.post(recall.holder, recall.token_ids, self._sim.now)
             if woken is not None:
                 self._woken.append(woken)
         self._sample()

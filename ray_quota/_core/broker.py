@@ -304,7 +304,7 @@ class BrokerCore:
         for up in [*self._ups.values(), *self._retired]:
             lease = up.lease
             if not lease.active:  # never granted: nothing to settle upstream
-                if up.retired and not up.subs:
+                if not up.subs:  # its forwards all failed, and their processes left
                     self._forget(up)
                 continue
             final = not up.subs

@@ -81,12 +81,13 @@ class FairQueue:
         ('heavy', 2)
     """
 
-    __slots__ = ("_active", "_bypass_factor", "_heap", "flows", "waiting", "weight")
+    __slots__ = ("_active", "_bypass_factor", "_heap", "flows", "units", "waiting", "weight")
 
     def __init__(self, bypass_factor: float = 1.0) -> None:
         self._heap: list[Entry] = []
         self._bypass_factor = bypass_factor
         self.waiting = 0  # waiters queued, every token's
+        self.units = 0  # units they ask for, summed
         self.flows = 0  # tokens with waiters: the live heap entries
         # Active tokens (waiting, or holding units: a holder serves it) -> the weight counted
         # for them. Holding units, not merely a live lease: a holder renews a lease it keeps
@@ -103,6 +104,7 @@ class FairQueue:
         waiters = waiter.token.waiters
         waiters.append(waiter)
         self.waiting += 1
+        self.units += waiter.ticket.amount
         if len(waiters) == 1:
             self.flows += 1
             self.touch(waiter.token)
@@ -115,6 +117,7 @@ class FairQueue:
         waiters.remove(waiter)
         waiter.done = True
         self.waiting -= 1
+        self.units -= waiter.ticket.amount
         if not waiters:
             self.flows -= 1
             self.touch(waiter.token)
@@ -172,6 +175,21 @@ class FairQueue:
             heapq.heappop(heap)
         return None
 
+    def firsts(self, limit: int) -> list[Waiter]:
+        """The first waiters of the ``limit`` tokens served soonest, in that order: a walk down
+        the heap from its root, stale entries stepped over, that costs ``limit`` (and the stale
+        entries met), not the whole queue, and leaves the heap as it is."""
+        heap, found = self._heap, list[Waiter]()
+        frontier = [(heap[0], 0)] if heap else []  # entries are unique: indices never compared
+        while frontier and len(found) < limit:
+            (_, _, version, waiter), i = heapq.heappop(frontier)
+            if not waiter.done and version == waiter.version:
+                found.append(waiter)
+            for child in (2 * i + 1, 2 * i + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child], child))
+        return found
+
     def waiters(self) -> list[Waiter]:
         """Every queued waiter, token by token, each token's in arrival order."""
         return [waiter for first in list(self._live(self._heap))
@@ -186,8 +204,7 @@ class FairQueue:
             return []
         head_pass, head_finish = head.token.pass_, head.finish()
         # Stale entries are left out before the cut: they must not hide the real candidates.
-        return [w for w in self._live(heapq.nsmallest(BACKFILL_SCAN,
-                                                      self._live_entries(self._heap)))
+        return [w for w in self.firsts(BACKFILL_SCAN)
                 if w is not head and w.ticket.amount <= budget
                 and (w.token.pass_ <= head_pass or w.finish() <= head_finish)]
 

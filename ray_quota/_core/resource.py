@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
-from ray_quota._core.forecast import forecast, next_fit, serve
+from ray_quota._core.forecast import Estimate, forecast, next_fit, serve
 from ray_quota._core.ledger import Lease, LeaseLedger
 from ray_quota._core.pools import Pool, RatePool, make_pool
 from ray_quota._core.protocol import PREFETCH_FRACTION, RECALL_GRACE_S, Grant
@@ -253,15 +253,19 @@ class Resource:
         if deadline <= now:
             self.fail(waiter, now)
             return
-        if spec.enforcement is not Enforcement.THROTTLE and deadline != math.inf and (
-                recall_only or ((estimate := self._estimate(waiter, now)) is not None
-                                and now + estimate > deadline)):
-            if not self._spare_covers(waiter, now):
-                self.fail(waiter, now)  # waiting would not help: say so now
-                return
-            waiter.deadline = min(deadline, now + RECALL_GRACE_S)
-            self._leases.recall(spec.name)  # even if others already wait: it is what it waits for
-        elif contention_starts:
+        if spec.enforcement is not Enforcement.THROTTLE and deadline != math.inf:
+            estimate = None
+            if not recall_only:
+                # Only whether it fits in its wait: the forecast need not look further.
+                estimate = self._estimate(waiter, now, horizon=deadline - now)
+            if recall_only or (estimate is not None and now + estimate.low > deadline):
+                if not self._spare_covers(waiter, now):
+                    self.fail(waiter, now, estimate)  # waiting would not help: say so now
+                    return
+                waiter.deadline = min(deadline, now + RECALL_GRACE_S)
+                self._leases.recall(spec.name)  # even if others already wait: it is what it waits for
+                contention_starts = False
+        if contention_starts:
             self._leases.recall(spec.name)
         if waiter.deadline != math.inf:
             self._watch(waiter)
@@ -355,16 +359,19 @@ class Resource:
         self._changes.resources.add(self.name)
         self.resolve(waiter, Grant(units, policy.lease_ttl_s, self.queue.waiting > 0))
 
-    def fail(self, waiter: Waiter, now: float) -> None:
-        """Fail a waiter whose wait ran out (or would): reject or terminate, by enforcement."""
+    def fail(self, waiter: Waiter, now: float, estimate: Estimate | None = None) -> None:
+        """Fail a waiter whose wait ran out (or would): reject or terminate, by enforcement.
+        The refusal says when to try again: the forecast's latest (``estimate``, if one was
+        made already)."""
         spec = self.spec
-        estimate = self._estimate(waiter, now)
-        self.queue.leave(waiter)
         error: QuotaError
         if spec.enforcement is Enforcement.TERMINATE:
             error = QuotaTerminated(spec.name, waiter.ticket.amount)
         else:
-            error = FailedReservation(spec.name, waiter.ticket.amount, estimate)
+            estimate = estimate or self._estimate(waiter, now)
+            retry = None if estimate is None else estimate.high
+            error = FailedReservation(spec.name, waiter.ticket.amount, retry)
+        self.queue.leave(waiter)
         self.resolve(waiter, error)
         self.dispatch(now)  # a blocked head leaving may unblock the rest
 
@@ -373,20 +380,23 @@ class Resource:
         waiter.ticket.outcome = outcome
         self._resolved.append(waiter.ticket)
 
-    def _estimate(self, waiter: Waiter, now: float) -> float | None:
+    def _estimate(self, waiter: Waiter, now: float,
+                  horizon: float = math.inf) -> Estimate | None:
         if not isinstance(self.pool, RatePool):
             return None
-        return forecast(self.queue, self.pool, now, waiter)
+        return forecast(self.queue, self.pool, now, waiter, horizon=horizon)
 
     def estimate_wait(self, token: Flow, amount: int, now: float) -> float | None:
         """Seconds until ``amount`` units could be granted to ``token`` if it asked now (rate
-        resources only: for the others it depends on when holders give back)."""
+        resources only: for the others it depends on when holders give back). Exact unless
+        the queue ahead is long; then the latest it could take."""
         if not isinstance(self.pool, RatePool):
             return None
         # Where it would join: behind its own queued requests, or (as admit places it) at
         # most its maximum credit behind the virtual time.
         pass_ = max(token.pass_, self.vtime - self.max_credit(token) / max(token.expected_use, 1))
-        return forecast(self.queue, self.pool, now, ask=(token, amount, pass_))
+        estimate = forecast(self.queue, self.pool, now, ask=(token, amount, pass_))
+        return None if estimate is None else estimate.high
 
     def wakeup(self, now: float) -> float | None:
         """When a waiter's deadline comes, or a rate pool's head (or a smaller waiter allowed

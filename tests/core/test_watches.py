@@ -12,17 +12,17 @@ from ray_quota._core.watches import Watches
 def test_a_recall_answers_the_open_watch_once() -> None:
     watches: Watches[str] = Watches()
     assert watches.watch("p", "w1") == (None, None)
-    assert watches.post("p", {"b", "a"}) == ("w1", ["a", "b"])
-    assert watches.post("p", {"c"}) is None  # w1 was answered: kept for the next watch
+    assert watches.post("p", {"b", "a"}, 0.0) == ("w1", ["a", "b"])
+    assert watches.post("p", {"c"}, 0.0) is None  # w1 was answered: kept for the next watch
     assert watches.watch("p", "w2") == (["c"], None)
-    assert watches.post("p", {"d"}) is None  # w2 was answered at once, never opened
+    assert watches.post("p", {"d"}, 0.0) is None  # w2 was answered at once, never opened
 
 
 def test_recalls_without_a_watch_add_up_for_the_next() -> None:
     watches: Watches[str] = Watches()
-    assert watches.post("p", {"t1"}) is None
-    assert watches.post("p", {"t2", "t1"}) is None
-    assert watches.post("q", {"t3"}) is None
+    assert watches.post("p", {"t1"}, 0.0) is None
+    assert watches.post("p", {"t2", "t1"}, 0.0) is None
+    assert watches.post("q", {"t3"}, 0.0) is None
     assert watches.watch("p", "w") == (["t1", "t2"], None)
     assert watches.watch("q", "w") == (["t3"], None)
 
@@ -31,7 +31,7 @@ def test_a_new_watch_replaces_the_holders_open_one() -> None:
     watches: Watches[str] = Watches()
     watches.watch("p", "w1")
     assert watches.watch("p", "w2") == (None, "w1")  # answer w1 with []
-    assert watches.post("p", {"t"}) == ("w2", ["t"])
+    assert watches.post("p", {"t"}, 0.0) == ("w2", ["t"])
 
 
 def test_only_the_open_watch_closes() -> None:
@@ -41,14 +41,14 @@ def test_only_the_open_watch_closes() -> None:
     assert not watches.close("p", "w1")  # replaced already
     assert watches.close("p", "w2")
     assert not watches.close("p", "w2")
-    assert watches.post("p", {"t"}) is None  # no watch open
+    assert watches.post("p", {"t"}, 0.0) is None  # no watch open
 
 
 def test_a_watch_that_cannot_answer_counts_as_absent() -> None:
     done = {"w1"}
     watches: Watches[str] = Watches(is_open=lambda watch: watch not in done)
     watches.watch("p", "w1")
-    assert watches.post("p", {"t"}) is None  # kept, not lost in a dead watch
+    assert watches.post("p", {"t"}, 0.0) is None  # kept, not lost in a dead watch
     watches.watch("p", "w2")  # answered at once with t
     watches.watch("p", "w1")
     assert watches.watch("p", "w3") == (None, None)  # nothing to answer in w1
