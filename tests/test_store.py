@@ -10,16 +10,15 @@ from conftest import TEST_MANIFEST
 
 from ray_quota import FailedReservation, Policy
 from ray_quota._actors.executor import ExecutorActor
+from ray_quota._core.credentials import holder_id
 from ray_quota._core.protocol import Grant, Report
 from ray_quota._spec import Kind, ResourceSpec
-from ray_quota._core.credentials import holder_id
 from ray_quota._store import StateStore
-
 
 SECRET = "test-secret"  # proves every test holder
 
 
-def H(name: str) -> str:  # noqa: N802 - short, as the literal keys it stands in for
+def H(name: str) -> str:  # short, as the literal keys it stands in for
     """A test holder id."""
     return holder_id(name, SECRET)
 

@@ -28,7 +28,7 @@ Example:
     >>> check_keys([f"{holder}:0"], "wrong")
     Traceback (most recent call last):
     ...
-    ray_quota._errors.AccessDeniedError: this call names holder proc-... but does not carry its secret
+    ray_quota._errors.AccessDeniedError: this call names holder proc-... without its secret
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ def check_holder(holder: str, secret: object) -> None:
             names the holder, never a secret.
     """
     if not isinstance(secret, str) or not _same(holder.rpartition("-")[2], digest(secret)):
-        raise AccessDeniedError(f"this call names holder {_short(holder)} but does not carry "
-                                f"its secret")
+        raise AccessDeniedError(f"this call names holder {_short(holder)} without its secret")
 
 
 def check_keys(keys: Iterable[str], secret: object) -> None:

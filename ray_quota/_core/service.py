@@ -301,7 +301,8 @@ class ExecutorService:
                 alive[(report.token_id, report.key)] = LeaseAnswer(contended, ttl)
         return alive
 
-    def adopt(self, entries: list[Any], secret: object = None) -> list[tuple[str, str]] | QuotaError:
+    def adopt(self, entries: list[Any],
+              secret: object = None) -> list[tuple[str, str]] | QuotaError:
         """Processes whose broker failed take over the units it re-leased to them: each entry
         (an :class:`Adoption`) moves a process's share of the broker's lease into a lease of
         its own (see :meth:`Scheduler.adopt`). The entry names the broker's lease by its

@@ -66,7 +66,7 @@ class TokenRegistry(Mapping[str, Token]):
         >>> tokens.live("t1", 2, "task:3#k3")       # a generation alone takes nothing up
         Traceback (most recent call last):
         ...
-        ray_quota._errors.AccessDeniedError: taking up a moved token needs the proof its pickled bytes carry
+        ray_quota._errors.AccessDeniedError: taking up a moved token needs its bytes' proof
         >>> tokens.close(token); "t1" in tokens
         False
     """
@@ -136,8 +136,8 @@ class TokenRegistry(Mapping[str, Token]):
             # First use after a move: whoever has the pickled bytes has the proof.
             proof = claim.proof_for(token.claimant)
             if proof is None:
-                raise AccessDeniedError("taking up a moved token needs the proof its pickled "
-                                        "bytes carry")
+                # The generation alone is not enough: anyone may know it, and the id.
+                raise AccessDeniedError("taking up a moved token needs its bytes' proof")
             token.taken_with = claim.took_up(proof)
         token.generation, token.claimant = generation, claim.value(token_id, generation)
         self._changes.tokens.add(token.id)

@@ -15,10 +15,10 @@ from fakes import FakeClock
 
 from ray_quota._core.broker import BrokerCore, Forward
 from ray_quota._core.credentials import adoption_suffix
-from ray_quota._errors import InvalidAmountError
 from ray_quota._core.holder import LocalLease
 from ray_quota._core.protocol import TRUST, Grant, Report
 from ray_quota._core.scheduler import Policy, ResourceStatus, Scheduler
+from ray_quota._errors import InvalidAmountError
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
 TTL = 10.0
@@ -683,8 +683,8 @@ def test_processes_that_adopt_after_their_broker_died_lose_and_double_grant_noth
     lost = sum(up.lease.spare + up.lease.returned
                - w.sched._leases[(token_id, up.lease.key)].returned
                for token_id, up in node.core._ups.items())
-    entries = [(p.token_id, w.up_key(p.token_id, p.lease.via), p.lease.key, p.lease.held, p.lease.returned,
-                p.lease.used, p.lease.debt) for p in procs if p.lease.via]
+    entries = [(p.token_id, w.up_key(p.token_id, p.lease.via), p.lease.key, p.lease.held,
+                p.lease.returned, p.lease.used, p.lease.debt) for p in procs if p.lease.via]
     for entry in entries:
         assert w.sched.adopt(*entry)
     for p in procs:

@@ -63,7 +63,7 @@ SECRET = "test-secret"
 PROC, PROC_A, PROC_B, P = (holder_id(name, SECRET) for name in ("proc", "proc-a", "proc-b", "p"))
 
 
-def H(name: str) -> str:  # noqa: N802 - short, as the literal keys it stands in for
+def H(name: str) -> str:  # short, as the literal keys it stands in for
     """A test holder id."""
     return holder_id(name, SECRET)
 LEASE_CALLS = {"acquire", "settle", "renew", "watch", "adopt", "close", "merge", "merge_back"}

@@ -96,7 +96,8 @@ BROKER = "b1"  # the broker's secret
 def world(request: pytest.FixtureRequest) -> World:
     clock = FakeClock(100.0)
     service = ExecutorService(SPECS, clock=clock, policy=Policy(lease_ttl_s=TTL))
-    broker = BrokerCore(holder=holder_id("b1", BROKER), ttl_s=TTL) if request.param == "broker" else None
+    broker = BrokerCore(holder=holder_id("b1", BROKER), ttl_s=TTL) \
+        if request.param == "broker" else None
     return service, clock, broker
 
 
