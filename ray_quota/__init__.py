@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 # Each public name, and the private module that defines it.
 _WHERE = {
+    "AccessDeniedError": "_errors",
     "Enforcement": "_spec",
     "ExecutorInfo": "_core.protocol",
     "FailedReservation": "_errors",
@@ -89,6 +90,7 @@ if TYPE_CHECKING:
     from ray_quota._core.scheduler import Policy, ResourceStatus
     from ray_quota._decorate import quota
     from ray_quota._errors import (
+        AccessDeniedError,
         FailedReservation,
         ForgedTokenError,
         IncompatibleTokensError,

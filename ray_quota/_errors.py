@@ -13,6 +13,7 @@
     ├── ForgedTokenError                 the token is not one this cluster's executor issued
     ├── IncompatibleTokensError (ValueError) merge across resources, environments or with itself
     ├── ProtocolError (TypeError)        a message to the executor has a field of the wrong type
+    ├── AccessDeniedError (PermissionError) a call without the secret or claim its ids need
     ├── FailedReservation                a `reject` resource could not grant in time; `.estimated_wait_s`
     ├── QuotaTerminated                  a `terminate` resource ended the task or actor that asked
     ├── StateWriteError                  the executor could not save a call (disk full, locked); it changed nothing
@@ -86,6 +87,13 @@ class ProtocolError(QuotaError, TypeError):
 
     The executor is a trust boundary, so it checks every message it receives; numbers out of
     range are :class:`InvalidAmountError` instead.
+    """
+
+
+class AccessDeniedError(QuotaError, PermissionError):
+    """A call named a holder, a lease or a token without the secret or claim that proves it may.
+
+    Ids are not secrets: lease keys and token ids travel. See :mod:`ray_quota._core.credentials`.
     """
 
 

@@ -1,7 +1,9 @@
 """QuotaToken and Reservation: the handles user code holds.
 
-All state that matters lives in the executor; a handle holds an unguessable id, a generation that
-moves with it, and a :class:`LocalLease` of units it can hand out without asking anyone.
+All state that matters lives in the executor; a handle holds an id, a generation that moves with
+it, the claim that proves it may use the token, and a :class:`LocalLease` of units it can hand out
+without asking anyone. A moved handle's pickled bytes carry proofs that let whoever unpickles them
+take the token up (see :mod:`ray_quota._core.credentials`); the id alone lets nobody.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ray_quota._errors import (
     TokenMovedError,
     TokenStateError,
 )
+from ray_quota._core.credentials import add_proofs, claim_value
 from ray_quota._core.holder import LeaseSet, LocalLease
 from ray_quota._core.protocol import (
     Adoption,
@@ -65,7 +68,7 @@ class QuotaToken:
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
                  "_expected_use", "_leases", "_lock", "_state", "_verified", "_parent",
-                 "_scope", "_claimant", "__weakref__")
+                 "_scope", "_claimant", "_proofs", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
         check_units("expected_use", expected_use)
@@ -95,6 +98,7 @@ class QuotaToken:
         self._verified = False
         self._parent: str | None = None  # the token this one was split from
         self._scope: Any = None
+        self._proofs: tuple[str, ...] = ()  # from the pickled bytes: they take the token up
 
     # -------------------------------------------------------------------------- properties
 
@@ -282,8 +286,10 @@ class QuotaToken:
             raise TokenStateError("cannot merge a token that has open reservations")
         self._verify()
         other._verify()
-        routing.lease_call("merge", self._id, self._generation, self._claimant, other._id,
-                     other._generation, other._final_reports())
+        # One claim for both: the other's proofs too, in case it was moved here and not yet used.
+        routing.lease_call("merge", self._id, self._generation,
+                           add_proofs(self._claimant, other._proofs), other._id,
+                           other._generation, other._final_reports())
         other._state = _State.CLOSED
         self._expected_use += other._expected_use
 
@@ -346,11 +352,19 @@ class QuotaToken:
             pass
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Pickling moves the token: this handle stops working, the unpickled one takes over."""
+        """Pickling moves the token: this handle stops working, the unpickled one takes over.
+
+        The bytes carry this process's proof of its claim at this generation (and the proofs
+        this handle was moved here with, in case it never used the token), which whoever
+        unpickles them needs to take the token up; a Ray retry of the same task may again.
+        """
         self._usable()
         self._state = _State.MOVED  # the renewer gives this handle's spare units back
+        proofs = (claim_value(identity.CLAIM_KEY, self._id, self._generation),
+                  *self._proofs)[:MAX_PROOFS]
         return (_rebuild, (self._id, self._spec, self._environment, self._cluster,
-                           self._generation + 1, self._label, self._expected_use, self._parent))
+                           self._generation + 1, self._label, self._expected_use, self._parent,
+                           proofs))
 
     # --------------------------------------------------------------------------- internals
 
@@ -414,14 +428,21 @@ class QuotaToken:
             self._leases.adopted(adopted)
 
 
+# A handle moved on before it was used keeps the proofs it came with: a chain of that many moves
+# without a call in between still takes the token up.
+MAX_PROOFS = 8
+
+
 def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, generation: int,
-             label: str | None, expected_use: int, parent: str | None) -> QuotaToken:
+             label: str | None, expected_use: int, parent: str | None,
+             proofs: tuple[str, ...] = ()) -> QuotaToken:
     token = QuotaToken.__new__(QuotaToken)
     token._setup(token_id, spec, environment, cluster, generation, label, expected_use)
     token._parent = parent
-    # Taken up by whoever unpickles it: the task (stable across Ray retries) or the actor. Kept
-    # for every later call, so threads of the same task use it too.
-    token._claimant = identity.claimant()
+    # Taken up by whoever unpickles it: the task (stable across Ray retries) or the actor, with
+    # the proofs from the bytes. Kept for every later call, so threads of the same task use it.
+    token._proofs = tuple(proofs)
+    token._claimant = identity.claimant(token._proofs)
     return token
 
 

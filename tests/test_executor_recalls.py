@@ -13,6 +13,7 @@ from conftest import TEST_MANIFEST
 
 from ray_quota import Policy
 from ray_quota._actors.executor import ExecutorActor
+from ray_quota._core.credentials import holder_id
 from ray_quota._core.protocol import Grant, TokenInfo
 
 
@@ -22,11 +23,13 @@ async def recall_reaches_watcher(path: Path) -> list[str]:
     other = await executor.open_token("conn", 1, "b", None)
     assert isinstance(holding, TokenInfo) and isinstance(other, TokenInfo)
     # proc-a holds two of the four slots: one in use, one spare (prefetched).
-    grant = await executor.acquire(holding.id, 0, "a", "proc-a:0", 1, 3, None)
+    proc_a, proc_b = holder_id("proc-a", "secret-a"), holder_id("proc-b", "secret-b")
+    grant = await executor.acquire(holding.id, 0, "a", f"{proc_a}:0", 1, 3, None, "secret-a")
     assert isinstance(grant, Grant) and grant.units == 2
-    watch = asyncio.create_task(executor.watch("proc-a", timeout_s=5.0))
+    watch = asyncio.create_task(executor.watch(proc_a, 5.0, "secret-a"))
     await asyncio.sleep(0)  # the watch is open before anyone waits
-    waiting = asyncio.create_task(executor.acquire(other.id, 0, "b", "proc-b:0", 3, 0, 1.0))
+    waiting = asyncio.create_task(executor.acquire(other.id, 0, "b", f"{proc_b}:0", 3, 0, 1.0,
+                                                   "secret-b"))
     recalled = await asyncio.wait_for(watch, timeout=2.0)
     waiting.cancel()
     return recalled

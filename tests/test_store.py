@@ -10,9 +10,17 @@ from conftest import TEST_MANIFEST
 
 from ray_quota import FailedReservation, Policy
 from ray_quota._actors.executor import ExecutorActor
+from ray_quota._core.credentials import holder_id
 from ray_quota._core.protocol import Grant, Report
 from ray_quota._spec import Kind, ResourceSpec
 from ray_quota._store import StateStore
+
+SECRET = "test-secret"  # proves every test holder
+
+
+def H(name: str) -> str:  # short, as the literal keys it stands in for
+    """A test holder id."""
+    return holder_id(name, SECRET)
 
 
 def run(coro: Any) -> Any:
@@ -24,8 +32,8 @@ def start(path: Path, ttl: float = 10.0) -> ExecutorActor:
 
 
 async def acquire(executor: ExecutorActor, token_id: str, amount: int,
-                  key: str = "holder:0") -> Grant | Exception:
-    return await executor.acquire(token_id, 0, "me", key, amount, 0, None)
+                  key: str = f"{H('holder')}:0") -> Grant | Exception:
+    return await executor.acquire(token_id, 0, "me", key, amount, 0, None, SECRET)
 
 
 def test_spent_capacity_tokens_and_cluster_id_survive_a_restart(tmp_path: Path) -> None:
@@ -69,7 +77,7 @@ def test_restored_leases_expire_unless_their_holder_renews(tmp_path: Path) -> No
     state = tmp_path / "state.sqlite"
     first = start(state, ttl=0.3)
     token = run(first.open_token("conn", 1, "me", None))
-    for key in ("dead:0", "alive:0"):
+    for key in (f"{H('dead')}:0", f"{H('alive')}:0"):
         assert isinstance(run(acquire(first, token.id, 1, key)), Grant)
 
     async def after_restart() -> tuple[int, int]:
@@ -77,8 +85,9 @@ def test_restored_leases_expire_unless_their_holder_renews(tmp_path: Path) -> No
         held = next(s for s in await second.status() if s.name == "conn").in_use
         for _ in range(4):  # only "alive" renews
             await asyncio.sleep(0.15)
-            await second.renew("alive", [Report(token.id, "alive:0", 0, 0, 0, False)])
-        await second.renew("alive", [])  # let the expiry run
+            await second.renew(H("alive"), [Report(token.id, f"{H('alive')}:0", 0, 0, 0, False)],
+                               None, SECRET)
+        await second.renew(H("alive"), [], None, SECRET)  # let the expiry run
         left = next(s for s in await second.status() if s.name == "conn").in_use
         return held, left
 
@@ -100,7 +109,7 @@ def test_a_state_file_written_by_0_1_is_read_with_its_leases(tmp_path: Path) -> 
     state = tmp_path / "state.sqlite"
     first = start(state)
     token = run(first.open_token("budget", 100, "me", None))
-    assert isinstance(run(acquire(first, token.id, 70, key="proc:3")), Grant)
+    assert isinstance(run(acquire(first, token.id, 70, key=f"{H('proc')}:3")), Grant)
     del first
     db = sqlite3.connect(state)  # 0.1 called the lease key column "holder"
     db.execute("ALTER TABLE leases RENAME COLUMN lease_key TO holder")
@@ -109,7 +118,7 @@ def test_a_state_file_written_by_0_1_is_read_with_its_leases(tmp_path: Path) -> 
     saved = StateStore(state).load()
     assert saved is not None
     assert [(lease.token_id, lease.key, lease.units) for lease in saved.leases] == [
-        (token.id, "proc:3", 70)]
+        (token.id, f"{H('proc')}:3", 70)]
 
 
 def test_a_lease_key_that_ended_stays_ended_after_a_restart(tmp_path: Path) -> None:
@@ -120,11 +129,12 @@ def test_a_lease_key_that_ended_stays_ended_after_a_restart(tmp_path: Path) -> N
     state = tmp_path / "state.sqlite"
     first = start(state)
     token = run(first.open_token("budget", 100, "me", None))
-    assert isinstance(run(acquire(first, token.id, 40, key="proc:0")), Grant)
-    run(first.settle([Report(token.id, "proc:0", 10, 30, 0, True)]))  # ended, as final
+    assert isinstance(run(acquire(first, token.id, 40, key=f"{H('proc')}:0")), Grant)
+    # Ended, as final.
+    run(first.settle([Report(token.id, f"{H('proc')}:0", 10, 30, 0, True)], SECRET))
     del first
 
     second = start(state)
-    refused = run(acquire(second, token.id, 40, key="proc:0"))
+    refused = run(acquire(second, token.id, 40, key=f"{H('proc')}:0"))
     assert isinstance(refused, LeaseEndedError)
-    assert isinstance(run(acquire(second, token.id, 40, key="proc:1")), Grant)
+    assert isinstance(run(acquire(second, token.id, 40, key=f"{H('proc')}:1")), Grant)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.scale_model.actor import Actor
-from bench.scale_model.executor import ExecutorModel
+from bench.scale_model.executor import ExecutorModel, model_holder
 from bench.scale_model.params import EXECUTOR, NODE, RESOURCE, Params, Stats
 from bench.scale_model.sim import Reply, Sim
 from ray_quota._core.broker import BrokerCore, Forward
@@ -46,7 +46,8 @@ class BrokerModel(Actor):
                          call_s=params.broker_call_s)
         self.name = name
         self._executor = executor
-        self.core = BrokerCore(holder=name, ttl_s=executor.sched.policy.lease_ttl_s)
+        self.holder = model_holder(name)
+        self.core = BrokerCore(holder=self.holder, ttl_s=executor.sched.policy.lease_ttl_s)
         self._observed = False  # processes' metrics waiting to ride on the next renewal
         self._started = False
         self._max_prefetch = prefetch_cap(executor.sched.specs()[RESOURCE])
@@ -158,7 +159,7 @@ class BrokerModel(Actor):
         self._observed = False
         back = Reply(functools.partial(self._renewed_upstream, now, reports),
                      self._executor.hop_s)
-        self._up(self._executor.renew, back, self.name, reports, True)
+        self._up(self._executor.renew, back, self.holder, reports, True)
         return True
 
     def _renewed_upstream(self, sent_at: float, reports: list[Report],
@@ -171,7 +172,7 @@ class BrokerModel(Actor):
         self.server.submit(lambda: self._run(work, None, self._params.reply_s))
 
     def _watch_upstream(self) -> None:
-        self._up(self._executor.watch, Reply(self._recalled, self._executor.hop_s), self.name)
+        self._up(self._executor.watch, Reply(self._recalled, self._executor.hop_s), self.holder)
 
     def _recalled(self, token_ids: list[str]) -> None:
         """The node's one watch answered: give spare back and tell the processes."""

@@ -11,6 +11,7 @@ from typing import Any
 from bench.scale_model.actor import Actor
 from bench.scale_model.params import Params, Stats
 from bench.scale_model.sim import Reply, Sim
+from ray_quota._core.credentials import holder_id
 from ray_quota._core.pools import RatePool
 from ray_quota._core.protocol import (
     Report,
@@ -20,6 +21,16 @@ from ray_quota._core.scheduler import Policy
 from ray_quota._core.service import ExecutorService
 from ray_quota._errors import QuotaError
 from ray_quota._spec import ResourceSpec
+
+
+# The model's holders are all honest: one secret proves every one of them, and the model's calls
+# carry it, as each real process's calls carry its own.
+MODEL_SECRET = "scale-model"
+
+
+def model_holder(name: str) -> str:
+    """The holder id of a modelled process or broker."""
+    return holder_id(name, MODEL_SECRET)
 
 
 class ExecutorModel(Actor):
@@ -58,7 +69,7 @@ class ExecutorModel(Actor):
                 amount: int, prefetch: int) -> None:
         def work() -> Any:
             ticket = self.service.acquire(token_id, generation, claimant, key, amount,
-                                          prefetch, None)
+                                          prefetch, None, MODEL_SECRET)
             if isinstance(ticket, QuotaError):
                 return ticket
             if ticket.outcome is None:
@@ -70,10 +81,10 @@ class ExecutorModel(Actor):
         self._call("acquire", reply, work)
 
     def settle(self, reports: list[Report]) -> None:
-        self._call("settle", None, lambda: self.service.settle(reports))
+        self._call("settle", None, lambda: self.service.settle(reports, MODEL_SECRET))
 
     def renew(self, reply: Reply, holder: str, reports: list[Report], observed: bool) -> None:
-        self._call("renew", reply, lambda: self.service.renew(holder, reports))
+        self._call("renew", reply, lambda: self.service.renew(holder, reports, MODEL_SECRET))
 
     def split(self, reply: Reply, token_id: str, generation: int, claimant: str,
               child_expected_use: int) -> None:
@@ -86,7 +97,7 @@ class ExecutorModel(Actor):
     def merge_back(self, reply: Reply, token_id: str, generation: int, claimant: str,
                    parent_id: str, reports: list[Report]) -> None:
         self._call("merge_back", reply, lambda: self.service.merge_back(
-            token_id, generation, claimant, parent_id, reports))
+            token_id, generation, claimant, parent_id, reports, MODEL_SECRET))
 
     # ------------------------------------------------------------------------------ jobs
 

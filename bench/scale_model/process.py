@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.scale_model.actor import LeaseService
-from bench.scale_model.executor import ExecutorModel
+from bench.scale_model.executor import ExecutorModel, model_holder
 from bench.scale_model.params import EXECUTOR, LOCAL, Params, Stats
 from bench.scale_model.sim import Reply, Sim
+from ray_quota._core.credentials import claim_value, make_claim
 from ray_quota._core.holder import LeaseSet, LocalLease
 from ray_quota._core.protocol import (
     RENEW_INTERVAL_S,
@@ -54,9 +55,11 @@ class Process:
         self._stats = stats
         self.rng = rng  # this process's own stream: the same draws in either mode
         keys = itertools.count()
-        self._new_key = lambda: f"{name}:{next(keys)}"  # lease keys, unique over the tasks
+        self.holder = model_holder(name)
+        self._new_key = lambda: f"{self.holder}:{next(keys)}"  # unique over the tasks
         self.leases: LeaseSet | None = None  # the task token's leases, while a task runs
         self._left = 0  # reservations left in this task
+        self._claim = ""  # the task's claim on its token
         self._observed = False  # reservations since the last renewal (metrics ride along)
         self._stopping = False
         self.done = False
@@ -98,6 +101,8 @@ class Process:
         if isinstance(info, QuotaError):
             raise SimulationError(f"{self.name}: split refused: {info!r}")
         self._stats.tasks += self._stats.window.holds(self._sim.now)
+        # The task takes its token up with the proof its pickled bytes would carry.
+        self._claim = make_claim(self.name, self.name, [claim_value(self._owner, info.id, 0)])
         self.leases = LeaseSet(info.id, info.spec.kind, max_prefetch=prefetch_cap(info.spec),
                                new_key=self._new_key)
         self._left = self.rng.randint(*self._params.reservations_per_task)
@@ -120,7 +125,7 @@ class Process:
         reply = Reply(functools.partial(self._answered, leases, lease, amount, asked,
                                         self._sim.now), self._service.hop_s)
         self._sim.after(self._service.hop_s, self._service.acquire, reply, leases.token_id,
-                        GENERATION, self.name, lease.key, amount, lease.prefetch())
+                        GENERATION, self._claim, lease.key, amount, lease.prefetch())
 
     def _answered(self, leases: LeaseSet, lease: LocalLease, amount: int, asked: float,
                   sent_at: float, answer: Any) -> None:
@@ -162,7 +167,7 @@ class Process:
         leases, self.leases = self._leases(), None
         reply = Reply(self._task_ended, self._service.hop_s)
         self._sim.after(self._service.hop_s, self._service.merge_back, reply, leases.token_id,
-                        GENERATION, self.name, self._parent.id, leases.final_reports())
+                        GENERATION, self._claim, self._parent.id, leases.final_reports())
 
     def _task_ended(self, answer: Any) -> None:
         if isinstance(answer, QuotaError):
@@ -187,7 +192,7 @@ class Process:
             return
         reply = Reply(functools.partial(self._renewed, leases, self._sim.now),
                       self._service.hop_s)
-        self._sim.after(self._service.hop_s, self._service.renew, reply, self.name, reports,
+        self._sim.after(self._service.hop_s, self._service.renew, reply, self.holder, reports,
                         observed)
 
     def _renewed(self, leases: LeaseSet | None, sent_at: float, alive: Renewed) -> None:
@@ -201,7 +206,7 @@ class Process:
     def _watch(self) -> None:
         if not self.done:
             reply = Reply(self._recalled, self._service.hop_s)
-            self._sim.after(self._service.hop_s, self._service.watch, reply, self.name)
+            self._sim.after(self._service.hop_s, self._service.watch, reply, self.holder)
 
     def _recalled(self, token_ids: list[str]) -> None:
         leases = self.leases

@@ -6,7 +6,10 @@ it answers from its :class:`BrokerCore` and, once a second, renews everything of
 the executor in one call. So the executor serves one renewal and one recall watch per node,
 not per process, and requests the broker can serve from its spare never leave the node.
 
-Like the executor, methods return a :class:`QuotaError` rather than raise it.
+Like the executor, methods return a :class:`QuotaError` rather than raise it. Like the executor,
+the broker checks that each call's secret (its last argument) proves the holder and lease keys it
+names; upstream it proves its own with its own secret. Processes never learn its lease keys: a
+grant names the broker's lease only by an adoption secret (see :class:`BrokerCore`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from ray_quota._runtime import identity, rpc
 from ray_quota._observability import observe as _observe
 from ray_quota._core.broker import BrokerCore, Forward
+from ray_quota._core.credentials import check_holder, check_keys
 from ray_quota._errors import (
     ExecutorUnavailableError,
     LeaseEndedError,
@@ -33,6 +37,8 @@ from ray_quota._core.protocol import (
     Grant,
     Renewed,
     Report,
+    check_id,
+    check_reports,
     prefetch_cap,
 )
 
@@ -59,9 +65,11 @@ class BrokerActor:
     # -------------------------------------------------------------------------- lease calls
 
     async def acquire(self, resource: str, token_id: str, generation: int, claimant: str,
-                      key: str, amount: int, prefetch: int,
-                      timeout: float | None) -> Grant | QuotaError:
+                      key: str, amount: int, prefetch: int, timeout: float | None,
+                      secret: str | None = None) -> Grant | QuotaError:
         core, info = await self._ready("acquire")
+        if (refused := _refused([], secret, keys=(key,))) is not None:
+            return refused
         spec = info.resources.get(resource)
         if spec is None:
             return UnknownResourceError(f"no resource named {resource!r}")
@@ -77,8 +85,8 @@ class BrokerActor:
         sent_at = time.monotonic()
         try:
             grant = await rpc.call_async("acquire", token_id, generation, claimant,
-                                              answer.key, answer.amount, answer.prefetch, timeout,
-                                              retry=False)
+                                         answer.key, answer.amount, answer.prefetch, timeout,
+                                         identity.SECRET, retry=False)
         except QuotaError as exc:
             core.refused(token_id, key, time.monotonic())
             if isinstance(exc, (LeaseEndedError, ExecutorUnavailableError)):
@@ -93,14 +101,19 @@ class BrokerActor:
         except KeyError:
             return _ended()
 
-    async def settle(self, reports: list[Report]) -> None:
+    async def settle(self, reports: list[Report], secret: str | None = None) -> None | QuotaError:
         core, _ = await self._ready("settle")
+        if (refused := _refused(reports, secret)) is not None:
+            return refused
         if core.settle(reports, time.monotonic()):
             self._send_now({report.token_id for report in reports})
+        return None
 
-    async def renew(self, holder: str, reports: list[Report],
-                    observed: Batch | None = None) -> Renewed:
+    async def renew(self, holder: str, reports: list[Report], observed: Batch | None = None,
+                    secret: str | None = None) -> Renewed | QuotaError:
         core, _ = await self._ready("renew")
+        if (refused := _refused(reports, secret, holder)) is not None:
+            return refused
         _observe.ACCUMULATOR.restore(observed)  # goes on with the broker's own renewal
         now = time.monotonic()
         urgent = core.settle(reports, now)
@@ -109,36 +122,42 @@ class BrokerActor:
             self._send_now({report.token_id for report in reports})
         return alive
 
-    async def watch(self, holder: str, timeout_s: float) -> list[str]:
+    async def watch(self, holder: str, timeout_s: float,
+                    secret: str | None = None) -> list[str] | QuotaError:
         await self._ready("watch")
+        if (refused := _refused([], secret, holder)) is not None:
+            return refused  # recalls are answered to their own holder only
         return await self._board.wait(holder, timeout_s)
 
     # ---------------------------------------------------------- token calls with lease totals
 
     async def close(self, token_id: str, generation: int, claimant: str,
-                    reports: list[Report]) -> Any:
-        return await self._ending("close", token_id, reports,
+                    reports: list[Report], secret: str | None = None) -> Any:
+        return await self._ending("close", token_id, reports, secret,
                                   (token_id, generation, claimant))
 
     async def merge(self, token_id: str, generation: int, claimant: str, other_id: str,
-                    other_generation: int, reports: list[Report]) -> Any:
-        return await self._ending("merge", other_id, reports,
+                    other_generation: int, reports: list[Report],
+                    secret: str | None = None) -> Any:
+        return await self._ending("merge", other_id, reports, secret,
                                   (token_id, generation, claimant, other_id, other_generation))
 
     async def merge_back(self, token_id: str, generation: int, claimant: str, parent_id: str,
-                         reports: list[Report]) -> Any:
-        return await self._ending("merge_back", token_id, reports,
+                         reports: list[Report], secret: str | None = None) -> Any:
+        return await self._ending("merge_back", token_id, reports, secret,
                                   (token_id, generation, claimant, parent_id))
 
-    async def _ending(self, method: str, ending: str, reports: list[Report],
+    async def _ending(self, method: str, ending: str, reports: list[Report], secret: str | None,
                       args: tuple[Any, ...]) -> Any:
         """A token's leases end with the call: apply the process's final totals, settle the
         broker's leases of the token as final, and make the call with those totals."""
         core, _ = await self._ready(method)
+        if (refused := _refused(reports, secret)) is not None:
+            return refused
         core.settle(reports, time.monotonic())
         upstream = core.release(ending)
         try:
-            return await rpc.call_async(method, *args, upstream)
+            return await rpc.call_async(method, *args, upstream, identity.SECRET)
         except QuotaError as exc:
             return exc
 
@@ -182,7 +201,7 @@ class BrokerActor:
         assert self._core is not None
         reports = [report for token_id in token_ids for report in self._core.report_of(token_id)]
         if reports:
-            rpc.send("settle", reports)
+            rpc.send("settle", reports, identity.SECRET)
 
     async def _renew_loop(self) -> None:
         """Once per interval: expire silent sub-leases, then renew the node's leases upstream."""
@@ -198,7 +217,8 @@ class BrokerActor:
                 continue
             sent_at = time.monotonic()
             try:
-                alive = await rpc.call_async("renew", identity.HOLDER, reports, observed)
+                alive = await rpc.call_async("renew", identity.HOLDER, reports, observed,
+                                             identity.SECRET)
             except Exception:  # noqa: BLE001 - a missed renewal only shortens trust
                 _observe.ACCUMULATOR.restore(observed)
                 continue
@@ -210,17 +230,31 @@ class BrokerActor:
         core = self._core
         while True:
             try:
-                recalled = await rpc.call_async("watch", identity.HOLDER,
-                                                    WATCH_TIMEOUT_S)
+                recalled = await rpc.call_async("watch", identity.HOLDER, WATCH_TIMEOUT_S,
+                                                identity.SECRET)
             except Exception:  # noqa: BLE001 - no executor right now; renewals still shrink
                 await asyncio.sleep(RENEW_INTERVAL_S)
                 continue
             if recalled:
                 reports, tell = core.recall(recalled)
                 if reports:
-                    rpc.send("settle", reports)
+                    rpc.send("settle", reports, identity.SECRET)
                 for holder, token_ids in tell.items():
                     self._board.post(holder, token_ids)
+
+
+def _refused(reports: object, secret: object, *holders: object,
+             keys: tuple[object, ...] = ()) -> QuotaError | None:
+    """The error to answer, before anything changes, if a process's call names a holder, lease
+    ``keys`` or reports of leases that ``secret`` does not prove (or names them wrongly)."""
+    try:
+        for holder in holders:
+            check_holder(check_id("holder", holder), secret)
+        named = [check_id("key", key) for key in keys]
+        check_keys(named + [report.key for report in check_reports(reports)], secret)
+    except QuotaError as exc:
+        return exc
+    return None
 
 
 def _ended() -> LeaseEndedError:

@@ -119,34 +119,37 @@ class ExecutorActor:
                                                 child_expected_use))
 
     async def merge(self, token_id: str, generation: int, claimant: str, other_id: str,
-                    other_generation: int, reports: list[Report]) -> None | QuotaError:
+                    other_generation: int, reports: list[Report],
+                    secret: str | None = None) -> None | QuotaError:
         return self._answer(self._service.merge(token_id, generation, claimant, other_id,
-                                                other_generation, reports))
+                                                other_generation, reports, secret))
 
     async def merge_back(self, token_id: str, generation: int, claimant: str, parent_id: str,
-                         reports: list[Report]) -> bool | QuotaError:
+                         reports: list[Report], secret: str | None = None) -> bool | QuotaError:
         return self._answer(self._service.merge_back(token_id, generation, claimant, parent_id,
-                                                     reports))
+                                                     reports, secret))
 
     async def describe(self, token_id: str, generation: int,
                        claimant: str) -> tuple[int, float] | QuotaError:
         return self._answer(self._service.describe(token_id, generation, claimant))
 
     async def close(self, token_id: str, generation: int, claimant: str,
-                    reports: list[Report]) -> None | QuotaError:
-        return self._answer(self._service.close(token_id, generation, claimant, reports))
+                    reports: list[Report], secret: str | None = None) -> None | QuotaError:
+        return self._answer(self._service.close(token_id, generation, claimant, reports,
+                                                secret))
 
     # ------------------------------------------------------------------------------ leases
 
-    async def acquire(self, token_id: str, generation: int, claimant: str, holder: str,
-                      amount: int, prefetch: int, timeout: float | None) -> Grant | QuotaError:
-        """Grant ``amount`` (plus prefetch) into the lease ``holder`` (a lease key), waiting as
-        the resource says."""
+    async def acquire(self, token_id: str, generation: int, claimant: str, key: str,
+                      amount: int, prefetch: int, timeout: float | None,
+                      secret: str | None = None) -> Grant | QuotaError:
+        """Grant ``amount`` (plus prefetch) into the lease ``key``, waiting as the resource
+        says; ``secret`` proves the key's holder."""
         self._ensure_ticker()
         arrived = time.monotonic()
         service = self._service
-        ticket = service.acquire(token_id, generation, claimant, holder, amount, prefetch,
-                                 timeout)
+        ticket = service.acquire(token_id, generation, claimant, key, amount, prefetch,
+                                 timeout, secret)
         if isinstance(ticket, QuotaError):
             return self._answer(ticket)
         waited = ticket.outcome is None
@@ -170,12 +173,13 @@ class ExecutorActor:
         self._metrics.acquired(token_id, outcome, time.monotonic() - arrived, waited)
         return outcome
 
-    async def settle(self, reports: list[Report]) -> None | QuotaError:
+    async def settle(self, reports: list[Report],
+                     secret: str | None = None) -> None | QuotaError:
         """Apply lease totals without renewing (overuse, recalls, handles that went away)."""
-        return self._answer(self._service.settle(reports))
+        return self._answer(self._service.settle(reports, secret))
 
-    async def renew(self, holder: str, reports: list[Report],
-                    observed: Batch | None = None) -> Renewed | QuotaError:
+    async def renew(self, holder: str, reports: list[Report], observed: Batch | None = None,
+                    secret: str | None = None) -> Renewed | QuotaError:
         """Apply a holder's lease totals and extend its leases.
 
         Returns, per live lease (token id, key), whether others wait and for how long it may be
@@ -184,24 +188,27 @@ class ExecutorActor:
         for the metrics.
         """
         self._ensure_ticker()
-        answer = self._service.renew(holder, reports)
+        answer = self._service.renew(holder, reports, secret)
         if not isinstance(answer, QuotaError):
             self._metrics.renewed(observed)
         return self._answer(answer)
 
-    async def adopt(self, entries: list[Adoption]) -> list[tuple[str, str]] | QuotaError:
+    async def adopt(self, entries: list[Adoption],
+                    secret: str | None = None) -> list[tuple[str, str]] | QuotaError:
         """Processes whose broker failed take over the units it re-leased to them (see
         :meth:`ExecutorService.adopt`). Returns the (token id, key) of the leases now held
         directly."""
-        return self._answer(self._service.adopt(entries))
+        return self._answer(self._service.adopt(entries, secret))
 
-    async def watch(self, holder: str, timeout_s: float) -> list[str] | QuotaError:
+    async def watch(self, holder: str, timeout_s: float,
+                    secret: str | None = None) -> list[str] | QuotaError:
         """Wait until others queue on a resource the holder leases; return those token ids.
 
         Each process keeps one of these calls open, so a recall reaches it at once instead of at
-        its next renewal. Returns an empty list after ``timeout_s``.
+        its next renewal. Returns an empty list after ``timeout_s``. Only the holder itself
+        (``secret``) may watch: a recall answered to anyone else would be lost to it.
         """
-        refused = self._service.watch(holder, timeout_s)
+        refused = self._service.watch(holder, timeout_s, secret)
         if refused is not None:
             return refused
         return await self._board.wait(holder, timeout_s)

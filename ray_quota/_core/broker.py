@@ -29,9 +29,10 @@ the broker's own spare, and every guarantee of a direct lease carries over:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ray_quota._core.credentials import adoption_suffix, new_secret
 from ray_quota._core.holder import LocalLease
 from ray_quota._core.ledger import TOMBSTONES
 from ray_quota._core.protocol import Grant, LeaseAnswer, Renewed, Report, holder_of
@@ -62,6 +63,9 @@ class _Up:
 
     token_id: str
     lease: LocalLease
+    # Handed to the processes with their units (``Grant.via``) instead of the lease's key: with
+    # it they can take their share over if the broker dies, and nothing else of the broker's.
+    adoption: str
     subs: dict[str, _Sub] = field(default_factory=dict)
     claim: tuple[int, str] | None = None  # the generation and claimant the executor last accepted
     # No new sub-leases and no local service: renewed upstream while processes still hold
@@ -104,8 +108,10 @@ class BrokerCore:
         5
     """
 
-    def __init__(self, *, holder: str, ttl_s: float) -> None:
+    def __init__(self, *, holder: str, ttl_s: float,
+                 new_secret: Callable[[], str] = new_secret) -> None:
         self._holder = holder
+        self._new_secret = new_secret
         self._ttl_s = ttl_s  # how long a sub-lease lives at the broker without renewal
         self._keys = 0
         self._ups: dict[str, _Up] = {}  # token id -> current upstream lease
@@ -176,7 +182,7 @@ class BrokerCore:
         sub = self._sub(up, key, now)
         sub.granted += units
         sub.expires_at = now + self._ttl_s
-        return Grant(units, self._trust_left(up, now), up.lease.contended, via=up.lease.key)
+        return Grant(units, self._trust_left(up, now), up.lease.contended, via=up.adoption)
 
     def refused(self, token_id: str, key: str, now: float) -> None:
         """The executor answered a forwarded request with an error: nothing was granted."""
@@ -405,9 +411,10 @@ class BrokerCore:
         up = self._ups.get(token_id)
         if up is None:
             self._keys += 1
-            lease = LocalLease(kind, key=f"{self._holder}:{self._keys}",
+            adoption = self._new_secret()
+            lease = LocalLease(kind, key=f"{self._holder}:{self._keys}{adoption_suffix(adoption)}",
                                max_prefetch=max_prefetch)
-            up = self._ups[token_id] = _Up(token_id, lease)
+            up = self._ups[token_id] = _Up(token_id, lease, adoption)
         return up
 
     def _sub(self, up: _Up, key: str, now: float) -> _Sub:

@@ -54,7 +54,7 @@ class LocalLease:
         self.active = False  # the executor has a record of this lease
         self.final = False  # settled as final: the executor ends it; no more grants into it
         self.contended = False
-        self.via: str | None = None  # a broker's lease key, when a broker re-leased these units
+        self.via: str | None = None  # the adoption secret of the broker lease these units came from
         self._valid_until = float("-inf")
         self._prefetch = 0
         self._max_prefetch = max_prefetch

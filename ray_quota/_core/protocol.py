@@ -93,7 +93,9 @@ class Grant:
     units: int
     ttl_s: float
     contended: bool  # others were still waiting: give spare units back soon
-    via: str | None = None  # a broker's own lease key, when the units were re-leased by a broker
+    # When a broker re-leased the units: the adoption secret of its lease, with which its
+    # processes take their share over if it dies (never the broker's lease key).
+    via: str | None = None
     # How long the request waited before the grant, on the granting side's clock: the lease was
     # renewed that much after the request was sent, so its holder may trust it that much longer.
     waited_s: float = 0.0
@@ -148,7 +150,7 @@ class Adoption(NamedTuple):
     """A process taking over, directly from the executor, its share of a failed broker's lease."""
 
     token_id: str
-    from_key: str  # the broker's lease key
+    via: str  # the adoption secret of the broker's lease (never the broker's lease key)
     to_key: str  # the process's own lease key, which becomes a lease at the executor
     units: int  # units the process holds (spare and in open reservations)
     returned: int
@@ -165,8 +167,8 @@ class Adoption(NamedTuple):
             InvalidAmountError: units or a total that is not a whole number from 0.
         """
         fields = _fields(cls, value, what)
-        token_id, from_key, to_key, *amounts = fields
-        for name, text in (("token_id", token_id), ("from_key", from_key), ("to_key", to_key)):
+        token_id, via, to_key, *amounts = fields
+        for name, text in (("token_id", token_id), ("via", via), ("to_key", to_key)):
             check_id(f"{what}.{name}", text)
         for name, amount in zip(("units", "returned", "used", "debt"), amounts):
             check_units(f"{what}.{name}", amount, allow_zero=True)

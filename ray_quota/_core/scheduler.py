@@ -355,6 +355,12 @@ class Scheduler:
             self.give_back(token_id, to_key, debt=debt)
         return True
 
+    def lease_key_ending(self, token_id: str, suffix: str) -> str | None:
+        """The key of a live lease of the token that ends with ``suffix`` (a broker's lease,
+        named by its adoption secret's digest), or None. A scan: adoptions are rare."""
+        return next((key for tid, key in self._leases if tid == token_id
+                     and key.endswith(suffix)), None)
+
     def take_recalls(self) -> dict[str, set[str]]:
         """Holders to tell, per token, that others now wait: they should stop serving locally
         and give spare units back. Drained by the call."""

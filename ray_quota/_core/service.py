@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ray_quota._core.credentials import adoption_suffix, check_holder, check_keys
 from ray_quota._core.protocol import (
     IDLE_TICK_S,
     Grant,
@@ -177,14 +178,16 @@ class ExecutorService:
         return child, self._sched.describe(token_id, generation, claimant)[0]
 
     def merge(self, token_id: str, generation: int, claimant: str, other_id: str,
-              other_generation: int, reports: list[Report]) -> None | QuotaError:
-        """Settle the other token's final lease totals, then merge it into the token."""
+              other_generation: int, reports: list[Report],
+              secret: object = None) -> None | QuotaError:
+        """Settle the other token's final lease totals, then merge it into the token.
+        ``secret`` proves the reports' holder (see :mod:`~ray_quota._core.credentials`)."""
         self.counts["merge"] += 1
         try:
             _check_token(token_id, generation, claimant)
             check_id("other_id", other_id)
             check_generation(other_generation)
-            checked = check_reports(reports)
+            checked = _owned(check_reports(reports), secret)
         except QuotaError as exc:
             return exc
         if other_id == token_id:
@@ -194,13 +197,13 @@ class ExecutorService:
                            other_generation)
 
     def merge_back(self, token_id: str, generation: int, claimant: str, parent_id: str,
-                   reports: list[Report]) -> bool | QuotaError:
+                   reports: list[Report], secret: object = None) -> bool | QuotaError:
         """Settle a child's final lease totals, then give it back to its parent."""
         self.counts["merge_back"] += 1
         try:
             _check_token(token_id, generation, claimant)
             check_id("parent_id", parent_id)
-            checked = check_reports(reports)
+            checked = _owned(check_reports(reports), secret)
         except QuotaError as exc:
             return exc
         self._settle(checked)
@@ -216,12 +219,12 @@ class ExecutorService:
         return self._guard(self._sched.describe, token_id, generation, claimant)
 
     def close(self, token_id: str, generation: int, claimant: str,
-              reports: list[Report]) -> None | QuotaError:
+              reports: list[Report], secret: object = None) -> None | QuotaError:
         """Settle the token's final lease totals, then close it."""
         self.counts["close"] += 1
         try:
             _check_token(token_id, generation, claimant)
-            checked = check_reports(reports)
+            checked = _owned(check_reports(reports), secret)
         except QuotaError as exc:
             return exc
         self._settle(checked)
@@ -230,8 +233,10 @@ class ExecutorService:
     # ------------------------------------------------------------------------------ leases
 
     def acquire(self, token_id: str, generation: int, claimant: str, key: str, amount: int,
-                prefetch: int, timeout: float | None) -> Ticket | QuotaError:
-        """Ask for ``amount`` (plus up to ``prefetch``) into the lease ``key``.
+                prefetch: int, timeout: float | None, secret: object = None
+                ) -> Ticket | QuotaError:
+        """Ask for ``amount`` (plus up to ``prefetch``) into the lease ``key``, whose holder's
+        secret is ``secret``.
 
         The ticket's outcome is there at once, or it is None and the outcome comes in a later
         drain's ``resolved`` (unless the ticket is cancelled first).
@@ -241,7 +246,7 @@ class ExecutorService:
         arrived = self._clock()
         try:
             _check_token(token_id, generation, claimant)
-            check_id("key", key)
+            check_keys([check_id("key", key)], secret)
             check_units("amount", amount)
             check_units("prefetch", prefetch, allow_zero=True)
             checked_timeout = check_timeout("timeout", timeout)
@@ -261,18 +266,20 @@ class ExecutorService:
             # No pump: a grant the withdrawal makes possible goes out with the next tick.
             self._sched.cancel(waiting[0])
 
-    def settle(self, reports: list[Report]) -> None | QuotaError:
+    def settle(self, reports: list[Report], secret: object = None) -> None | QuotaError:
         """Apply lease totals without renewing (overuse, recalls, handles that went away)."""
         self.counts["settle"] += 1
         try:
-            checked = check_reports(reports)
+            checked = _owned(check_reports(reports), secret)
         except QuotaError as exc:
             return exc
         self._settle(checked)
         return None
 
-    def renew(self, holder: str, reports: list[Report]) -> Renewed | QuotaError:
-        """Apply a holder's lease totals and extend its leases.
+    def renew(self, holder: str, reports: list[Report],
+              secret: object = None) -> Renewed | QuotaError:
+        """Apply a holder's lease totals and extend its leases (its own only: ``secret``
+        proves the holder).
 
         Answers, per live lease (token id, key), whether others wait and for how long it may be
         trusted; a lease missing from the answer has ended and its holder starts a new one.
@@ -280,8 +287,8 @@ class ExecutorService:
         self.counts["renew"] += 1
         self.calls += 1
         try:
-            check_id("holder", holder)
-            checked = check_reports(reports)
+            check_holder(check_id("holder", holder), secret)
+            checked = _owned(check_reports(reports), secret)
         except QuotaError as exc:
             return exc
         self._settle(checked)
@@ -294,28 +301,37 @@ class ExecutorService:
                 alive[(report.token_id, report.key)] = LeaseAnswer(contended, ttl)
         return alive
 
-    def adopt(self, entries: list[Any]) -> list[tuple[str, str]] | QuotaError:
+    def adopt(self, entries: list[Any],
+              secret: object = None) -> list[tuple[str, str]] | QuotaError:
         """Processes whose broker failed take over the units it re-leased to them: each entry
         (an :class:`Adoption`) moves a process's share of the broker's lease into a lease of
-        its own (see :meth:`Scheduler.adopt`). Answers the (token id, key) of the leases now
-        held directly."""
+        its own (see :meth:`Scheduler.adopt`). The entry names the broker's lease by its
+        adoption secret (``via``), which the broker gave only to its processes, and the new
+        lease by a key of the caller (``secret``). Answers the (token id, key) of the leases
+        now held directly."""
         self.counts["adopt"] += 1
         self.calls += 1
         try:
             checked = check_adoptions(entries)
+            check_keys([entry.to_key for entry in checked], secret)
         except QuotaError as exc:
             return exc
         adopted = []
         for entry in checked:
-            if self._guard(self._sched.adopt, *entry) is True:
+            # No broker lease of the token has this adoption secret (it ended, or never was):
+            # nothing to take over, unless this is a repeated call.
+            from_key = self._sched.lease_key_ending(entry.token_id,
+                                                    adoption_suffix(entry.via)) or ""
+            if self._guard(self._sched.adopt, entry.token_id, from_key, *entry[2:]) is True:
                 adopted.append((entry.token_id, entry.to_key))
         return adopted
 
-    def watch(self, holder: str, timeout_s: float) -> None | QuotaError:
-        """Check and count a recall watch; the shell does the waiting."""
+    def watch(self, holder: str, timeout_s: float, secret: object = None) -> None | QuotaError:
+        """Check and count a recall watch (``secret`` proves the holder: recalls are answered
+        to their own holder only); the shell does the waiting."""
         self.counts["watch"] += 1
         try:
-            check_id("holder", holder)
+            check_holder(check_id("holder", holder), secret)
             check_timeout("timeout_s", timeout_s)
         except QuotaError as exc:
             return exc
@@ -460,6 +476,12 @@ def describe_change(old: ResourceSpec, new: ResourceSpec) -> str:
 
 def _plain(value: object) -> object:
     return getattr(value, "value", value)  # enums by their manifest word
+
+
+def _owned(reports: list[Report], secret: object) -> list[Report]:
+    """The reports, if ``secret`` proves the holder of every lease they name."""
+    check_keys([report.key for report in reports], secret)
+    return reports
 
 
 def _check_token(token_id: object, generation: object, claimant: object) -> None:

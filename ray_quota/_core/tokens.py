@@ -1,9 +1,11 @@
 """The token registry: live tokens by id, who may use each, and the ids of closed ones.
 
 A token is used by one process at a time. Passing it to another process raises its generation;
-the first use at the new generation takes it up (the claimant changes), and from then on the old
-owner is refused. Tokens whose every lease expired belong to processes presumed gone: the registry
-keeps them as orphans for a grace period, in which a Ray retry of their task may take them up.
+the first use at the new generation takes it up with the proof that the pickled bytes carried (see
+:mod:`~ray_quota._core.credentials`): the claim changes, and from then on the old owner is
+refused. A generation alone takes nothing up. Tokens whose every lease expired belong to processes
+presumed gone: the registry keeps them as orphans for a grace period, in which a Ray retry of
+their task may take them up.
 """
 
 from __future__ import annotations
@@ -12,41 +14,59 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from ray_quota._core.credentials import Claim
 from ray_quota._core.fair_queue import Flow
 from ray_quota._core.ledger import TOMBSTONES
 from ray_quota._core.state import ChangeLog, SavedToken
-from ray_quota._errors import ForgedTokenError, TokenClosedError, TokenMovedError
+from ray_quota._errors import (
+    AccessDeniedError,
+    ForgedTokenError,
+    TokenClosedError,
+    TokenMovedError,
+)
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
 class Token(Flow):
-    """A token: its place in its resource's queue, and who owns it."""
+    """A token: its place in its resource's queue, and who owns it: the digest of its owner's
+    claim (None: anyone), and of the proof and ``who`` that last took it up (for retries)."""
 
     id: str
     resource: str
     claimant: str | None
     label: str | None
     generation: int = 0
+    taken_with: str | None = None
 
     def saved(self) -> SavedToken:
+        # Both digests in the one claimant column: "claim" or "claim took-up".
+        claim = self.claimant if self.taken_with is None or self.claimant is None \
+            else f"{self.claimant} {self.taken_with}"
         return SavedToken(self.id, self.resource, self.expected_use, self.pass_, self.generation,
-                          self.claimant, self.label)
+                          claim, self.label)
 
     @classmethod
     def from_saved(cls, saved: SavedToken) -> Token:
+        claimant, _, taken_with = (saved.claimant or "").partition(" ")
         return cls(id=saved.id, resource=saved.resource, expected_use=saved.expected_use,
-                   pass_=saved.pass_, claimant=saved.claimant, label=saved.label,
-                   generation=saved.generation)
+                   pass_=saved.pass_, claimant=claimant or None, label=saved.label,
+                   generation=saved.generation, taken_with=taken_with or None)
 
 
 class TokenRegistry(Mapping[str, Token]):
     """Live tokens by id; closed ids (so late use says "closed", not "forged"); orphans.
 
     Example:
+        >>> from ray_quota._core.credentials import claim_value, make_claim
         >>> tokens = TokenRegistry(new_id=iter(["t1", "t2"]).__next__)
-        >>> token = tokens.open("tok", 5, pass_=0.0, claimant="task-1", label=None)
-        >>> tokens.live("t1", generation=1, claimant="task-2").claimant  # moved: taken up
-        'task-2'
+        >>> token = tokens.open("tok", 5, pass_=0.0, claimant="task:1#k1", label=None)
+        >>> proof = claim_value("k1", "t1", 0)      # what the pickled bytes carry
+        >>> tokens.live("t1", 1, make_claim("task:2", "k2", [proof])) is token  # taken up
+        True
+        >>> tokens.live("t1", 2, "task:3#k3")       # a generation alone takes nothing up
+        Traceback (most recent call last):
+        ...
+        ray_quota._errors.AccessDeniedError: taking up a moved token needs its bytes' proof
         >>> tokens.close(token); "t1" in tokens
         False
     """
@@ -71,9 +91,11 @@ class TokenRegistry(Mapping[str, Token]):
 
     def open(self, resource: str, expected_use: int, *, pass_: float, claimant: str | None,
              label: str | None) -> Token:
-        """A new token under a fresh id."""
-        token = Token(id=self._new_id(), resource=resource, expected_use=expected_use,
-                      pass_=pass_, claimant=claimant, label=label)
+        """A new token under a fresh id, owned by the claim ``claimant`` (None: anyone)."""
+        token_id = self._new_id()
+        token = Token(id=token_id, resource=resource, expected_use=expected_use, pass_=pass_,
+                      claimant=None if claimant is None else Claim(claimant).value(token_id, 0),
+                      label=label)
         self.add(token)
         return token
 
@@ -82,26 +104,43 @@ class TokenRegistry(Mapping[str, Token]):
         self._changes.tokens.add(token.id)
 
     def live(self, token_id: str, generation: int, claimant: str | None) -> Token:
-        """The token, if ``claimant`` at ``generation`` may use it; taken up on first use
-        after a move.
+        """The token, if the claim ``claimant`` at ``generation`` may use it; taken up on
+        first use after a move, with a proof from the pickled bytes.
 
         Raises:
             TokenClosedError, ForgedTokenError: no such live token.
             TokenMovedError: the token belongs to another process now.
+            AccessDeniedError: a higher generation without the proof that takes it up.
         """
         token = self._tokens.get(token_id)
         if token is None:
             if token_id in self._closed:
                 raise TokenClosedError("the token was closed or merged into another")
             raise ForgedTokenError("this executor never issued that token")
-        if generation > token.generation:
-            # First use after a move: the receiving process takes the token up.
-            token.generation, token.claimant = generation, claimant
-            self._changes.tokens.add(token.id)
-        elif generation < token.generation:
+        if generation < token.generation:
             raise TokenMovedError("the token was passed to another process, which owns it now")
-        elif token.claimant is not None and claimant != token.claimant:
-            raise TokenMovedError("the token was already taken up by another process")
+        if token.claimant is None:  # opened for anyone: a move only raises the generation
+            if generation > token.generation:
+                token.generation = generation
+                self._changes.tokens.add(token.id)
+            return token
+        claim = Claim(claimant or "")
+        if generation == token.generation:
+            if claim.value(token_id, generation) == token.claimant:
+                return token
+            # A Ray retry of the task that took the token up, with the same bytes: again.
+            if token.taken_with is None or not any(
+                    claim.took_up(proof) == token.taken_with for proof in claim.proofs):
+                raise TokenMovedError("the token was already taken up by another process")
+        else:
+            # First use after a move: whoever has the pickled bytes has the proof.
+            proof = claim.proof_for(token.claimant)
+            if proof is None:
+                # The generation alone is not enough: anyone may know it, and the id.
+                raise AccessDeniedError("taking up a moved token needs its bytes' proof")
+            token.taken_with = claim.took_up(proof)
+        token.generation, token.claimant = generation, claim.value(token_id, generation)
+        self._changes.tokens.add(token.id)
         return token
 
     def close(self, token: Token) -> None:

@@ -1,16 +1,26 @@
-"""Who this process is to the executor: its holder id, its lease keys, who uses a token here,
-and whether it is a node's broker."""
+"""Who this process is to the executor: its holder id and the secret that proves it, its lease
+keys, the claim its token calls carry, and whether it is a node's broker.
+
+Ids travel and are stored, so they prove nothing; the secrets never leave this process except in
+calls to the executor and to this node's broker (see :mod:`ray_quota._core.credentials`).
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
-import secrets
 
 import ray
 
-# One holder id per process: leases belong to processes, not to tasks.
-HOLDER = f"{os.getpid()}-{secrets.token_hex(8)}"
+from ray_quota._core.credentials import holder_id, make_claim, new_secret
+
+# One holder per process: leases belong to processes, not to tasks. The holder id is the pid and
+# the digest of the secret, so only this process can prove it, and nothing needs binding first.
+SECRET = new_secret()
+HOLDER = holder_id(str(os.getpid()), SECRET)
+# The secret this process's token calls carry; the executor keeps only digests of what it makes
+# per token, and a moved token's bytes carry one such per-token value, never this.
+CLAIM_KEY = new_secret()
 _LEASE_KEYS = itertools.count()
 
 
@@ -23,7 +33,7 @@ def lease_key() -> str:
     return f"{HOLDER}:{next(_LEASE_KEYS)}"
 
 
-def claimant() -> str:
+def who() -> str:
     """Who is using a token here: the actor, else the task (stable across Ray retries), else us."""
     if ray.is_initialized():
         ctx = ray.get_runtime_context()
@@ -35,6 +45,12 @@ def claimant() -> str:
             if task_id:
                 return f"task:{task_id}"
     return f"process:{HOLDER}"
+
+
+def claimant(proofs: tuple[str, ...] = ()) -> str:
+    """The claim this process's token calls carry: who uses the token, the claim secret, and
+    the proofs a moved token's bytes brought (see :class:`~ray_quota._core.credentials.Claim`)."""
+    return make_claim(who(), CLAIM_KEY, proofs)
 
 
 def become_broker() -> None:

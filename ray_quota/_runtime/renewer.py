@@ -19,7 +19,7 @@ from ray_quota._core.protocol import RENEW_INTERVAL_S, WATCH_TIMEOUT_S
 from ray_quota._errors import QuotaError
 from ray_quota._observability import observe as _observe
 from ray_quota._runtime import routing, rpc
-from ray_quota._runtime.identity import HOLDER
+from ray_quota._runtime.identity import HOLDER, SECRET
 
 if TYPE_CHECKING:
     from ray_quota._token import QuotaToken
@@ -83,7 +83,7 @@ class Renewer(threading.Thread):
         """Take every brokered lease of this process over directly (the broker failed)."""
         tokens = list(self._tokens)
         entries = [entry for token in tokens for entry in token._adoptions()]
-        adopted = set(rpc.call("adopt", entries)) if entries else set()
+        adopted = set(rpc.call("adopt", entries, SECRET)) if entries else set()
         for token in tokens:
             token._adopted(adopted)
 

@@ -2,7 +2,9 @@
 executor; and, when the broker fails, taking this process's leases over from the executor.
 
 The lease calls are ``acquire``, ``settle``, ``renew``, ``watch``, and the token calls that carry
-lease totals: ``close``, ``merge``, ``merge_back``.
+lease totals: ``close``, ``merge``, ``merge_back``. Each carries this process's secret as its last
+argument, which proves that the holder and lease keys it names are ours (to the broker as to the
+executor; a broker proves its own to the executor with its own secret).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def when_broker_fails(adopt: Callable[[], None]) -> None:
 
 def leasing(method: str, *args: Any, resource: str | None = None) -> Steps[Any]:
     """A lease call, to this node's broker or to the executor; see :func:`lease_call`."""
+    args = (*args, identity.SECRET)
     handle = broker()
     if handle is None:
         return (yield from rpc.calling(method, *args, retry=method != "acquire"))
@@ -111,7 +114,7 @@ def _lease_service() -> Any:
 
 def send(method: str, *args: Any) -> None:
     """Make a lease call without waiting (settling and closing are safe to lose)."""
-    rpc.send(method, *args, to=_lease_service)
+    rpc.send(method, *args, identity.SECRET, to=_lease_service)
 
 
 def _broker_failed(handle: Any) -> None:

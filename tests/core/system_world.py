@@ -22,6 +22,7 @@ from typing import Any
 
 from fakes import FakeClock
 
+from ray_quota._core.credentials import add_proofs, holder_id, make_claim
 from ray_quota._core.holder import LeaseSet, LocalLease
 from ray_quota._core.protocol import Grant, Report, prefetch_cap
 from ray_quota._core.resource import Policy
@@ -139,6 +140,7 @@ class Handle:
     leases: LeaseSet
     expected_use: int
     parent: str | None = None
+    proofs: tuple[str, ...] = ()  # what the pickled bytes of a move carried
     live: bool = True  # False once closed, merged or moved away
     waiting: int = 0  # requests of this handle waiting at the executor
 
@@ -165,8 +167,10 @@ class Process:
     def __init__(self, name: str, world: World) -> None:
         self.name = name
         self.world = world
-        self.holder = f"{name}-{next(world.incarnations)}"
-        self.claimant = f"process:{self.holder}"
+        # A secret of its own (deterministic here), and the holder id it proves.
+        self.secret = f"{name}-{next(world.incarnations)}"
+        self.holder = holder_id(self.secret, self.secret)
+        self.claimant = make_claim(f"process:{self.holder}", self.secret)
         self.keys = itertools.count()
         self.handles: list[Handle] = []
         self.held: list[tuple[Held, list[Any]]] = []
@@ -177,12 +181,16 @@ class Process:
     def new_key(self) -> str:
         return f"{self.holder}:{next(self.keys)}"
 
+    def claim(self, *handles: Handle) -> str:
+        """The claim the token calls about ``handles`` carry: with the proofs they came with."""
+        return add_proofs(self.claimant, [proof for handle in handles for proof in handle.proofs])
+
     def adopt_handle(self, token_id: str, resource: str, generation: int, expected_use: int,
-                     parent: str | None) -> Handle:
+                     parent: str | None, proofs: tuple[str, ...] = ()) -> Handle:
         spec = SPECS[resource]
         handle = Handle(token_id, resource, generation,
                         LeaseSet(token_id, spec.kind, max_prefetch=prefetch_cap(spec),
-                                 new_key=self.new_key), expected_use, parent)
+                                 new_key=self.new_key), expected_use, parent, proofs)
         self.handles.append(handle)
         return handle
 
@@ -218,8 +226,9 @@ class Process:
 
         executor = self.world.executor
         try:
-            ticket = executor.call("acquire", handle.token_id, handle.generation, self.claimant,
-                                   lease.key, amount, lease.prefetch(), None)
+            ticket = executor.call("acquire", handle.token_id, handle.generation,
+                                   self.claim(handle), lease.key, amount, lease.prefetch(), None,
+                                   self.secret)
         except Crashed:
             answer(ExecutorUnavailableError("lost"))
             return "lost"
@@ -248,7 +257,7 @@ class Process:
         entry[2] = used - uncovered
         self.world.records.debt[held.handle.resource] += uncovered
         if report is not None:
-            self.world.send("settle", [report])
+            self.world.send("settle", [report], self.secret)
 
     # ------------------------------------------------------------------------------ renewals
 
@@ -257,7 +266,7 @@ class Process:
         reports = [report for handle in self.handles
                    for report in handle.leases.reports(now, live=handle.live)]
         try:
-            alive = self.world.executor.call("renew", self.holder, reports)
+            alive = self.world.executor.call("renew", self.holder, reports, self.secret)
         except Crashed:
             return  # the next renewal reports the same totals again
         for handle in self.handles:
@@ -271,7 +280,7 @@ class Process:
         reports = [report for handle in self.handles if handle.token_id in token_ids
                    and (report := handle.leases.recall()) is not None]
         if reports:
-            self.world.send("settle", reports)
+            self.world.send("settle", reports, self.secret)
 
     def final_reports(self, handle: Handle) -> list[Report]:
         """The handle ends (close, merge, merge back): its open reservations end with it,
@@ -441,7 +450,7 @@ def backlog(world: World, resource: str, weights: list[int], *, seconds: float,
                         streamer.commit(streamer.held.index((held, entry)), held.amount)
                         served += 1
                     world.token_call("close", handle.token_id, 0, streamer.claimant,
-                                     streamer.final_reports(handle))
+                                     streamer.final_reports(handle), streamer.secret)
                     stream.remove(handle)
             while len(stream) < count:
                 info = world.token_call("open_token", resource, weight, streamer.claimant, None)
@@ -451,5 +460,6 @@ def backlog(world: World, resource: str, weights: list[int], *, seconds: float,
         world.advance(step_s)
     for handle in [*handles, *stream]:
         owner = worker if handle in handles else streamer
-        world.token_call("close", handle.token_id, 0, owner.claimant, owner.final_reports(handle))
+        world.token_call("close", handle.token_id, 0, owner.claimant, owner.final_reports(handle),
+                         owner.secret)
     return units, longest, served

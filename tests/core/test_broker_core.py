@@ -14,10 +14,11 @@ import pytest
 from fakes import FakeClock
 
 from ray_quota._core.broker import BrokerCore, Forward
-from ray_quota._errors import InvalidAmountError
+from ray_quota._core.credentials import adoption_suffix
 from ray_quota._core.holder import LocalLease
 from ray_quota._core.protocol import TRUST, Grant, Report
 from ray_quota._core.scheduler import Policy, ResourceStatus, Scheduler
+from ray_quota._errors import InvalidAmountError
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
 
 TTL = 10.0
@@ -39,6 +40,14 @@ class World:
 
     def token(self, expected_use: int = 100) -> str:
         return self.sched.open_token(self.spec.name, expected_use, claimant="c").id
+
+    def up_key(self, token_id: str, via: str | None) -> str:
+        """The broker's lease key that a grant's adoption secret names (as the service finds
+        it); processes are never told it."""
+        assert via is not None
+        key = self.sched.lease_key_ending(token_id, adoption_suffix(via))
+        assert key is not None
+        return key
 
     def status(self) -> ResourceStatus:
         return self.sched.status()[0]
@@ -610,11 +619,11 @@ def test_adopt_moves_a_processs_share_of_the_brokers_lease_into_its_own() -> Non
     proc.commit(30)
     before = w.status()
     lease = proc.lease
-    assert lease.via is not None
-    entry = (token, lease.via, lease.key, lease.held, lease.returned, lease.used, lease.debt)
+    up_key = w.up_key(token, lease.via)
+    entry = (token, up_key, lease.key, lease.held, lease.returned, lease.used, lease.debt)
     assert w.sched.adopt(*entry) is True
     assert w.sched.held(token, lease.key) == lease.held
-    assert w.sched.held(token, lease.via) == 100 - lease.held  # what the process reported
+    assert w.sched.held(token, up_key) == 100 - lease.held  # what the process reported
     assert w.status().leased_units == before.leased_units  # moved, not granted
     assert w.sched.adopt(*entry) is True  # a repeated call moves nothing more
     assert w.sched.held(token, lease.key) == lease.held
@@ -627,8 +636,7 @@ def test_adopt_moves_a_processs_share_of_the_brokers_lease_into_its_own() -> Non
 def test_adopt_refuses_once_the_brokers_lease_expired_and_changes_nothing() -> None:
     w, _node, token, proc = one_process(capacity())
     assert proc.reserve(100)
-    via = proc.lease.via
-    assert via is not None
+    via = w.up_key(token, proc.lease.via)
     w.clock.advance(TTL + 1)
     w.sched.poll()  # the broker stopped renewing: its lease expired, its units stay charged
     assert w.sched.adopt(token, via, proc.lease.key, 100, 0, 0, 0) is False
@@ -639,8 +647,7 @@ def test_adopt_refuses_once_the_brokers_lease_expired_and_changes_nothing() -> N
 def test_adopt_charges_declared_debt_and_checks_its_numbers() -> None:
     w, _node, token, proc = one_process(capacity())
     assert proc.reserve(100)
-    via = proc.lease.via
-    assert via is not None
+    via = w.up_key(token, proc.lease.via)
     with pytest.raises(InvalidAmountError, match="units"):
         w.sched.adopt(token, via, "p1:9", -1, 0, 0, 0)
     assert w.sched.held(token, via) == 100  # nothing changed
@@ -676,8 +683,8 @@ def test_processes_that_adopt_after_their_broker_died_lose_and_double_grant_noth
     lost = sum(up.lease.spare + up.lease.returned
                - w.sched._leases[(token_id, up.lease.key)].returned
                for token_id, up in node.core._ups.items())
-    entries = [(p.token_id, p.lease.via, p.lease.key, p.lease.held, p.lease.returned,
-                p.lease.used, p.lease.debt) for p in procs if p.lease.via]
+    entries = [(p.token_id, w.up_key(p.token_id, p.lease.via), p.lease.key, p.lease.held,
+                p.lease.returned, p.lease.used, p.lease.debt) for p in procs if p.lease.via]
     for entry in entries:
         assert w.sched.adopt(*entry)
     for p in procs:

@@ -44,7 +44,7 @@ def test_a_malformed_report_is_refused_naming_the_field(value: object, error: ty
 def test_adoptions_are_checked_field_by_field() -> None:
     entry = Adoption("t", "b:0", "p:0", 4, 0, 1, 0)
     assert check_adoptions((entry,)) == [entry]
-    with pytest.raises(ProtocolError, match=r"entries\[0\].from_key"):
+    with pytest.raises(ProtocolError, match=r"entries\[0\].via"):
         check_adoptions([("t", None, "p:0", 4, 0, 1, 0)])
     with pytest.raises(InvalidAmountError, match=r"entries\[1\].returned"):
         check_adoptions([entry, ("t", "b:0", "p:1", 4, -2, 0, 0)])

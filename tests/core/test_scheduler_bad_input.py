@@ -13,6 +13,7 @@ from scheduler_world import (
     rate,
 )
 
+from ray_quota._core.credentials import claim_value, make_claim
 from ray_quota._core.scheduler import Policy
 from ray_quota._errors import (
     IncompatibleTokensError,
@@ -138,7 +139,9 @@ def test_merge_back_returns_a_childs_expected_use_and_credit_to_its_parent() -> 
     env.commit(busy, granted(env.acquire(busy, 50)))
     env.commit(busy, granted(env.acquire(busy, 50)))
     total = env.sched.credit(parent) + env.sched.credit(child)
-    assert env.sched.merge_back(child, 1, "task-9", parent) is True  # the child's own process
+    # The child's own process, which it was moved to.
+    claim = make_claim("task:9", "k9", [claim_value(ME, child, 0)])
+    assert env.sched.merge_back(child, 1, claim, parent) is True
     assert env.sched.describe(parent, 0, ME) == (20, pytest.approx(total))
     with pytest.raises(TokenClosedError):
         env.acquire(child, 1)

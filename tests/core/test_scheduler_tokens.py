@@ -17,8 +17,10 @@ from scheduler_world import (
     rate,
 )
 
+from ray_quota._core.credentials import claim_value, make_claim
 from ray_quota._core.scheduler import Policy
 from ray_quota._errors import (
+    AccessDeniedError,
     ForgedTokenError,
     InvalidAmountError,
     TokenClosedError,
@@ -30,10 +32,16 @@ from ray_quota._errors import (
 # ================================================================================= transfers
 
 
+def moved(token: str, who: str, key: str) -> str:
+    """The claim of a process (claim secret ``key``) that unpickled a token ME moved: with the
+    proof the pickled bytes carry."""
+    return make_claim(who, key, [claim_value(ME, token, 0)])
+
+
 def test_token_moved_to_another_process_refuses_the_old_owner() -> None:
     env = Env(capacity(value=100))
     token = env.token("c", 10)
-    granted(env.sched.acquire(token, 1, "receiver", "proc-2", 1))
+    granted(env.sched.acquire(token, 1, moved(token, "receiver", "k2"), "proc-2", 1))
     before = env.snapshot([token], holders=(HOLDER, "proc-2"))
     with pytest.raises(TokenMovedError):
         env.sched.acquire(token, 0, ME, HOLDER, 1)
@@ -47,17 +55,42 @@ def test_token_moved_to_another_process_refuses_the_old_owner() -> None:
 def test_retry_by_the_same_claimant_may_take_the_token_up_again() -> None:
     env = Env(capacity(value=100))
     token = env.token("c", 10)
-    granted(env.sched.acquire(token, 1, "task-7", "proc-2", 1))
-    granted(env.sched.acquire(token, 1, "task-7", "proc-3", 1))  # Ray retried task-7 elsewhere
+    granted(env.sched.acquire(token, 1, moved(token, "task:7", "k2"), "proc-2", 1))
+    # Ray retried task 7 in another process (another claim secret), with the same bytes.
+    granted(env.sched.acquire(token, 1, moved(token, "task:7", "k3"), "proc-3", 1))
 
+
+def test_a_higher_generation_without_the_proof_takes_nothing_up() -> None:
+    """Knowing a token's id (and guessing a generation) is not enough to take it over."""
+    env = Env(capacity(value=100))
+    token = env.token("c", 10)
+    before = env.snapshot([token], holders=(HOLDER, "proc-2"))
+    for claim in ("task:8#k8", make_claim("task:8", "k8", ["not-the-proof"]),
+                  make_claim("task:8", "k8", [claim_value("other-key", token, 0)])):
+        for generation in (1, 2, 10**6):
+            with pytest.raises(AccessDeniedError, match="proof"):
+                env.sched.acquire(token, generation, claim, "proc-2", 1)
+    assert env.snapshot([token], holders=(HOLDER, "proc-2")) == before
+    granted(env.sched.acquire(token, 0, ME, HOLDER, 1))  # the owner is unaffected
+
+
+def test_a_proof_is_spent_once_the_token_moves_on() -> None:
+    """The bytes of an earlier move take nothing up after the token moved again."""
+    env = Env(capacity(value=100))
+    token = env.token("c", 10)
+    granted(env.sched.acquire(token, 1, moved(token, "task:7", "k2"), "proc-2", 1))
+    again = make_claim("task:9", "k9", [claim_value("k2", token, 1)])
+    granted(env.sched.acquire(token, 2, again, "proc-3", 1))
+    with pytest.raises(AccessDeniedError):
+        env.sched.acquire(token, 3, moved(token, "task:7", "k2"), "proc-2", 1)
 
 def test_another_claimant_of_the_same_generation_is_refused() -> None:
     env = Env(capacity(value=100))
     token = env.token("c", 10)
-    granted(env.sched.acquire(token, 1, "task-7", "proc-2", 1))
+    granted(env.sched.acquire(token, 1, moved(token, "task:7", "k2"), "proc-2", 1))
     before = env.snapshot([token], holders=("proc-2", "proc-3"))
-    with pytest.raises(TokenMovedError):
-        env.sched.acquire(token, 1, "task-8", "proc-3", 1)
+    with pytest.raises(TokenMovedError):  # another task, even with the same bytes
+        env.sched.acquire(token, 1, moved(token, "task:8", "k3"), "proc-3", 1)
     assert env.snapshot([token], holders=("proc-2", "proc-3")) == before
 
 

@@ -7,14 +7,16 @@ and recalls to post.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from fakes import FakeClock
 
+from ray_quota._core.credentials import adoption_suffix, holder_id
 from ray_quota._core.protocol import (
     IDLE_TICK_S,
     Adoption,
@@ -55,12 +57,35 @@ def clock() -> FakeClock:
 OPENED: list[str] = []  # the ids of the tokens the current test opened
 
 
+# The test's holders, all proven by one secret, which every lease call below carries (what the
+# secret guards is tested in test_credentials.py).
+SECRET = "test-secret"
+PROC, PROC_A, PROC_B, P = (holder_id(name, SECRET) for name in ("proc", "proc-a", "proc-b", "p"))
+
+
+def H(name: str) -> str:  # short, as the literal keys it stands in for
+    """A test holder id."""
+    return holder_id(name, SECRET)
+LEASE_CALLS = {"acquire", "settle", "renew", "watch", "adopt", "close", "merge", "merge_back"}
+
+
+class Carrying:
+    """The service, with every lease call carrying :data:`SECRET`."""
+
+    def __init__(self, service: ExecutorService) -> None:
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._service, name)
+        return functools.partial(method, secret=SECRET) if name in LEASE_CALLS else method
+
+
 @pytest.fixture
 def service(clock: FakeClock) -> ExecutorService:
     OPENED.clear()
     made = ExecutorService(SPECS, clock=clock, policy=Policy(lease_ttl_s=TTL))
     made.drain()  # the initial state, written as the actor starts
-    return made
+    return cast(ExecutorService, Carrying(made))
 
 
 def token(service: ExecutorService, resource: str = "tok", expected_use: int = 5,
@@ -110,7 +135,7 @@ def test_the_first_drain_holds_every_resources_initial_state(clock: FakeClock) -
 def test_after_a_restore_the_first_drain_writes_nothing(clock: FakeClock) -> None:
     fresh = ExecutorService(SPECS, clock=clock)
     saved = [SavedResource(SPECS["budget"], pool=60.0, vtime=0.0)]
-    specs = fresh.restore(saved, [], [SavedLease("t", "p:0", "budget", 40, 0, 0, 0)],
+    specs = fresh.restore(saved, [], [SavedLease("t", f"{P}:0", "budget", 40, 0, 0, 0)],
                           elapsed_s=5.0)
     assert specs == SPECS
     assert not fresh.drain()  # what is on disk already: the initial full pools must not win
@@ -118,11 +143,11 @@ def test_after_a_restore_the_first_drain_writes_nothing(clock: FakeClock) -> Non
 
 def test_an_immediate_grant_is_drained_with_the_lease_it_made(service: ExecutorService) -> None:
     info = token(service)
-    ticket = service.acquire(info.id, 0, "me", "proc:0", 3, 2, None)
+    ticket = service.acquire(info.id, 0, "me", f"{PROC}:0", 3, 2, None)
     assert isinstance(ticket, Ticket) and isinstance(ticket.outcome, Grant)
     assert ticket.outcome.units >= 3 and ticket.outcome.waited_s == 0.0
     outbox = service.drain()
-    assert (info.id, "proc:0") in lease_keys(outbox)
+    assert (info.id, f"{PROC}:0") in lease_keys(outbox)
     assert outbox.resolved == ()  # answered by its own call, not by a later drain
     assert not service.drain()
 
@@ -130,8 +155,8 @@ def test_an_immediate_grant_is_drained_with_the_lease_it_made(service: ExecutorS
 def test_a_wait_is_resolved_by_a_tick_together_with_the_changes_that_granted_it(
         service: ExecutorService, clock: FakeClock) -> None:
     info = token(service)
-    grant(service, info, "proc:0", 10)  # the whole burst
-    ticket = waiting(service, info, "proc:1", 4)
+    grant(service, info, f"{PROC}:0", 10)  # the whole burst
+    ticket = waiting(service, info, f"{PROC}:1", 4)
     assert service.drain().resolved == ()
     wake = service.next_wakeup()
     assert wake == pytest.approx(clock() + 0.4)  # 4 units at 10 per second
@@ -142,14 +167,14 @@ def test_a_wait_is_resolved_by_a_tick_together_with_the_changes_that_granted_it(
     assert resolved.ticket == ticket.id
     assert isinstance(resolved.outcome, Grant) and resolved.outcome.units == 4
     assert resolved.outcome.waited_s == pytest.approx(0.4)
-    assert (info.id, "proc:1") in lease_keys(outbox)  # written before the answer goes out
+    assert (info.id, f"{PROC}:1") in lease_keys(outbox)  # written before the answer goes out
 
 
 def test_a_wait_past_its_timeout_fails_at_the_tick_after_it(
         service: ExecutorService, clock: FakeClock) -> None:
     info = token(service, "conn", 1)
-    grant(service, info, "a:0", 2)
-    ticket = waiting(service, info, "b:0", 1, timeout=0.3)
+    grant(service, info, f"{H('a')}:0", 2)
+    ticket = waiting(service, info, f"{H('b')}:0", 1, timeout=0.3)
     assert service.next_wakeup() == pytest.approx(clock() + 0.3)
     clock.advance(0.2)
     service.tick()
@@ -164,8 +189,8 @@ def test_next_wakeup_is_at_most_the_idle_tick_away_and_never_past(
         service: ExecutorService, clock: FakeClock) -> None:
     assert service.next_wakeup() == clock() + IDLE_TICK_S  # nothing due
     info = token(service, "conn", 1)
-    grant(service, info, "a:0", 2)
-    waiting(service, info, "b:0", 1, timeout=0.1)
+    grant(service, info, f"{H('a')}:0", 2)
+    waiting(service, info, f"{H('b')}:0", 1, timeout=0.1)
     clock.advance(1.0)  # the deadline passed without a tick
     assert service.next_wakeup() == clock()
 
@@ -173,20 +198,20 @@ def test_next_wakeup_is_at_most_the_idle_tick_away_and_never_past(
 def test_a_cancelled_wait_is_never_resolved(service: ExecutorService,
                                             clock: FakeClock) -> None:
     info = token(service)
-    grant(service, info, "proc:0", 10)
-    ticket = waiting(service, info, "proc:1", 4)
+    grant(service, info, f"{PROC}:0", 10)
+    ticket = waiting(service, info, f"{PROC}:1", 4)
     service.cancel(ticket.id)
     service.cancel(ticket.id)  # twice is harmless
     clock.advance(1.0)
     service.tick()
     assert service.drain().resolved == ()
-    assert held(service, info, "proc:1") == 0
+    assert held(service, info, f"{PROC}:1") == 0
 
 
 def test_closing_a_token_resolves_its_waits_with_an_error(service: ExecutorService) -> None:
     info = token(service, "conn", 1)
-    grant(service, info, "a:0", 2)
-    ticket = waiting(service, info, "b:0", 1)
+    grant(service, info, f"{H('a')}:0", 2)
+    ticket = waiting(service, info, f"{H('b')}:0", 1)
     assert service.close(info.id, 0, "me", []) is None
     [resolved] = service.drain().resolved
     assert resolved.ticket == ticket.id and isinstance(resolved.outcome, QuotaError)
@@ -197,11 +222,11 @@ def test_closing_a_token_resolves_its_waits_with_an_error(service: ExecutorServi
 
 def test_a_recall_is_addressed_to_the_holder_of_the_lease_key(service: ExecutorService) -> None:
     holding = token(service, "conn", 1)
-    grant(service, holding, "proc-a:3", 1, prefetch=1)
+    grant(service, holding, f"{PROC_A}:3", 1, prefetch=1)
     other = token(service, "conn", 1, claimant="b")
-    ticket = service.acquire(other.id, 0, "b", "proc-b:0", 1, 0, None)
+    ticket = service.acquire(other.id, 0, "b", f"{PROC_B}:0", 1, 0, None)
     assert isinstance(ticket, Ticket) and ticket.outcome is None
-    assert service.drain().recalls == (Recall("proc-a", frozenset({holding.id})),)
+    assert service.drain().recalls == (Recall(PROC_A, frozenset({holding.id})),)
 
 
 # ---------------------------------------------------------------------------------- renewals
@@ -210,44 +235,44 @@ def test_a_recall_is_addressed_to_the_holder_of_the_lease_key(service: ExecutorS
 def test_renew_answers_each_live_lease_with_whether_others_wait(
         service: ExecutorService) -> None:
     info = token(service, "conn", 1)
-    grant(service, info, "proc:0", 1)
-    report = Report(info.id, "proc:0", 0, 0, 0, False)
-    assert service.renew("proc", [report]) == {(info.id, "proc:0"): LeaseAnswer(False, TTL)}
-    grant(service, info, "other:0", 1)
-    waiting(service, token(service, "conn", 1), "late:0", 1)
-    assert service.renew("proc", [report]) == {(info.id, "proc:0"): LeaseAnswer(True, TTL)}
+    grant(service, info, f"{PROC}:0", 1)
+    report = Report(info.id, f"{PROC}:0", 0, 0, 0, False)
+    assert service.renew(PROC, [report]) == {(info.id, f"{PROC}:0"): LeaseAnswer(False, TTL)}
+    grant(service, info, f"{H('other')}:0", 1)
+    waiting(service, token(service, "conn", 1), f"{H('late')}:0", 1)
+    assert service.renew(PROC, [report]) == {(info.id, f"{PROC}:0"): LeaseAnswer(True, TTL)}
 
 
 def test_renew_leaves_out_an_expired_lease(service: ExecutorService, clock: FakeClock) -> None:
     info = token(service, "conn", 1)
-    grant(service, info, "proc:0", 1)
+    grant(service, info, f"{PROC}:0", 1)
     clock.advance(TTL + 0.1)
     service.tick()
     outbox = service.drain()
-    assert (info.id, "proc:0") in {key for changes in outbox.changes
+    assert (info.id, f"{PROC}:0") in {key for changes in outbox.changes
                                    for key in changes.dropped_leases}
-    assert service.renew("proc", [Report(info.id, "proc:0", 0, 0, 0, False)]) == {}
+    assert service.renew(PROC, [Report(info.id, f"{PROC}:0", 0, 0, 0, False)]) == {}
     assert service.scheduler.status()[2].in_use == 0  # the slot came back
 
 
 def test_a_final_report_ends_the_lease_and_gives_back_what_it_held(
         service: ExecutorService) -> None:
     info = token(service, "budget", 10)
-    grant(service, info, "proc:0", 10, prefetch=5)
-    answer = service.renew("proc", [Report(info.id, "proc:0", 0, 4, 0, True)])
+    grant(service, info, f"{PROC}:0", 10, prefetch=5)
+    answer = service.renew(PROC, [Report(info.id, f"{PROC}:0", 0, 4, 0, True)])
     assert answer == {}
     assert next(s for s in service.status() if s.name == "budget").in_use == 4
-    refused = service.acquire(info.id, 0, "me", "proc:0", 1, 0, None)
+    refused = service.acquire(info.id, 0, "me", f"{PROC}:0", 1, 0, None)
     assert isinstance(refused, LeaseEndedError)
 
 
 def test_settle_applies_running_totals_once(service: ExecutorService) -> None:
     info = token(service, "budget", 10)
-    grant(service, info, "proc:0", 10)
-    report = Report(info.id, "proc:0", 6, 0, 0, False)
+    grant(service, info, f"{PROC}:0", 10)
+    report = Report(info.id, f"{PROC}:0", 6, 0, 0, False)
     assert service.settle([report]) is None
     assert service.settle([report]) is None  # a repeat changes nothing
-    assert held(service, info, "proc:0") == 4
+    assert held(service, info, f"{PROC}:0") == 4
 
 
 # ---------------------------------------------------------------------------------- adoption
@@ -256,13 +281,16 @@ def test_settle_applies_running_totals_once(service: ExecutorService) -> None:
 def test_adopt_moves_a_share_of_a_brokers_lease_to_the_process(
         service: ExecutorService) -> None:
     info = token(service, "budget", 10)
-    grant(service, info, "broker:0", 10)
-    entry = Adoption(info.id, "broker:0", "proc:0", 4, 0, 0, 0)
-    assert service.adopt([entry]) == [(info.id, "proc:0")]
-    assert service.adopt([entry]) == [(info.id, "proc:0")]  # a repeated call
-    assert (held(service, info, "broker:0"), held(service, info, "proc:0")) == (6, 4)
-    assert (info.id, "proc:0") in lease_keys(service.drain())
-    gone = Adoption(info.id, "nobody:0", "proc:1", 4, 0, 0, 0)
+    # The broker's lease key ends with the digest of its adoption secret, which the broker
+    # gives its processes instead of the key.
+    broker_key = f"{H('broker')}:0{adoption_suffix('adopt-me')}"
+    grant(service, info, broker_key, 10)
+    entry = Adoption(info.id, "adopt-me", f"{PROC}:0", 4, 0, 0, 0)
+    assert service.adopt([entry]) == [(info.id, f"{PROC}:0")]
+    assert service.adopt([entry]) == [(info.id, f"{PROC}:0")]  # a repeated call
+    assert (held(service, info, broker_key), held(service, info, f"{PROC}:0")) == (6, 4)
+    assert (info.id, f"{PROC}:0") in lease_keys(service.drain())
+    gone = Adoption(info.id, "no-such-secret", f"{PROC}:1", 4, 0, 0, 0)
     assert service.adopt([gone]) == []
 
 
@@ -285,14 +313,14 @@ def test_errors_are_answered_not_raised(service: ExecutorService) -> None:
     assert isinstance(service.describe("forged", 0, "me"), ForgedTokenError)
     assert isinstance(service.open_token("nope", 1, "me", None), UnknownResourceError)
     assert isinstance(service.merge(info.id, 0, "me", info.id, 0, []), IncompatibleTokensError)
-    assert isinstance(service.acquire(info.id, 0, "me", "p:0", 11, 0, None), InvalidAmountError)
+    assert isinstance(service.acquire(info.id, 0, "me", f"{P}:0", 11, 0, None), InvalidAmountError)
 
 
 def test_calls_are_counted_by_method(service: ExecutorService) -> None:
     info = token(service)
-    grant(service, info, "p:0", 1)
-    service.renew("p", [])
-    service.watch("p", 2.0)
+    grant(service, info, f"{P}:0", 1)
+    service.renew(P, [])
+    service.watch(P, 2.0)
     service.describe("forged", 0, "me")  # refused, still served
     assert service.counts == {"open_token": 1, "acquire": 1, "renew": 1, "watch": 1,
                               "describe": 1}
@@ -302,7 +330,8 @@ def test_calls_are_counted_by_method(service: ExecutorService) -> None:
 # ------------------------------------------------------------------------------------ limits
 
 
-KEYS = ("p:0", "p:1", "q:0", "q:1", "a:0", "b:0")  # every lease key the tests use
+# Every lease key the tests use.
+KEYS = (f"{P}:0", f"{P}:1", f"{H('q')}:0", f"{H('q')}:1", f"{H('a')}:0", f"{H('b')}:0")
 
 
 def snapshot(service: ExecutorService) -> Any:
@@ -366,12 +395,12 @@ GOOD = "good"  # a key whose report is valid, sent before the bad one in the sam
 def bad_calls() -> dict[str, tuple[Callable[[ExecutorService, World], Any], type[Exception],
                                    str]]:
     def report(w: World, **change: Any) -> tuple[Any, ...]:
-        fields = dict(token_id=w["t"].id, key="p:0", returned=0, used=0, debt=0, final=False)
+        fields = dict(token_id=w["t"].id, key=f"{P}:0", returned=0, used=0, debt=0, final=False)
         fields.update(change)
         return tuple(fields.values())
 
     def good(w: World) -> Report:
-        return Report(w["t"].id, "p:0", 5, 0, 0, True)  # would give back and end the lease
+        return Report(w["t"].id, f"{P}:0", 5, 0, 0, True)  # would give back and end the lease
 
     return {
         "resource not a str": (lambda s, w: s.open_token(["tok"], 1, "me", None),
@@ -389,15 +418,15 @@ def bad_calls() -> dict[str, tuple[Callable[[ExecutorService, World], Any], type
                        "child_expected_use"),
         "key not a str": (lambda s, w: s.acquire(w["t"].id, 0, "me", 0, 1, 0, None),
                           ProtocolError, "key"),
-        "amount a str": (lambda s, w: s.acquire(w["t"].id, 0, "me", "p:1", "1", 0, None),
+        "amount a str": (lambda s, w: s.acquire(w["t"].id, 0, "me", f"{P}:1", "1", 0, None),
                          InvalidAmountError, "amount"),
-        "prefetch negative": (lambda s, w: s.acquire(w["t"].id, 0, "me", "p:1", 1, -1, None),
+        "prefetch negative": (lambda s, w: s.acquire(w["t"].id, 0, "me", f"{P}:1", 1, -1, None),
                               InvalidAmountError, "prefetch"),
-        "timeout negative": (lambda s, w: s.acquire(w["t"].id, 0, "me", "p:1", 1, 0, -1),
+        "timeout negative": (lambda s, w: s.acquire(w["t"].id, 0, "me", f"{P}:1", 1, 0, -1),
                              InvalidAmountError, "timeout"),
-        "timeout nan": (lambda s, w: s.acquire(w["t"].id, 0, "me", "p:1", 1, 0, math.nan),
+        "timeout nan": (lambda s, w: s.acquire(w["t"].id, 0, "me", f"{P}:1", 1, 0, math.nan),
                         InvalidAmountError, "timeout"),
-        "timeout a bool": (lambda s, w: s.acquire(w["t"].id, 0, "me", "p:1", 1, 0, True),
+        "timeout a bool": (lambda s, w: s.acquire(w["t"].id, 0, "me", f"{P}:1", 1, 0, True),
                            InvalidAmountError, "timeout"),
         "reports not a list": (lambda s, w: s.settle(good(w)), ProtocolError, "reports"),
         "report too short": (lambda s, w: s.settle([good(w), report(w)[:5]]), ProtocolError,
@@ -406,7 +435,7 @@ def bad_calls() -> dict[str, tuple[Callable[[ExecutorService, World], Any], type
                                   InvalidAmountError, "reports[1].debt"),
         "report total float": (lambda s, w: s.settle([good(w), report(w, used=0.5)]),
                                InvalidAmountError, "reports[1].used"),
-        "report final an int": (lambda s, w: s.renew("p", [good(w), report(w, final=1)]),
+        "report final an int": (lambda s, w: s.renew(P, [good(w), report(w, final=1)]),
                                 ProtocolError, "reports[1].final"),
         "report key not a str": (lambda s, w: s.close(w["t"].id, 0, "me",
                                                       [good(w), report(w, key=None)]),
@@ -421,12 +450,12 @@ def bad_calls() -> dict[str, tuple[Callable[[ExecutorService, World], Any], type
                                    "holder"),
         "adoption not a list": (lambda s, w: s.adopt({"a": 1}), ProtocolError, "entries"),
         "adoption units negative": (lambda s, w: s.adopt([
-            Adoption(w["t"].id, "p:0", "q:0", 1, 0, 0, 0),
-            Adoption(w["t"].id, "p:0", "q:1", -1, 0, 0, 0)]), InvalidAmountError,
+            Adoption(w["t"].id, f"{P}:0", f"{H('q')}:0", 1, 0, 0, 0),
+            Adoption(w["t"].id, f"{P}:0", f"{H('q')}:1", -1, 0, 0, 0)]), InvalidAmountError,
             "entries[1].units"),
-        "adoption key not a str": (lambda s, w: s.adopt([(w["t"].id, "p:0", 9, 1, 0, 0, 0)]),
+        "adoption key not a str": (lambda s, w: s.adopt([(w["t"].id, f"{P}:0", 9, 1, 0, 0, 0)]),
                                    ProtocolError, "entries[0].to_key"),
-        "watch timeout a str": (lambda s, w: s.watch("p", "2"), InvalidAmountError,
+        "watch timeout a str": (lambda s, w: s.watch(P, "2"), InvalidAmountError,
                                 "timeout_s"),
     }
 
@@ -438,7 +467,7 @@ BAD = bad_calls()
 def test_a_bad_message_is_refused_with_a_named_error_and_changes_nothing(
         service: ExecutorService, case: str) -> None:
     world = {"t": token(service, "budget", 10), "u": token(service, "budget", 10)}
-    grant(service, world["t"], "p:0", 5)
+    grant(service, world["t"], f"{P}:0", 5)
     before = snapshot(service)
     call, error, words = BAD[case]
     refused = call(service, world)
@@ -451,15 +480,15 @@ def test_a_bad_message_is_refused_with_a_named_error_and_changes_nothing(
 
 def test_valid_reports_as_plain_tuples_are_taken_as_reports(service: ExecutorService) -> None:
     info = token(service, "budget", 10)
-    grant(service, info, "p:0", 5)
-    assert service.settle([(info.id, "p:0", 5, 0, 0, False)]) is None
-    assert held(service, info, "p:0") == 0
+    grant(service, info, f"{P}:0", 5)
+    assert service.settle([(info.id, f"{P}:0", 5, 0, 0, False)]) is None
+    assert held(service, info, f"{P}:0") == 0
 
 
 def test_a_timeout_of_infinity_waits_as_the_resource_allows(service: ExecutorService) -> None:
     info = token(service, "conn", 1)
-    grant(service, info, "a:0", 2)
-    waiting(service, info, "b:0", 1, timeout=math.inf)  # conn's own wait limit: 5 s
+    grant(service, info, f"{H('a')}:0", 2)
+    waiting(service, info, f"{H('b')}:0", 1, timeout=math.inf)  # conn's own wait limit: 5 s
     assert service.next_wakeup() == pytest.approx(100.0 + IDLE_TICK_S)
 
 
@@ -473,6 +502,6 @@ def test_protocol_errors_pickle_and_are_type_errors() -> None:
 def test_a_waiting_acquire_is_refused_nothing_when_a_split_takes_all_its_expected_use(
         service: ExecutorService) -> None:
     info = token(service, "conn", 2)
-    grant(service, info, "a:0", 2)
-    waiting(service, info, "b:0", 1)
+    grant(service, info, f"{H('a')}:0", 2)
+    waiting(service, info, f"{H('b')}:0", 1)
     assert isinstance(service.split(info.id, 0, "me", 2), TokenStateError)

@@ -14,6 +14,7 @@ import pytest
 from fakes import FakeClock
 
 from ray_quota._core.broker import BrokerCore, Forward
+from ray_quota._core.credentials import holder_id
 from ray_quota._core.fair_queue import Ticket
 from ray_quota._core.holder import LeaseSet
 from ray_quota._core.protocol import RECALL_GRACE_S, Grant, Report, prefetch_cap
@@ -41,8 +42,11 @@ class Holder:
         assert not isinstance(info, Exception), info
         self.token_id = info.id
         keys = itertools.count()
+        holder = holder_id(name, name)  # the secret is the name: tests need no randomness
         self.leases = LeaseSet(info.id, self.spec.kind, max_prefetch=prefetch_cap(self.spec),
-                               new_key=lambda: f"{name}:{next(keys)}")
+                               new_key=lambda: f"{holder}:{next(keys)}")
+        # Calls to the executor carry the secret of the holder of the keys they name.
+        self.secret = name if broker is None else BROKER
 
     def reserve(self, amount: int) -> bool:
         """Granted at once (True) or refused (False): a reject request left waiting for spare
@@ -60,7 +64,7 @@ class Holder:
         else:
             amount_up = amount
         ticket = self.service.acquire(self.token_id, *self.claim, key, amount_up, prefetch,
-                                      None)
+                                      None, self.secret)
         assert isinstance(ticket, Ticket), ticket
         if ticket.outcome is None:  # it waits for spare recalled from others: none answer here
             self.clock.advance(RECALL_GRACE_S)
@@ -83,19 +87,21 @@ class Holder:
 
     def _send(self, reports: list[Report]) -> None:
         if self.broker is None:
-            self.service.settle(reports)
+            self.service.settle(reports, self.secret)
         elif self.broker.settle(reports, self.clock.now):  # the broker actor's _send_now
-            self.service.settle(self.broker.report_of(self.token_id))
+            self.service.settle(self.broker.report_of(self.token_id), self.secret)
 
 
 World = tuple[ExecutorService, FakeClock, BrokerCore | None]
+BROKER = "b1"  # the broker's secret
 
 
 @pytest.fixture(params=["direct", "broker"])
 def world(request: pytest.FixtureRequest) -> World:
     clock = FakeClock(100.0)
     service = ExecutorService(SPECS, clock=clock, policy=Policy(lease_ttl_s=TTL))
-    broker = BrokerCore(holder="b1", ttl_s=TTL) if request.param == "broker" else None
+    broker = BrokerCore(holder=holder_id("b1", BROKER), ttl_s=TTL) \
+        if request.param == "broker" else None
     return service, clock, broker
 
 

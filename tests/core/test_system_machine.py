@@ -38,6 +38,7 @@ from system_world import (
     slots_in_use,
 )
 
+from ray_quota._core.credentials import Claim, claim_value
 from ray_quota._errors import QuotaError
 
 PICK = st.integers(0, 10**6)
@@ -99,7 +100,7 @@ class SystemMachine(RuleBasedStateMachine):
         before = sched.credit(handle.token_id)
         try:
             child, left = self.world.token_call("split", handle.token_id, handle.generation,
-                                                process.claimant, child_use)
+                                                process.claim(handle), child_use)
         except QuotaError as exc:
             event(f"split refused: {type(exc).__name__}")
             return
@@ -119,10 +120,13 @@ class SystemMachine(RuleBasedStateMachine):
         receiver = self._process(to)
         if found is None or receiver is None:
             return
-        _, handle = found
+        sender, handle = found
         handle.live = False  # the sender's handle stops; its leases end at its next renewal
+        # The pickled bytes carry the sender's proof, and those the handle came with.
+        proof = claim_value(Claim(sender.claimant).key, handle.token_id, handle.generation)
         moved = receiver.adopt_handle(handle.token_id, handle.resource, handle.generation + 1,
-                                      handle.expected_use, handle.parent)
+                                      handle.expected_use, handle.parent,
+                                      (proof, *handle.proofs))
         self.owner[moved.token_id] = receiver
 
     @rule(pick=PICK, other=PICK)
@@ -136,12 +140,13 @@ class SystemMachine(RuleBasedStateMachine):
             return
         # The other's last totals first (the client sends them with the merge, and the
         # executor applies them first): refunds and debt move its credit before it is added.
-        self.world.send("settle", process.final_reports(other_handle))
+        self.world.send("settle", process.final_reports(other_handle), process.secret)
         sched = self.world.executor.service.scheduler
         before = sched.credit(handle.token_id) + sched.credit(other_handle.token_id)
         try:
-            self.world.token_call("merge", handle.token_id, handle.generation, process.claimant,
-                                  other_handle.token_id, other_handle.generation, [])
+            self.world.token_call("merge", handle.token_id, handle.generation,
+                                  process.claim(handle, other_handle), other_handle.token_id,
+                                  other_handle.generation, [])
         except QuotaError as exc:
             event(f"merge refused: {type(exc).__name__}")
             other_handle.live = True
@@ -163,7 +168,8 @@ class SystemMachine(RuleBasedStateMachine):
         reports = process.final_reports(handle)
         try:
             merged = self.world.token_call("merge_back", handle.token_id, handle.generation,
-                                           process.claimant, handle.parent, reports)
+                                           process.claim(handle), handle.parent, reports,
+                                           process.secret)
         except QuotaError as exc:
             event(f"merge_back refused: {type(exc).__name__}")
             return
@@ -179,8 +185,8 @@ class SystemMachine(RuleBasedStateMachine):
             return
         process, handle = found
         reports = process.final_reports(handle)
-        self.world.token_call("close", handle.token_id, handle.generation, process.claimant,
-                              reports)
+        self.world.token_call("close", handle.token_id, handle.generation, process.claim(handle),
+                              reports, process.secret)
         self._ended(handle)
 
     # ------------------------------------------------------------------------- reservations
