@@ -94,7 +94,7 @@ def _copy(queue: FairQueue, target: Waiter | None,
           ask: tuple[Flow, int, float] | None) -> tuple[FairQueue, Waiter]:
     """A copy of ``queue`` (tokens and waiters copied, the originals untouched), and in it the
     copy of ``target`` or the request asked, which never runs out of time."""
-    replay = FairQueue(queue.bypass_factor)
+    replay = FairQueue(queue.bypass_factor, 0.0)  # its virtual time is not used
     twin: Waiter | None = None
     flows: dict[int, Flow] = {}
     queued = sorted(queue.waiters(), key=lambda w: w.seq)
