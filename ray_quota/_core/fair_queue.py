@@ -211,9 +211,10 @@ class VirtualTime:
     empty lease) stops counting a bounded while after its last grant. Counting holders for as
     long as they hold made virtual time lag the tokens competing, so that newcomers, entering
     at it, took more than their weight; counting only waiters, or only tokens with their pass
-    ahead, let it run ahead of tokens busy between two requests. A closed token counts while
-    what it was granted lasts in the fluid share (until virtual time reaches its pass): one-shot
-    tokens, each closed once served, would otherwise speed it up and push the next ones back.
+    ahead, let it run ahead of tokens busy between two requests. A closed token stands nowhere
+    and stops counting at once: a stream of one-shot tokens is counted by the ones waiting,
+    not also by those served and closed before them, which slowed virtual time and let the
+    stream take more than its weight.
 
     The rule is written into the data: tokens not waiting sit in one of two heaps by horizon
     (where they stop counting), those ahead of virtual time (active) and those at or behind it,
@@ -240,7 +241,7 @@ class VirtualTime:
         self.weight = 0  # expected use of the active tokens, summed
         self._grace = credit_factor  # how far behind virtual time a pass still counts
         self._counted: dict[Flow, int] = {}  # active token -> the weight counted for it
-        self._placed: set[Flow] = set()  # tokens placed and not closed
+        self._placed: set[Flow] = set()  # tokens placed and not closed: bounds the heaps
         self._ahead: list[Mark] = []  # (horizon, stamp, token): not waiting, active
         self._behind: list[Mark] = []  # (-horizon, stamp, token): not waiting, not active
         self._stamps = 0
@@ -268,7 +269,7 @@ class VirtualTime:
             left -= (edge[0] - self.now) * weight
             self.now = edge[0]
             while (edge := self._first(self._ahead)) is not None and edge[0] <= self.now:
-                self._put(edge[2], edge[0], active=False, listed=edge[2] in self._placed)
+                self._put(edge[2], edge[0], active=False, listed=True)
 
     def step_back(self, units: float) -> None:
         """Take ``units`` of service back (granted, then given back unused): tokens whose
@@ -298,7 +299,7 @@ class VirtualTime:
             return
         heap = self._ahead if active else self._behind
         heapq.heappush(heap, (horizon if active else -horizon, token.stamp, token))
-        if len(heap) > 2 * (len(self._placed) + len(self._counted)) + STALE_SLACK:
+        if len(heap) > 2 * len(self._placed) + STALE_SLACK:
             heap[:] = [entry for entry in heap if entry[1] == entry[2].stamp]
             heapq.heapify(heap)
 
