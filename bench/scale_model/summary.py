@@ -11,6 +11,11 @@ from bench.scale_model.cluster import Cluster
 from bench.scale_model.params import EXECUTOR, LOCAL, PATHS, Stats
 from ray_quota._spec import ResourceSpec
 
+# A contended tenant's share may differ from its weight's by this fraction: what issue 13 asks
+# of backlogged tokens (1.5 % measured on --quick; 5.6 % while tokens holding reservations
+# through their calls counted as competing and slowed virtual time).
+SHARE_TOLERANCE = 0.05
+
 
 def summarise(cluster: Cluster, *, wall_s: float) -> dict[str, Any]:
     """Calls, latency, fairness, admission and accounting of one run, as plain JSON values."""
@@ -182,7 +187,7 @@ def check_runs(runs: dict[str, dict[str, Any]], *, fairness: bool = True) -> lis
 
     Brokers on: the executor's renewals scale with nodes (at most 1.2 per node per second);
     brokers off: with processes (at least 0.8 per process per second). In both modes: no
-    over-admission, no holder holds units nobody leased, every tenant within 10% of its share
+    over-admission, no holder holds units nobody leased, every tenant within 5% of its share
     (contended runs), and after the drain nothing is left leased, every process finished and
     the bucket charged at least every unit used.
     """
@@ -210,8 +215,9 @@ def _check_run(result: dict[str, Any], fairness: bool) -> list[str]:
     if result["held_over_leased"]:
         failures.append(f"holders held more than the executor leased out, at "
                         f"{result['held_over_leased']} samples")
-    if fairness and result["tenants"]["share_error"] > 0.10:
-        failures.append(f"share error {result['tenants']['share_error']:.1%} > 10%")
+    if fairness and result["tenants"]["share_error"] > SHARE_TOLERANCE:
+        failures.append(f"share error {result['tenants']['share_error']:.1%} > "
+                        f"{SHARE_TOLERANCE:.0%}")
     if not accounting["drained"]:
         failures.append("not every process finished within the drain time")
     if accounting["leased_at_end"] or accounting["broker_leases_at_end"]:

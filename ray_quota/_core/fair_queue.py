@@ -37,13 +37,12 @@ class Ticket:
 
 @dataclass(slots=True, eq=False)
 class Flow:
-    """A token as its queue sees it: its pass in virtual time, its weight, its waiters in order,
-    and how many units its live leases hold (while it waits or holds units, it is *active*)."""
+    """A token as its queue sees it: its pass in virtual time, its weight, its waiters in order."""
 
     pass_: float
     expected_use: int
     waiters: deque[Waiter] = field(default_factory=deque)
-    held: int = 0
+    stamp: int = 0  # which of its entries in the virtual time's heaps is live (0: none yet)
 
 
 @dataclass(slots=True, eq=False)
@@ -65,6 +64,7 @@ class Waiter:
 
 
 Entry = tuple[float, int, int, Waiter]  # (pass, seq, version, waiter) in the heap
+Mark = tuple[float, int, Flow]  # (pass or minus it, stamp, token) in the virtual time's heaps
 
 
 class FairQueue:
@@ -81,21 +81,16 @@ class FairQueue:
         ('heavy', 2)
     """
 
-    __slots__ = ("_active", "_bypass_factor", "_heap", "flows", "units", "waiting", "weight")
+    __slots__ = ("_bypass_factor", "_heap", "flows", "units", "virtual", "waiting")
 
-    def __init__(self, bypass_factor: float = 1.0) -> None:
+    def __init__(self, bypass_factor: float = 1.0, credit_factor: float = 1.0) -> None:
         self._heap: list[Entry] = []
         self._bypass_factor = bypass_factor
         self.waiting = 0  # waiters queued, every token's
         self.units = 0  # units they ask for, summed
         self.flows = 0  # tokens with waiters: the live heap entries
-        # Active tokens (waiting, or holding units: a holder serves it) -> the weight counted
-        # for them. Holding units, not merely a live lease: a holder renews a lease it keeps
-        # empty for as long as its token lives, and idle tokens counted would slow virtual
-        # time below the backlogged tokens' passes, so that newcomers entering at it jump
-        # ahead of them.
-        self._active: dict[Flow, int] = {}
-        self.weight = 0  # expected use of the active tokens, summed
+        # Told of every change of a token's waiters or pass.
+        self.virtual = VirtualTime(credit_factor)
 
     # ------------------------------------------------------------------------ join and leave
 
@@ -131,12 +126,8 @@ class FairQueue:
             self._push(token.waiters[0])
 
     def touch(self, token: Flow, *, closed: bool = False) -> None:
-        """Count ``token`` as active or not, by its waiters and held units, at its weight."""
-        weight = 0 if closed or not (token.waiters or token.held > 0) else token.expected_use
-        counted = self._active.pop(token, 0)
-        if weight:
-            self._active[token] = weight
-        self.weight += weight - counted
+        """Count ``token`` as active or not (see :class:`VirtualTime`)."""
+        self.virtual.place(token, closed=closed)
 
     def _push(self, waiter: Waiter) -> None:
         waiter.version += 1
@@ -219,3 +210,124 @@ class FairQueue:
     def _budget(self, head: Waiter) -> int:
         """Units, as multiples of a blocked head's request, smaller waiters may take before it."""
         return math.ceil(head.ticket.amount * self._bypass_factor)
+
+
+class VirtualTime:
+    """A resource's virtual time, and the weight of the active tokens it advances by.
+
+    Stride scheduling follows a fluid fair share, in which every active token is served at a
+    rate in proportion to its expected use; virtual time moves as the pass of such a token does:
+    a grant of ``n`` units moves it by ``n / W``, ``W`` the active tokens' expected use, summed.
+
+    A token is active while virtual time moving on still changes where it stands: while it
+    waits, and else until virtual time is ``credit_factor`` past its pass (by then it has its
+    maximum credit, which virtual time moving on no longer adds to; see
+    :meth:`Resource.credit`). So a token between two requests of a backlog counts, with its
+    pass at, a little ahead of or a little behind virtual time; one that only holds what it was
+    granted (an open reservation, a broker's stock for its node, an idle token renewing an
+    empty lease) stops counting a bounded while after its last grant. Counting holders for as
+    long as they hold made virtual time lag the tokens competing, so that newcomers, entering
+    at it, took more than their weight; counting only waiters, or only tokens with their pass
+    ahead, let it run ahead of tokens busy between two requests. A closed token stands nowhere
+    and stops counting at once: a stream of one-shot tokens is counted by the ones waiting,
+    not also by those served and closed before them, which slowed virtual time and let the
+    stream take more than its weight.
+
+    The rule is written into the data: tokens not waiting sit in one of two heaps by horizon
+    (where they stop counting), those ahead of virtual time (active) and those at or behind it,
+    and virtual time crossing a horizon moves the token across. An entry is stale once its
+    token was placed again (its ``stamp``).
+
+    Example:
+        >>> vt = VirtualTime(credit_factor=0.0)
+        >>> holder, busy = Flow(pass_=1.0, expected_use=1), Flow(pass_=1.0, expected_use=3)
+        >>> vt.place(holder); vt.place(busy)  # each granted its expected use
+        >>> vt.weight
+        4
+        >>> vt.advance(4); vt.now, vt.weight  # the fluid share served both
+        (1.0, 0)
+        >>> vt.step_back(3); vt.now, vt.weight  # 3 units came back unused
+        (0.25, 4)
+    """
+
+    __slots__ = ("_ahead", "_behind", "_counted", "_grace", "_placed", "_stamps", "now",
+                 "weight")
+
+    def __init__(self, credit_factor: float = 1.0) -> None:
+        self.now = 0.0
+        self.weight = 0  # expected use of the active tokens, summed
+        self._grace = credit_factor  # how far behind virtual time a pass still counts
+        self._counted: dict[Flow, int] = {}  # active token -> the weight counted for it
+        self._placed: set[Flow] = set()  # tokens placed and not closed: bounds the heaps
+        self._ahead: list[Mark] = []  # (horizon, stamp, token): not waiting, active
+        self._behind: list[Mark] = []  # (-horizon, stamp, token): not waiting, not active
+        self._stamps = 0
+
+    def place(self, token: Flow, *, closed: bool = False) -> None:
+        """Count ``token`` as active or not, after its waiters, pass or weight changed."""
+        if closed:
+            self._placed.discard(token)
+            self._put(token, token.pass_, active=False, listed=False)
+        else:
+            self._placed.add(token)
+            horizon = token.pass_ + self._grace
+            self._put(token, horizon, active=bool(token.waiters) or horizon > self.now,
+                      listed=not token.waiters)
+
+    def advance(self, units: float) -> None:
+        """Serve ``units`` in the fluid share: tokens whose horizon it reaches stop counting."""
+        left = float(units)
+        while left > 0:
+            weight = max(1, self.weight)
+            edge = self._first(self._ahead)
+            if edge is None or self.now + left / weight < edge[0]:
+                self.now += left / weight
+                return
+            left -= (edge[0] - self.now) * weight
+            self.now = edge[0]
+            while (edge := self._first(self._ahead)) is not None and edge[0] <= self.now:
+                self._put(edge[2], edge[0], active=False, listed=True)
+
+    def step_back(self, units: float) -> None:
+        """Take ``units`` of service back (granted, then given back unused): tokens whose
+        horizon it goes back below count again."""
+        left = float(units)
+        while left > 0:
+            weight = max(1, self.weight)
+            edge = self._first(self._behind)
+            if edge is None or self.now - left / weight >= -edge[0]:
+                self.now -= left / weight
+                return
+            left -= (self.now + edge[0]) * weight
+            self.now = -edge[0]
+            while (edge := self._first(self._behind)) is not None and -edge[0] >= self.now:
+                self._put(edge[2], -edge[0], active=True, listed=True)
+
+    def _put(self, token: Flow, horizon: float, *, active: bool, listed: bool) -> None:
+        """Count ``token`` at its weight if ``active``, and list it by ``horizon`` if
+        ``listed``; whatever entries it had are stale from now on."""
+        weight = token.expected_use if active else 0
+        self.weight += weight - self._counted.pop(token, 0)
+        if weight:
+            self._counted[token] = weight
+        self._stamps += 1
+        token.stamp = self._stamps
+        if not listed:
+            return
+        heap = self._ahead if active else self._behind
+        heapq.heappush(heap, (horizon if active else -horizon, token.stamp, token))
+        if len(heap) > 2 * len(self._placed) + STALE_SLACK:
+            heap[:] = [entry for entry in heap if entry[1] == entry[2].stamp]
+            heapq.heapify(heap)
+
+    @staticmethod
+    def _first(heap: list[Mark]) -> Mark | None:
+        """The heap's first live entry (stale ones before it are dropped), or None."""
+        while heap and heap[0][1] != heap[0][2].stamp:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    @property
+    def entries(self) -> int:
+        """Heap entries held, stale ones included until swept (for tests)."""
+        return len(self._ahead) + len(self._behind)

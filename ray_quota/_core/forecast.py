@@ -143,7 +143,7 @@ def _copy(queue: FairQueue, target: Waiter | None,
     """A copy of the part of ``queue`` a replay can reach (tokens and waiters copied, the
     originals untouched), and in it the copy of ``target`` or the request asked, which never
     runs out of time; None instead if that request is out of reach."""
-    replay = FairQueue(queue.bypass_factor)
+    replay = FairQueue(queue.bypass_factor, 0.0)  # its virtual time is not used
     twin: Waiter | None = None
     flows: dict[int, Flow] = {}
     reach = REPLAY_STEPS + BACKFILL_SCAN + 2  # tokens a replay can reach, and waiters of each

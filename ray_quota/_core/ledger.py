@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 from ray_quota._core.state import ChangeLog, LeaseKey, SavedLease
@@ -79,28 +79,21 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         "_count",
         "_ended",
         "_expiries",
-        "_held",
         "_leases",
-        "_on_active",
         "_recalls",
     )
 
-    def __init__(self, changes: ChangeLog | None = None, *,
-                 on_active: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, changes: ChangeLog | None = None) -> None:
         self._leases: dict[LeaseKey, Lease] = {}
         self._by_key: dict[str, set[str]] = {}  # lease key -> token ids
         self._by_resource: dict[str, set[LeaseKey]] = {}
         self._count: dict[str, int] = {}  # token id -> its live leases
-        self._held: dict[str, int] = {}  # token id -> units its live leases hold (if any)
         # (expires_at, token id, lease key): an entry is stale once its lease was renewed or
         # ended, and is skipped when it comes up.
         self._expiries: list[tuple[float, str, str]] = []
         self._ended: OrderedDict[LeaseKey, int] = OrderedDict()  # -> debt applied by then
         self._recalls: dict[str, set[str]] = {}  # lease key -> token ids
         self._changes = changes if changes is not None else ChangeLog()
-        # Told (token id, units it holds) when a token's live leases start holding units or
-        # stop: a holder serves a token while it holds units of it.
-        self._on_active = on_active
 
     # ------------------------------------------------------------------------------- mapping
 
@@ -122,26 +115,9 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         self._by_key.setdefault(lease.key, set()).add(lease.token_id)
         self._by_resource.setdefault(lease.resource, set()).add(key)
         self._count[lease.token_id] = self._count.get(lease.token_id, 0) + 1
-        self._hold(lease.token_id, lease.units)
         heapq.heappush(self._expiries, (lease.expires_at, lease.token_id, lease.key))
         self._changes.leases.add(key)
         return lease
-
-    def set_units(self, lease: Lease, units: int) -> None:
-        """Make the live lease hold ``units``: every change of a live lease's units comes
-        here, so that the ledger knows which tokens hold units."""
-        delta, lease.units = units - lease.units, units
-        self._hold(lease.token_id, delta)
-
-    def _hold(self, token_id: str, delta: int) -> None:
-        before = self._held.get(token_id, 0)
-        after = before + delta
-        if after:
-            self._held[token_id] = after
-        else:
-            self._held.pop(token_id, None)
-        if (before > 0) != (after > 0) and self._on_active is not None:
-            self._on_active(token_id, after)
 
     def extend(self, lease: Lease, expires_at: float) -> None:
         """Move the lease's expiry to ``expires_at``."""
@@ -181,7 +157,6 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         left = self._count.pop(lease.token_id) - 1
         if left:
             self._count[lease.token_id] = left
-        self._hold(lease.token_id, -lease.units)
         self._changes.leases.add(key)
         self._changes.resources.add(lease.resource)
         self._by_resource[lease.resource].discard(key)
@@ -213,10 +188,6 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
     def has_leases(self, token_id: str) -> bool:
         """Whether any lease of the token is live."""
         return token_id in self._count
-
-    def held_by(self, token_id: str) -> int:
-        """Units the token's live leases hold."""
-        return self._held.get(token_id, 0)
 
     def leases_of(self, token_id: str) -> int:
         """How many leases of the token are live."""

@@ -11,7 +11,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
+from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, VirtualTime, Waiter
 from ray_quota._core.forecast import Estimate, forecast, next_fit, serve
 from ray_quota._core.ledger import Lease, LeaseLedger
 from ray_quota._core.pools import Pool, RatePool, make_pool
@@ -86,15 +86,13 @@ class Resource:
         "queue",
         "spec",
         "tokens",
-        "vtime",
     )
 
     def __init__(self, spec: ResourceSpec, now: float, policy: Policy, leases: LeaseLedger,
                  changes: ChangeLog, resolved: list[Ticket]) -> None:
         self.spec = spec
         self.pool: Pool = make_pool(spec, now)
-        self.queue = FairQueue(policy.bypass_factor)
-        self.vtime = 0.0
+        self.queue = FairQueue(policy.bypass_factor, policy.credit_factor)
         self.tokens = 0  # live tokens of this resource
         self.leased = 0  # units in leases
         self._policy = policy
@@ -109,6 +107,11 @@ class Resource:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def vtime(self) -> float:
+        """The resource's virtual time (see :class:`VirtualTime`)."""
+        return self.queue.virtual.now
 
     # ----------------------------------------------------------------------------------- credit
 
@@ -134,49 +137,37 @@ class Resource:
 
     def start_pass(self) -> float:
         """Where a token joining now starts: at the virtual time, which moves on with every
-        grant (:meth:`_advance`), so a stream of new tokens enters behind what was served and
+        grant (:meth:`VirtualTime.advance`), so a stream of new tokens enters behind what was served and
         cannot starve those already waiting."""
         head = self.queue.head()
         return self.vtime if head is None else max(self.vtime, head.token.pass_)
-
-    def _advance(self, units: int, weight: int) -> None:
-        """Move virtual time on by a grant of ``units`` while tokens of total expected use
-        ``weight`` were active (the granted one included): it advances as the passes of
-        tokens served their fair share do.
-
-        Moving it only to the granted token's pass stood still while fresh tokens, each
-        granted at its entry pass, were served; pulling it up to the lowest waiting pass
-        would jump to an indebted token's pass whenever a token just served is out of the
-        queue between its grant and its next request, wiping the debt.
-        """
-        self.vtime += units / max(1, weight)
 
     def give_back(self, lease: Lease | None, token: Flow | None, units: int, used: int,
                   debt: int, now: float) -> None:
         """Settle part of a lease (see :meth:`Scheduler.give_back`); the caller dispatches."""
         if self.spec.kind is Kind.CONCURRENCY:
             units, used = units + used, 0  # a slot is free again however it was "used"
-        active = self.queue.weight  # before the token may stop counting as active
         overheld = 0.0  # concurrency: slots returned, in multiples of the usual hold, minus one
         if lease is not None and (units or used):
             used = min(used, lease.units)
             units = min(units, lease.units - used)
             if self.spec.kind is Kind.CONCURRENCY and units:
                 overheld = self._held(lease, units, now) - units
-            self._leases.set_units(lease, lease.units - units - used)
+            lease.units -= units + used
             self.leased -= units + used
             self.pool.give_back(units, now)
         # A token with no expected use left is charged (and refunded) as if it weighed one
         # unit: overuse on it is still its debt, owed when expected use comes back.
         weight = max(1, token.expected_use) if token is not None else 1
+        if lease is not None and units and self.spec.kind is not Kind.CONCURRENCY:
+            # Units not used were not service: virtual time gives back what their grant
+            # moved it, or it would run ahead of every active token and push newcomers back.
+            # Before the refund, as the grant moved it before the token's pass.
+            self.queue.virtual.step_back(units)
         refund = -overheld if self.spec.kind is Kind.CONCURRENCY else units
         if lease is not None and refund and token is not None:
             floor = self.vtime - self.max_credit(token) / weight
             token.pass_ = max(floor, token.pass_ - refund / weight)
-        if lease is not None and units and self.spec.kind is not Kind.CONCURRENCY:
-            # Units not used were not service: virtual time gives back what their grant
-            # moved it, or it would run ahead of every active token and push newcomers back.
-            self.vtime -= units / max(1, active)
         if debt:
             self.pool.charge_debt(debt, now)
             if token is not None:
@@ -328,20 +319,22 @@ class Resource:
 
     def _grant(self, waiter: Waiter, available: int, now: float) -> None:
         token, ticket, policy = waiter.token, waiter.ticket, self._policy
-        key, active = (ticket.token_id, ticket.key), self.queue.weight
-        self.queue.leave(waiter)
+        key = (ticket.token_id, ticket.key)
         if self._leases.is_ended(key):
             # Its lease ended while it waited: granting under that key would start a fresh
             # lease that the holder's running totals no longer match.
+            self.queue.leave(waiter)
             self.resolve(waiter, LeaseEndedError("this lease ended while the request waited; "
                                                  "ask under a new lease key"))
             return
         extra = 0
-        if waiter.prefetch and self.queue.waiting == 0:
+        if waiter.prefetch and self.queue.waiting == 1:  # nobody else waits
             extra = max(0, min(waiter.prefetch, self._spare_cap(), available - ticket.amount))
         units = ticket.amount + extra
         self.pool.take(units, now)
-        self._advance(units, active)
+        # While it still waits, so that the token counts among those served.
+        self.queue.virtual.advance(units)
+        self.queue.leave(waiter)
         token.pass_ += units / token.expected_use
         self.queue.rekey(token)
         lease = self._leases.get(key)
@@ -352,7 +345,7 @@ class Resource:
             self._leases.extend(lease, expires)
         if self.spec.kind is Kind.CONCURRENCY:
             self._accrue(lease, now)
-        self._leases.set_units(lease, lease.units + units)
+        lease.units += units
         self.leased += units
         self._changes.tokens.add(ticket.token_id)
         self._changes.leases.add(key)
@@ -436,4 +429,4 @@ class Resource:
         self.spec = saved.spec
         self.pool = make_pool(saved.spec, now)
         self.pool.load(saved.pool, elapsed_s, now)
-        self.vtime = saved.vtime
+        self.queue.virtual.now = saved.vtime

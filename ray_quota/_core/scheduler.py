@@ -86,7 +86,7 @@ class Scheduler:
         now = clock()
         # What changed since the last drain_changes(), for a durable store to write.
         self._changes = ChangeLog(resources)
-        self._leases = LeaseLedger(self._changes, on_active=self._held_changed)
+        self._leases = LeaseLedger(self._changes)
         self._tokens = TokenRegistry(new_id, self._changes)
         self._resolved: list[Ticket] = []  # since the last poll, appended to by the resources
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
@@ -123,6 +123,7 @@ class Scheduler:
                                   claimant=claimant, label=token.label)
         res = self._resources[token.resource]
         res.reweigh(token, token.expected_use - child_expected_use)
+        res.queue.touch(child)  # it counts as active as its parent did, for its part
         self._changes.tokens.add(token.id)
         res.tokens += 1
         return TokenInfo(child.id, res.spec, 0)
@@ -345,7 +346,7 @@ class Scheduler:
         if source is None or self._leases.is_ended((token_id, to_key)):
             return False
         moved = min(units, source.units)
-        self._leases.set_units(source, source.units - moved)
+        source.units -= moved
         lease = self._leases.add(Lease(token_id, to_key, source.resource, moved,
                                        self._clock() + self.policy.lease_ttl_s,
                                        returned=returned, used=used))
@@ -494,11 +495,6 @@ class Scheduler:
         self._tokens.close(token)
         res.close(token)
         res.dispatch(now)
-
-    def _held_changed(self, token_id: str, held: int) -> None:
-        if (token := self._tokens.get(token_id)) is not None:  # a token holding units is active
-            token.held = held
-            self._resources[token.resource].queue.touch(token)
 
     def _expire(self, lease: Lease, now: float) -> None:
         res = self._resources[lease.resource]

@@ -287,3 +287,25 @@ def test_only_waiters_that_would_finish_first_may_pass_a_blocked_head() -> None:
     assert head.outcome is None and small.outcome is None
     env.sched.give_back(filler, HOLDER, 2)
     assert granted(head) == 6
+
+
+def test_a_holder_asking_for_nothing_more_stops_slowing_virtual_time() -> None:
+    """A token holding units of a reservation it keeps open, asking for nothing more, counts as
+    active only until its credit is full. Counted for as long as it held, it slowed virtual
+    time to half the pace of the one token really competing, so that a token entering at
+    virtual time went before that token's waiting request."""
+    env = Env(rate(value=100, burst=100))
+    holder = env.token("r", 100)
+    assert granted(env.acquire(holder, 50)) == 50  # kept open throughout (its lease renewed)
+    busy = env.token("r", 100)
+    backlog = Backlog(env)
+    backlog.add(busy, 100)
+    backlog.run_for(100.5)  # busy's next request waits for the bucket
+    assert env.sched.credit(busy) >= -100 - EPS  # virtual time kept up with it
+    waiting = backlog.tickets[busy]
+    assert waiting.outcome is None
+    fresh = env.token("r", 100)
+    mine = env.acquire(fresh, 100)
+    env.step()
+    assert isinstance(waiting.outcome, Grant)
+    assert mine.outcome is None

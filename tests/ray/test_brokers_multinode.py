@@ -38,15 +38,19 @@ def check(result: dict[str, Any], *, strict_shares: bool) -> None:
     weights, units = fair["weights"], fair["units"]
     shares = [u / sum(units) for u in units]
     expected = [weight / sum(weights) for weight in weights]
+    # Per tenant; one near a bare round trip was not kept queued at the executor.
+    waits = fair["mean_wait_ms"]
     # Never starved, and more weight never gets less.
-    assert all(share >= 0.5 * e for share, e in zip(shares, expected)), (shares, weights)
-    assert shares == sorted(shares), (shares, weights)
+    assert all(share >= 0.5 * e for share, e in zip(shares, expected)), (shares, waits)
+    assert shares == sorted(shares), (shares, waits)
     if strict_shares:
-        # Within 10 % of 1:2:4 held in session 2; since the fairness fixes of issue 13 it held
-        # in 2 of 3 quiet 30 s runs (once 0.21 / 0.29 / 0.49): to be found and fixed.
+        # Within 10 % of 1:2:4 held in session 2, and in 2 of 3 quiet 30 s runs of session 3
+        # (once 0.21 / 0.29 / 0.49: likely the heaviest tenant, with four reservations out,
+        # asking for no more than 40 units a round trip; the scenario now keeps eight out).
+        # To be made the default once two runs on a quiet machine pass.
         for share, e in zip(shares, expected):
-            assert abs(share - e) <= 0.10 * e, (shares, weights)
-        assert jain([u / w for u, w in zip(units, weights)]) >= 0.99
+            assert abs(share - e) <= 0.10 * e, (shares, waits)
+        assert jain([u / w for u, w in zip(units, weights)]) >= 0.99, (shares, waits)
 
     killed = result["broker_killed"]
     assert killed["reservations"] > 0 and killed["adopt_calls"] >= 1
