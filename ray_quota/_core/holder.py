@@ -288,11 +288,16 @@ class LeaseSet:
 
     def final_reports(self) -> list[Report]:
         """End every lease (the token closes, merges or moves): open reservations count as
-        used in full, spare goes back."""
+        used in full, spare goes back.
+
+        A retired lease is reported even if it never became active: a grant whose answer was
+        lost made it one at the executor, which gives its units back only on a final report.
+        """
         leases, self._retired = list(self), []
         for lease in leases:
             lease.release_all()
-        return [self._report_of(lease, final=True) for lease in leases if lease.active]
+        return [self._report_of(lease, final=True) for lease in leases
+                if lease.active or lease is not self.current]
 
     # ----------------------------------------------------------------------------- renewal
 
