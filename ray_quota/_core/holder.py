@@ -342,9 +342,10 @@ class LeaseSet:
 
     def adoptions(self) -> list[Adoption]:
         """This process's share of its broker's leases, to take over directly (the broker
-        failed)."""
+        failed), oldest key first: the executor starts no lease under a key older than the
+        newest it has of this holder (see :mod:`ray_quota._core.ended`)."""
         return [Adoption(self.token_id, lease.via, lease.key, lease.held, lease.returned,
-                         lease.used, lease.debt) for lease in self
+                         lease.used, lease.debt) for lease in [*self._retired, self.current]
                 if lease.via is not None and lease.active and not lease.final]
 
     def adopted(self, adopted: set[tuple[str, str]]) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeClock
-from system_world import POLICY, World as SystemWorld
+from system_world import POLICY
+from system_world import World as SystemWorld
 from test_broker_core import CLAIM, TTL, Node, Proc, World, capacity, concurrency
 
 import ray_quota._core.ledger as ledger_module
@@ -289,3 +290,24 @@ def test_merge_still_refuses_a_token_with_a_reservation_waiting() -> None:
     svc.acquire(a, 0, "me", "p:0", 100, 0, None)
     svc.acquire(a, 0, "me", "p:1", 100, 0, 5.0)
     assert isinstance(svc.merge(b, 0, "me", a, 0, []), TokenStateError)
+
+
+def test_a_process_adopts_its_older_leases_first_so_that_none_is_refused() -> None:
+    """Retired leases have older keys than the current one: adopted first, since the executor
+    refuses a new lease under a key older than the holder's newest (finding B's rule)."""
+    w = World(capacity(1000))
+    token = w.token()
+    keys = iter(["p:0", "p:1"])
+    leases = LeaseSet(token, Kind.CAPACITY, max_prefetch=0, new_key=keys.__next__)
+
+    def grant_via_broker() -> None:
+        assert isinstance(w.sched.acquire(token, *CLAIM, "b1:1", 10).outcome, Grant)
+        leases.granted(leases.current, 10, Grant(10, TTL, False, via="b1:1"), sent_at=w.now)
+
+    grant_via_broker()
+    leases.ended(leases.current)  # its reservation still open: retired, carried on
+    grant_via_broker()
+    adopted = {(a.token_id, a.to_key) for a in leases.adoptions()
+               if w.sched.adopt(a.token_id, a.from_key, a.to_key, a.units, a.returned, a.used,
+                                a.debt)}
+    assert adopted == {(token, "p:0"), (token, "p:1")}
