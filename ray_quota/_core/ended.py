@@ -17,9 +17,10 @@ for each mark, the highest key that ended under it (the rest comes back with the
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
-from ray_quota._core.protocol import HOLDER_MEMORY_S, holder_of
+from ray_quota._core.protocol import HOLDER_MEMORY_S
 from ray_quota._core.state import ChangeLog, LeaseKey
 
 Group = tuple[str, str]  # (token id, holder)
@@ -28,22 +29,25 @@ Group = tuple[str, str]  # (token id, holder)
 class _Mark:
     """A holder's highest lease key for one token, and the highest of its keys that ended."""
 
-    __slots__ = ("debt", "key", "live", "top")
+    __slots__ = ("debt", "key", "key_n", "live", "top")
 
     def __init__(self) -> None:
         self.top = -1  # the highest n that held a lease
         self.live = 0  # leases live under the holder's keys
         self.key: str | None = None  # the highest key that ended, kept on record
+        self.key_n = -1  # its n
         self.debt = 0  # the debt applied under ``key`` by its end
 
 
+@functools.lru_cache(maxsize=1024)  # a key is looked at several times while its lease ends
 def _parse(key: LeaseKey) -> tuple[Group, int] | None:
-    """(token id, holder) and ``n`` of a lease key ``holder:n``; None for another form."""
+    """(token id, holder) and ``n`` of a lease key ``holder:n`` (see
+    :func:`~ray_quota._core.protocol.holder_of`); None for another form."""
     token_id, lease_key = key
-    tail = lease_key.rpartition(":")[2]
-    if not (0 < len(tail) <= 18 and tail.isascii() and tail.isdigit()):
+    holder, _, tail = lease_key.rpartition(":")
+    if not (holder and 0 < len(tail) <= 18 and tail.isascii() and tail.isdigit()):
         return None
-    return (token_id, holder_of(lease_key)), int(tail)
+    return (token_id, holder), int(tail)
 
 
 class EndedKeys:
@@ -107,9 +111,9 @@ class EndedKeys:
                 mark = holders[group[1]] = _Mark()
                 self._idle[group] = self._now  # known from the store only: no lease live
             mark.top = max(mark.top, n)
-            if mark.key is None or n >= _number(mark.key):
-                old, mark.key, mark.debt = mark.key, key[1], debt
-                if old is not None:
+            if n >= mark.key_n:
+                old, mark.key, mark.key_n, mark.debt = mark.key, key[1], n, debt
+                if old is not None and old != key[1]:
                     self._release((key[0], old))
         while len(self._recent) > self._window:
             self._release(self._recent.popitem(last=False)[0])
@@ -179,7 +183,3 @@ class EndedKeys:
                 return
         self._changes.ended.pop(key, None)
         self._changes.forgotten.add(key)
-
-
-def _number(lease_key: str) -> int:
-    return int(lease_key.rpartition(":")[2])
