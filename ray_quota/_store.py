@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ray_quota._core.ledger import TOMBSTONES
 from ray_quota._core.state import Changes, SavedLease, SavedResource, SavedToken
 from ray_quota._errors import StateMissingError, StateWriteError
 from ray_quota._spec import Enforcement, Kind, ResourceSpec
@@ -151,12 +150,11 @@ class StateStore:
              lease.used, lease.debt) for lease in changes.leases])
         db.executemany("DELETE FROM leases WHERE token_id = ? AND lease_key = ?",
                        changes.dropped_leases)
-        if changes.ended:
-            # A replaced row gets a new rowid: rowids order the keys by when they ended.
-            db.executemany("INSERT OR REPLACE INTO ended_leases VALUES (?, ?, ?)",
-                           changes.ended)
-            db.execute("DELETE FROM ended_leases WHERE rowid <= "
-                       "(SELECT MAX(rowid) FROM ended_leases) - ?", (TOMBSTONES,))
+        # A replaced row gets a new rowid: rowids order the keys by when they ended. The core
+        # says which ended keys it no longer needs (see ray_quota._core.ended).
+        db.executemany("INSERT OR REPLACE INTO ended_leases VALUES (?, ?, ?)", changes.ended)
+        db.executemany("DELETE FROM ended_leases WHERE token_id = ? AND lease_key = ?",
+                       changes.forgotten)
         return [r.spec for r in changed_specs]
 
     def close(self, *, delete: bool = False) -> None:

@@ -341,6 +341,10 @@ class BrokerCore:
         the token moved away from may still hold a slot, or an open reservation whose rest
         comes back when it commits. Each ends as a direct lease would (see the module's
         docstring), and the upstream lease is settled as final after the last one.
+
+        The executor may refuse the call that carries these reports, settling nothing: so a
+        lease settled here as final is kept, retired, until the next renewal, which reports it
+        as final again (a report twice changes nothing) and then forgets it.
         """
         reports = []
         for up in self._ups_of(token_id):
@@ -352,7 +356,11 @@ class BrokerCore:
             if up.lease.active:
                 up.lease.release_all()
                 reports.append(_report(up, final=True))
-            self._forget(up)
+                self._retire(up)
+                if up not in self._retired:
+                    self._retired.append(up)
+            else:
+                self._forget(up)
         return reports
 
     def upstream_renewed(self, reports: Iterable[Report],

@@ -288,11 +288,16 @@ class LeaseSet:
 
     def final_reports(self) -> list[Report]:
         """End every lease (the token closes, merges or moves): open reservations count as
-        used in full, spare goes back."""
+        used in full, spare goes back.
+
+        A retired lease is reported even if it never became active: a grant whose answer was
+        lost made it one at the executor, which gives its units back only on a final report.
+        """
         leases, self._retired = list(self), []
         for lease in leases:
             lease.release_all()
-        return [self._report_of(lease, final=True) for lease in leases if lease.active]
+        return [self._report_of(lease, final=True) for lease in leases
+                if lease.active or lease is not self.current]
 
     # ----------------------------------------------------------------------------- renewal
 
@@ -337,9 +342,10 @@ class LeaseSet:
 
     def adoptions(self) -> list[Adoption]:
         """This process's share of its broker's leases, to take over directly (the broker
-        failed)."""
+        failed), oldest key first: the executor starts no lease under a key older than the
+        newest it has of this holder (see :mod:`ray_quota._core.ended`)."""
         return [Adoption(self.token_id, lease.via, lease.key, lease.held, lease.returned,
-                         lease.used, lease.debt) for lease in self
+                         lease.used, lease.debt) for lease in [*self._retired, self.current]
                 if lease.via is not None and lease.active and not lease.final]
 
     def adopted(self, adopted: set[tuple[str, str]]) -> None:

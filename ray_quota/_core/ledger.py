@@ -10,13 +10,15 @@ scheduler's to decide.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
+from ray_quota._core.ended import EndedKeys
 from ray_quota._core.state import ChangeLog, LeaseKey, SavedLease
 
-TOMBSTONES = 100_000  # ended lease keys (and closed token ids) remembered, oldest forgotten first
+# Ended lease keys (and closed token ids) remembered one by one, oldest forgotten first; ended
+# keys stay ended beyond that (see ray_quota._core.ended).
+TOMBSTONES = 100_000
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +38,9 @@ class Lease:
     # until the first grant into it; not stored: a restored lease starts accruing afresh).
     slot_s: float = 0.0
     accrued_at: float | None = None
+    # Units adoption moved out of this (a broker's) lease that its holder still counts: its
+    # reports give them back later, and those returns free nothing (not stored either).
+    moved_out: int = 0
 
     @property
     def ident(self) -> LeaseKey:
@@ -51,6 +56,21 @@ class Lease:
         self.used += fresh[1]
         self.debt += fresh[2]
         return fresh
+
+    def absorb_moved(self, used: int, returned: int, *, slots: bool) -> tuple[int, int]:
+        """What is left of fresh ``used`` and ``returned`` units once they made up for units
+        moved out (see :meth:`Scheduler.adopt`).
+
+        A broker settles the sub-lease whose units moved when it expires there: rate and
+        capacity units as used (what else another process used makes up for them just as
+        well), and concurrency ``slots`` as returned. Those returns may be another process's
+        slot, freed really: it is held back until the moved ones come back (the sub-lease's
+        time-to-live at most), rather than free a slot the adopting process holds.
+        """
+        take = min(self.moved_out, returned + used if slots else used)
+        self.moved_out -= take
+        from_used = min(take, used)
+        return used - from_used, returned - (take - from_used)
 
     def saved(self) -> SavedLease:
         return SavedLease(self.token_id, self.key, self.resource, self.units, self.returned,
@@ -91,9 +111,9 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         # (expires_at, token id, lease key): an entry is stale once its lease was renewed or
         # ended, and is skipped when it comes up.
         self._expiries: list[tuple[float, str, str]] = []
-        self._ended: OrderedDict[LeaseKey, int] = OrderedDict()  # -> debt applied by then
         self._recalls: dict[str, set[str]] = {}  # lease key -> token ids
         self._changes = changes if changes is not None else ChangeLog()
+        self._ended = EndedKeys(self._changes, window=TOMBSTONES)
 
     # ------------------------------------------------------------------------------- mapping
 
@@ -115,6 +135,7 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         self._by_key.setdefault(lease.key, set()).add(lease.token_id)
         self._by_resource.setdefault(lease.resource, set()).add(key)
         self._count[lease.token_id] = self._count.get(lease.token_id, 0) + 1
+        self._ended.started(key)
         heapq.heappush(self._expiries, (lease.expires_at, lease.token_id, lease.key))
         self._changes.leases.add(key)
         return lease
@@ -133,23 +154,29 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
 
     def end(self, lease: Lease) -> None:
         """Drop the lease and remember its key as ended, with the debt it had applied."""
-        self.mark_ended(lease.ident, lease.debt)
-        if len(self._ended) > TOMBSTONES:
-            self._ended.popitem(last=False)
+        self._ended.stopped(lease.ident, lease.debt)
         self._drop(lease)
 
     def mark_ended(self, key: LeaseKey, debt: int) -> None:
         """Remember ``key`` as ended (before its lease is dropped, or again with later debt)."""
-        self._ended[key] = debt
-        self._changes.ended[key] = debt
+        self._ended.mark(key, debt)
 
     def ended_debt(self, key: LeaseKey) -> int | None:
-        """The debt applied under ``key`` when it ended, or None if it has not ended."""
-        return self._ended.get(key)
+        """The debt applied under ``key`` when it ended, or None if it has not ended (or that
+        is no longer known)."""
+        return self._ended.debt(key)
 
     def is_ended(self, key: LeaseKey) -> bool:
         """Whether ``key`` ended: it is never used for a lease again."""
-        return key in self._ended
+        return self._ended.covers(key, live=key in self._leases)
+
+    def tick(self, now: float) -> None:
+        """The time is ``now`` (see :meth:`EndedKeys.tick`)."""
+        self._ended.tick(now)
+
+    def token_closed(self, token_id: str) -> None:
+        """The token is closed: its lease keys need not be remembered beyond its leases."""
+        self._ended.token_closed(token_id)
 
     def _drop(self, lease: Lease) -> None:
         key = lease.ident

@@ -49,6 +49,12 @@ RECALL_GRACE_S = 0.5
 # The most a holder may hold beyond what it asked for, as a share of the resource's ceiling: the
 # spare a process (or broker) may lose with its death is at most this.
 PREFETCH_FRACTION = 0.05
+# How long the executor remembers a holder's highest lease key of a token once the holder holds
+# no lease of it (keys below it never start a lease again; see ray_quota._core.ended). Forgotten
+# after that, an old key could start a lease afresh only from a process that stayed frozen for
+# all of this time and then woke up under it: a day is far beyond what Ray waits before it
+# declares a silent worker dead.
+HOLDER_MEMORY_S = 86_400.0
 
 
 def prefetch_cap(spec: ResourceSpec) -> int:

@@ -54,11 +54,13 @@ from ray_quota._errors import (
     TokenStateError,
     UnknownResourceError,
 )
-from ray_quota._spec import Enforcement, ResourceSpec, check_units
+from ray_quota._spec import Enforcement, Kind, ResourceSpec, check_units
 
 __all__ = ["Policy", "ResourceStatus", "Scheduler", "Ticket"]
 
 Clock = Callable[[], float]
+# A lease's running totals as a holder reports them: token id, key, returned, used, debt, final.
+Totals = tuple[str, str, int, int, int, bool]
 
 
 class Scheduler:
@@ -87,6 +89,7 @@ class Scheduler:
         # What changed since the last drain_changes(), for a durable store to write.
         self._changes = ChangeLog(resources)
         self._leases = LeaseLedger(self._changes)
+        self._leases.tick(now)
         self._tokens = TokenRegistry(new_id, self._changes)
         self._resolved: list[Ticket] = []  # since the last poll, appended to by the resources
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
@@ -129,8 +132,12 @@ class Scheduler:
         return TokenInfo(child.id, res.spec, 0)
 
     def merge(self, token_id: str, generation: int, claimant: str | None,
-              other_id: str, other_generation: int) -> None:
-        """Add ``other``'s expected use and credit to the token; ``other`` is closed."""
+              other_id: str, other_generation: int, *, finals: Iterable[Totals] = ()) -> None:
+        """Add ``other``'s expected use and credit to the token; ``other`` is closed.
+
+        ``finals`` (lease totals, as :meth:`settle` takes them) are settled once every check
+        passed and before the merge: a refused merge changes nothing.
+        """
         if other_id == token_id:
             raise IncompatibleTokensError("a token cannot be merged with itself")
         token = self._tokens.live(token_id, generation, claimant)
@@ -140,21 +147,26 @@ class Scheduler:
                 f"cannot merge a token of {other.resource!r} into one of {token.resource!r}")
         if other.waiters:
             raise TokenStateError("cannot merge a token while it has reservations waiting")
+        self._settle_all(finals)
         self._absorb(token, other)
 
     def merge_back(self, child_id: str, generation: int, claimant: str | None,
-                   parent_id: str) -> bool:
+                   parent_id: str, *, finals: Iterable[Totals] = ()) -> bool:
         """Return a child's expected use and credit to the token it was split from.
 
         The child's owner needs no right over the parent: adding to a token never hurts it.
         If the parent is gone, the child is simply closed. Returns whether it merged.
+        Reservations of the child still waiting fail, as a close fails them: the task that
+        gives its child back is done with it, and its expected use goes back all the same.
+        ``finals`` are settled once the child passed its checks (see :meth:`merge`).
         """
         child = self._tokens.live(child_id, generation, claimant)
+        self._settle_all(finals)
         parent = self._tokens.get(parent_id)
-        if parent is None or parent.resource != child.resource or parent is child or \
-                child.waiters:
+        if parent is None or parent.resource != child.resource or parent is child:
             self._forget(child)
             return False
+        self._fail_waiters(child)
         self._absorb(parent, child)
         return True
 
@@ -173,9 +185,13 @@ class Scheduler:
         token = self._tokens.live(token_id, generation, claimant)
         return token.expected_use, self._resources[token.resource].credit(token)
 
-    def close_token(self, token_id: str, generation: int, claimant: str | None) -> None:
-        """Close the token: its waiters fail and its weight leaves the scheduler."""
-        self._forget(self._tokens.live(token_id, generation, claimant))
+    def close_token(self, token_id: str, generation: int, claimant: str | None, *,
+                    finals: Iterable[Totals] = ()) -> None:
+        """Close the token: its waiters fail and its weight leaves the scheduler. ``finals``
+        are settled once the caller may use the token (see :meth:`merge`)."""
+        token = self._tokens.live(token_id, generation, claimant)
+        self._settle_all(finals)
+        self._forget(token)
 
     def credit(self, token_id: str) -> float:
         """The token's credit in units; negative while it carries debt."""
@@ -299,6 +315,9 @@ class Scheduler:
             # Ended first, so that units freed below are not granted back under this key.
             self._leases.mark_ended(lease_id, lease.debt)
         fresh_returned, fresh_used, fresh_debt = lease.advance_totals(returned, used, debt)
+        fresh_used, fresh_returned = lease.absorb_moved(
+            fresh_used, fresh_returned,
+            slots=self._resources[lease.resource].spec.kind is Kind.CONCURRENCY)
         if fresh_returned or fresh_used or fresh_debt:
             self.give_back(token_id, key, fresh_returned, used=fresh_used, debt=fresh_debt)
         if final:
@@ -333,6 +352,9 @@ class Scheduler:
         The process keeps serving the units it held from the broker, under its own key, with its
         running totals as they were. ``debt`` is charged again, because the executor cannot tell
         whether the broker passed it on before it failed: an overcharge, never an overgrant.
+        The broker may not have failed (it was out of reach): it still counts the moved units
+        in its lease, and gives them back when the process's sub-lease expires there. Those
+        returns make up for the move and free nothing (see :meth:`Lease.absorb_moved`).
         Returns False, changing nothing, if ``from_key`` no longer holds a lease (it expired,
         and expiry settled its units) or ``to_key`` was used before; True if ``to_key`` is
         already this adoption (a repeated call).
@@ -347,6 +369,7 @@ class Scheduler:
             return False
         moved = min(units, source.units)
         source.units -= moved
+        source.moved_out += moved
         lease = self._leases.add(Lease(token_id, to_key, source.resource, moved,
                                        self._clock() + self.policy.lease_ttl_s,
                                        returned=returned, used=used))
@@ -380,6 +403,7 @@ class Scheduler:
         Grants come first: a request that can be served exactly at its deadline is served.
         """
         now = self._clock()
+        self._leases.tick(now)
         self._dispatch_all(now)
         for res in self._resources.values():
             res.fail_due(now)
@@ -487,14 +511,23 @@ class Scheduler:
     def _forget(self, token: Token) -> None:
         """Close the token: its waiters fail, and the queue moves on without it."""
         res = self._resources[token.resource]
-        now = self._clock()
+        self._fail_waiters(token)
+        self._tokens.close(token)
+        self._leases.token_closed(token.id)
+        res.close(token)
+        res.dispatch(self._clock())
+
+    def _fail_waiters(self, token: Token) -> None:
+        """The token's waiting reservations fail: it is being closed (or given back)."""
+        res = self._resources[token.resource]
         while token.waiters:
             waiter = token.waiters[0]
             res.queue.leave(waiter)
             res.resolve(waiter, TokenClosedError("the token was closed while waiting"))
-        self._tokens.close(token)
-        res.close(token)
-        res.dispatch(now)
+
+    def _settle_all(self, finals: Iterable[Totals]) -> None:
+        for token_id, key, returned, used, debt, final in finals:
+            self.settle(token_id, key, returned, used, debt, final=final)
 
     def _expire(self, lease: Lease, now: float) -> None:
         res = self._resources[lease.resource]

@@ -180,8 +180,9 @@ class ExecutorService:
     def merge(self, token_id: str, generation: int, claimant: str, other_id: str,
               other_generation: int, reports: list[Report],
               secret: object = None) -> None | QuotaError:
-        """Settle the other token's final lease totals, then merge it into the token.
-        ``secret`` proves the reports' holder (see :mod:`~ray_quota._core.credentials`)."""
+        """Check the call, settle the other token's final lease totals, then merge it into the
+        token: a refused merge settles nothing. ``secret`` proves the reports' holder (see
+        :mod:`~ray_quota._core.credentials`)."""
         self.counts["merge"] += 1
         try:
             _check_token(token_id, generation, claimant)
@@ -192,13 +193,12 @@ class ExecutorService:
             return exc
         if other_id == token_id:
             return IncompatibleTokensError("a token cannot be merged with itself")
-        self._settle(checked)
         return self._guard(self._sched.merge, token_id, generation, claimant, other_id,
-                           other_generation)
+                           other_generation, finals=checked)
 
     def merge_back(self, token_id: str, generation: int, claimant: str, parent_id: str,
                    reports: list[Report], secret: object = None) -> bool | QuotaError:
-        """Settle a child's final lease totals, then give it back to its parent."""
+        """Check the call, settle a child's final lease totals, then give it back to its parent."""
         self.counts["merge_back"] += 1
         try:
             _check_token(token_id, generation, claimant)
@@ -206,8 +206,8 @@ class ExecutorService:
             checked = _owned(check_reports(reports), secret)
         except QuotaError as exc:
             return exc
-        self._settle(checked)
-        return self._guard(self._sched.merge_back, token_id, generation, claimant, parent_id)
+        return self._guard(self._sched.merge_back, token_id, generation, claimant, parent_id,
+                           finals=checked)
 
     def describe(self, token_id: str, generation: int,
                  claimant: str) -> tuple[int, float] | QuotaError:
@@ -220,15 +220,15 @@ class ExecutorService:
 
     def close(self, token_id: str, generation: int, claimant: str,
               reports: list[Report], secret: object = None) -> None | QuotaError:
-        """Settle the token's final lease totals, then close it."""
+        """Check the call, settle the token's final lease totals, then close it."""
         self.counts["close"] += 1
         try:
             _check_token(token_id, generation, claimant)
             checked = _owned(check_reports(reports), secret)
         except QuotaError as exc:
             return exc
-        self._settle(checked)
-        return self._guard(self._sched.close_token, token_id, generation, claimant)
+        return self._guard(self._sched.close_token, token_id, generation, claimant,
+                           finals=checked)
 
     # ------------------------------------------------------------------------------ leases
 

@@ -54,10 +54,12 @@ class Changes:
     # Lease keys that ended, with the debt applied by then: never to be used again, so a
     # restarted executor must know them too.
     ended: list[tuple[str, str, int]] = field(default_factory=list)
+    # Ended keys no longer remembered one by one (see ray_quota._core.ended): to delete.
+    forgotten: list[LeaseKey] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.resources or self.tokens or self.closed_tokens or self.leases
-                    or self.dropped_leases or self.ended)
+                    or self.dropped_leases or self.ended or self.forgotten)
 
 
 class ChangeLog:
@@ -74,13 +76,14 @@ class ChangeLog:
         (['t1'], False)
     """
 
-    __slots__ = ("ended", "leases", "resources", "tokens")
+    __slots__ = ("ended", "forgotten", "leases", "resources", "tokens")
 
     def __init__(self, resources: Iterable[str] = ()) -> None:
         self.resources: set[str] = set(resources)
         self.tokens: set[str] = set()
         self.leases: set[LeaseKey] = set()
         self.ended: dict[LeaseKey, int] = {}  # -> debt applied by the end
+        self.forgotten: set[LeaseKey] = set()  # ended keys dropped from memory
 
     def drain(
         self,
@@ -110,8 +113,10 @@ class ChangeLog:
             else:
                 leases.append(lease)
         ended = [(token_id, key, debt) for (token_id, key), debt in self.ended.items()]
+        forgotten = list(self.forgotten)
         self.resources.clear()
         self.tokens.clear()
         self.leases.clear()
         self.ended.clear()
-        return Changes(resources, tokens, closed, leases, dropped, ended)
+        self.forgotten.clear()
+        return Changes(resources, tokens, closed, leases, dropped, ended, forgotten)

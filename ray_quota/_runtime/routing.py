@@ -18,7 +18,7 @@ import ray
 from ray_quota._core.protocol import NAMESPACE
 from ray_quota._errors import ExecutorUnavailableError
 from ray_quota._runtime import identity, rpc
-from ray_quota._runtime.steps import Blocking, Steps, run, run_async
+from ray_quota._runtime.steps import Blocking, Sleep, Steps, run, run_async
 
 BROKER = "this node's ray_quota broker"
 
@@ -82,14 +82,32 @@ def leasing(method: str, *args: Any, resource: str | None = None) -> Steps[Any]:
         return (yield from rpc.calling(method, *args, retry=method != "acquire"))
     extra = (resource,) if method == "acquire" else ()
     try:
-        return (yield from rpc.ask(handle, method, (*extra, *args), who=BROKER))
+        return (yield from _asking_broker(handle, method, (*extra, *args)))
     except ExecutorUnavailableError as error:
-        if not rpc.died(error):
+        if not rpc.dead(error):
             raise
         yield Blocking(_broker_failed, (handle,))
         if method == "acquire":
             raise
     return (yield from rpc.calling(method, *args))
+
+
+def _asking_broker(handle: Any, method: str, args: tuple[Any, ...]) -> Steps[Any]:
+    """Ask the broker, again while it is only out of reach (every lease call but ``acquire``
+    is safe to repeat). Only a broker that died may be taken over: one that lives on keeps
+    the process's sub-leases, and when they expire there gives their units back upstream
+    although the process holds them."""
+    delays = rpc.retry_delays()
+    while True:
+        try:
+            return (yield from rpc.ask(handle, method, args, who=BROKER))
+        except ExecutorUnavailableError as error:
+            if rpc.dead(error) or not rpc.died(error) or method == "acquire":
+                raise
+            delay = next(delays, None)
+            if delay is None:
+                raise
+        yield Sleep(delay)
 
 
 def lease_call(method: str, *args: Any, resource: str | None = None) -> Any:

@@ -92,8 +92,16 @@ def ask(handle: Any, method: str, args: tuple[Any, ...], *, who: str) -> Steps[A
 
 
 def died(error: ExecutorUnavailableError) -> bool:
-    """Whether the actor that ``error`` says did not answer died (and Ray may restart it)."""
+    """Whether the actor that ``error`` says did not answer died (and Ray may restart it), or
+    is out of reach for the moment: either way, worth finding afresh and asking again."""
     return isinstance(error.__cause__, ray.exceptions.RayActorError)
+
+
+def dead(error: ExecutorUnavailableError) -> bool:
+    """Whether the actor that ``error`` says did not answer is dead for sure. Ray's
+    ``ActorUnavailableError`` (out of reach for the moment) is a ``RayActorError`` too, but
+    the actor may live on, and whatever it holds with it."""
+    return isinstance(error.__cause__, ray.exceptions.ActorDiedError)
 
 
 def retry_delays() -> Iterator[float]:

@@ -359,6 +359,8 @@ def test_release_settles_the_token_upstream_as_final(process_reported: bool) -> 
         for _ in range(int(TTL) + 1):  # the process is silent: its sub-lease expires
             w.clock.advance(1.0)
             node.renew_upstream()
+    else:  # kept until the next renewal reports it final again (in case the call was refused)
+        node.renew_upstream()
     assert w.status().in_use == spent
     assert w.status().leased_units == 0
     assert node.core.upstream_leases() == 0

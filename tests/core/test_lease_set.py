@@ -199,8 +199,8 @@ def test_adoption_lists_brokered_live_leases_with_their_totals() -> None:
     leases.settle(old, 10, used=6)
     leases.lost(old)
     grant(leases, 5, 5, sent_at=1.0, via="broker:8")
-    assert leases.adoptions() == [Adoption("tok", "broker:8", "proc:1", 5, 0, 0, 0),
-                                  Adoption("tok", "broker:7", "proc:0", 20, 4, 6, 0)]
+    assert leases.adoptions() == [Adoption("tok", "broker:7", "proc:0", 20, 4, 6, 0),
+                                  Adoption("tok", "broker:8", "proc:1", 5, 0, 0, 0)]
 
 
 def test_adoption_skips_direct_and_final_leases() -> None:

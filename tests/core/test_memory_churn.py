@@ -21,7 +21,7 @@ from ray_quota._core import tokens as tokens_module
 from ray_quota._core.broker import BrokerCore, Forward
 from ray_quota._core.credentials import holder_id
 from ray_quota._core.fair_queue import STALE_SLACK
-from ray_quota._core.protocol import Grant, Report
+from ray_quota._core.protocol import HOLDER_MEMORY_S, Grant, Report
 from ray_quota._core.resource import Policy
 from ray_quota._core.service import ExecutorService
 from ray_quota._core.watches import POSTED_KEEP_S, Watches
@@ -34,7 +34,7 @@ SPECS = {spec.name: spec for spec in (
     ResourceSpec("throttle", Kind.RATE, 20, period_s=1.0, burst=10, wait_limit_s=3.0),
     ResourceSpec("slots", Kind.CONCURRENCY, 3),
 )}
-TOMBSTONE_KEYS = {"ledger._ended", "tokens._closed", "broker._ended"}
+TOMBSTONE_KEYS = {"ledger._recent", "tokens._closed", "broker._ended"}
 PER_RESOURCE = {"ledger._by_resource"}  # one entry per resource: its sets' sizes are checked
 
 
@@ -54,7 +54,10 @@ def sizes(service: ExecutorService, brokers: list[BrokerCore],
     add("service", service, ["_waiting", "_changes", "_resolved", "_recalls"])
     add("scheduler", sched, ["_resolved"])
     add("ledger", sched._leases, ["_leases", "_by_key", "_by_resource", "_count",
-                                  "_expiries", "_ended", "_recalls"])
+                                  "_expiries", "_recalls"])
+    ended = sched._leases._ended
+    add("ledger", ended, ["_recent", "_idle", "_closing"])
+    out["ledger._marks[*]"] = sum(len(holders) for holders in ended._marks.values())
     add("tokens", sched._tokens, ["_tokens", "_closed", "_orphans"])
     add("changes", sched._changes, ["resources", "tokens", "leases", "ended"])
     for name, res in sched._resources.items():
@@ -210,6 +213,10 @@ class Churn:
                     assert not isinstance(alive, Exception)
                     core.upstream_renewed(reports, alive, now)
             self.watches.sweep(now)
+        # A holder's newest lease key of a token still open is kept for HOLDER_MEMORY_S.
+        self.clock.advance(HOLDER_MEMORY_S + 1.0)
+        service.tick()
+        self.drain()
 
 
 @pytest.fixture
