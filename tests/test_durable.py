@@ -16,10 +16,16 @@ from ray_quota import Policy
 from ray_quota._actors import executor as executor_module
 from ray_quota._actors.durable import Markers
 from ray_quota._actors.executor import ExecutorActor
+from ray_quota._core.credentials import holder_id
 from ray_quota._core.protocol import Grant, Report
 from ray_quota._core.service import ExecutorService
 from ray_quota._errors import StateMissingError, StateWriteError, UnknownResourceError
 from ray_quota._manifest import load_manifest
+
+
+def key(holder: str, n: int) -> str:
+    """Lease key ``n`` of the holder whose secret is its name (see credentials)."""
+    return f"{holder_id(holder, holder)}:{n}"
 
 
 def run(coro: Any) -> Any:
@@ -76,12 +82,12 @@ def test_a_grant_whose_write_fails_is_refused_and_changes_nothing(tmp_path: Path
     token = run(executor.open_token("conn", 4, "me", None))
 
     async def scenario() -> tuple[Any, Any, Any]:
-        first = await executor.acquire(token.id, 0, "me", "p:0", 1, 0, None)
+        first = await executor.acquire(token.id, 0, "me", key("p", 0), 1, 0, None, "p")
         db = failing(executor)
         db.error = error
-        lost = await executor.acquire(token.id, 0, "me", "p:1", 2, 0, None)
+        lost = await executor.acquire(token.id, 0, "me", key("p", 1), 2, 0, None, "p")
         db.error = None
-        after = await executor.acquire(token.id, 0, "me", "p:2", 3, 0, None)
+        after = await executor.acquire(token.id, 0, "me", key("p", 2), 3, 0, None, "p")
         return first, lost, after
 
     first, lost, after = run(scenario())
@@ -101,16 +107,16 @@ def test_a_failed_write_answers_the_waiter_it_would_have_granted(tmp_path: Path)
     token = run(executor.open_token("solo", 1, "me", None))
 
     async def scenario() -> tuple[Any, Any, Any]:
-        assert isinstance(await executor.acquire(token.id, 0, "me", "a:0", 1, 0, None), Grant)
-        waiter = asyncio.ensure_future(executor.acquire(token.id, 0, "me", "b:0", 1, 0, 30.0))
+        assert isinstance(await executor.acquire(token.id, 0, "me", key("a", 0), 1, 0, None, "a"), Grant)
+        waiter = asyncio.ensure_future(executor.acquire(token.id, 0, "me", key("b", 0), 1, 0, 30.0, "b"))
         await asyncio.sleep(0.05)
         assert not waiter.done()
         db = failing(executor)
         db.error = "database or disk is full"
-        settled = await executor.settle([Report(token.id, "a:0", 1, 0, 0, True)])
+        settled = await executor.settle([Report(token.id, key("a", 0), 1, 0, 0, True)], "a")
         answered = await asyncio.wait_for(waiter, 2.0)
         db.error = None
-        return settled, answered, await executor.acquire(token.id, 0, "me", "c:0", 1, 0, 0.0)
+        return settled, answered, await executor.acquire(token.id, 0, "me", key("c", 0), 1, 0, 0.0, "c")
 
     settled, answered, third = run(scenario())
     assert isinstance(settled, StateWriteError)
@@ -128,10 +134,10 @@ def test_the_ticker_outlives_a_tick_that_fails(tmp_path: Path,
     token = run(executor.open_token("tok", 100, "me", None))
 
     async def scenario() -> Any:
-        assert isinstance(await executor.acquire(token.id, 0, "me", "p:0", 200, 0, None), Grant)
+        assert isinstance(await executor.acquire(token.id, 0, "me", key("p", 0), 200, 0, None, "p"), Grant)
         db = failing(executor)
         db.error = "database is locked"  # the ticker's writes fail for a while
-        waiter = asyncio.ensure_future(executor.acquire(token.id, 0, "me", "p:1", 50, 0, None))
+        waiter = asyncio.ensure_future(executor.acquire(token.id, 0, "me", key("p", 1), 50, 0, None, "p"))
         await asyncio.sleep(0.3)
         ticks = [0]
         real_tick = ExecutorService.tick
@@ -148,7 +154,7 @@ def test_the_ticker_outlives_a_tick_that_fails(tmp_path: Path,
         assert ticks[0] >= 1
         db.error = None
         dropped = await asyncio.wait_for(waiter, 2.0)  # refilled in a failed write: dropped
-        again = await executor.acquire(token.id, 0, "me", "p:2", 150, 0, None)  # waits
+        again = await executor.acquire(token.id, 0, "me", key("p", 2), 150, 0, None, "p")  # waits
         assert not executor._ticker_task.done()  # noqa: SLF001
         return dropped, again
 
@@ -172,7 +178,7 @@ def test_a_restart_that_does_not_find_its_state_refuses_to_start_afresh(tmp_path
     state = tmp_path / "state.sqlite"
     executor = start(state)
     token = run(executor.open_token("budget", 100, "me", None))
-    assert isinstance(run(executor.acquire(token.id, 0, "me", "p:0", 9000, 0, None)), Grant)
+    assert isinstance(run(executor.acquire(token.id, 0, "me", key("p", 0), 9000, 0, None, "p")), Grant)
     del executor
     for suffix in ("", "-wal", "-shm"):  # as on another node, or a file deleted under it
         Path(f"{state}{suffix}").unlink(missing_ok=True)
@@ -205,7 +211,7 @@ def test_a_deliberate_start_keeps_what_was_spent_under_the_manifests_limits(
     state = tmp_path / "state.sqlite"
     executor = start(state)
     token = run(executor.open_token("budget", 100, "me", None))
-    assert isinstance(run(executor.acquire(token.id, 0, "me", "p:0", 7000, 0, None)), Grant)
+    assert isinstance(run(executor.acquire(token.id, 0, "me", key("p", 0), 7000, 0, None, "p")), Grant)
     del executor
     stopped(state)
     bigger = json.loads(json.dumps(TEST_MANIFEST))
@@ -219,9 +225,9 @@ def test_reset_refills_what_was_spent_and_keeps_what_is_leased(tmp_path: Path) -
     state = tmp_path / "state.sqlite"
     executor = start(state)
     token = run(executor.open_token("budget", 100, "me", None))
-    assert isinstance(run(executor.acquire(token.id, 0, "me", "p:0", 6000, 0, None)), Grant)
-    run(executor.settle([Report(token.id, "p:0", 0, 6000, 0, True)]))  # spent
-    assert isinstance(run(executor.acquire(token.id, 0, "me", "p:1", 1000, 0, None)), Grant)
+    assert isinstance(run(executor.acquire(token.id, 0, "me", key("p", 0), 6000, 0, None, "p")), Grant)
+    run(executor.settle([Report(token.id, key("p", 0), 0, 6000, 0, True)], "p"))  # spent
+    assert isinstance(run(executor.acquire(token.id, 0, "me", key("p", 1), 1000, 0, None, "p")), Grant)
     assert available(executor, "budget") == 3000
 
     refused = run(executor.reset(["budget", "nope"]))
@@ -237,7 +243,7 @@ def test_reset_refills_what_was_spent_and_keeps_what_is_leased(tmp_path: Path) -
 def test_reset_of_every_resource_fills_a_drained_rate_pool(tmp_path: Path) -> None:
     executor = start(tmp_path / "state.sqlite")
     token = run(executor.open_token("tok-reject", 10, "me", None))
-    assert isinstance(run(executor.acquire(token.id, 0, "me", "p:0", 50, 0, None)), Grant)
+    assert isinstance(run(executor.acquire(token.id, 0, "me", key("p", 0), 50, 0, None, "p")), Grant)
     lines = run(executor.reset(None))
     assert len(lines) == len(TEST_MANIFEST["environments"]["test"])
     assert available(executor, "tok-reject") == 50

@@ -16,6 +16,7 @@ import pytest
 from fakes import FakeClock
 
 from ray_quota._core.fair_queue import Ticket
+from ray_quota._core.credentials import holder_id
 from ray_quota._core.holder import LeaseSet
 from ray_quota._core.protocol import RECALL_GRACE_S, Grant, Report, prefetch_cap
 from ray_quota._core.service import ExecutorService, Outbox, Recall
@@ -80,12 +81,14 @@ class Proc:
 
     def __init__(self, world: World, name: str) -> None:
         self.world, self.name = world, name
+        self.secret = f"{name}-secret"
+        self.holder = holder_id(name, self.secret)  # the id its secret proves
         info = world.service.open_token(world.spec.name, 100, name, None)
         assert not isinstance(info, Exception), info
         self.token_id = info.id
         keys = itertools.count()
         self.leases = LeaseSet(info.id, world.spec.kind, max_prefetch=prefetch_cap(world.spec),
-                               new_key=lambda: f"{name}:{next(keys)}")
+                               new_key=lambda: f"{self.holder}:{next(keys)}")
         self.frozen = False  # hears nothing: neither recalls nor answers
         self.outcomes: dict[int, Grant | QuotaError] = {}
         self._waiting: dict[int, int] = {}  # ticket id -> amount
@@ -103,7 +106,7 @@ class Proc:
             return None
         lease = self.leases.current
         ticket = self.world.service.acquire(self.token_id, 0, self.name, lease.key, amount,
-                                            lease.prefetch(), timeout)
+                                            lease.prefetch(), timeout, self.secret)
         assert isinstance(ticket, Ticket), ticket
         if ticket.outcome is None:
             self._waiting[ticket.id] = amount
@@ -124,7 +127,7 @@ class Proc:
     def deliver(self) -> None:
         reports, self.in_flight = self.in_flight, []
         if reports:
-            self.world.service.settle(reports)
+            self.world.service.settle(reports, self.secret)
             self.world.pump()
 
     def hear(self, outbox: Outbox) -> None:
@@ -134,9 +137,9 @@ class Proc:
             if (amount := self._waiting.pop(resolved.ticket, None)) is not None:
                 self._resolve(resolved.ticket, amount, resolved.outcome)
         for recall in outbox.recalls:
-            if recall.holder == self.name and self.token_id in recall.token_ids:
+            if recall.holder == self.holder and self.token_id in recall.token_ids:
                 if (report := self.leases.recall()) is not None:
-                    self.world.service.settle([report])
+                    self.world.service.settle([report], self.secret)
 
     def _resolve(self, ticket: int, amount: int, outcome: Grant | QuotaError) -> None:
         self.outcomes[ticket] = outcome
@@ -159,7 +162,7 @@ def leave_spare(world: World) -> Proc:
 
 
 def recalled_from(world: World, proc: Proc) -> bool:
-    return any(r.holder == proc.name and proc.token_id in r.token_ids for r in world.recalls)
+    return any(r.holder == proc.holder and proc.token_id in r.token_ids for r in world.recalls)
 
 
 # ================================================================================ the Golem case
@@ -263,7 +266,7 @@ def test_two_requests_each_covered_by_the_same_spare_get_it_once() -> None:
     assert first.outcome is None and second.outcome is None  # both wait for the same spare
     world.check_limit()
     a.frozen = False
-    world.service.settle([a.leases.recall()])  # the recall it heard late
+    world.service.settle([a.leases.recall()], a.secret)  # the recall it heard late
     world.pump()
     world.check_limit()
     outcomes = [first.outcome, second.outcome]
