@@ -6,7 +6,9 @@ it answers from its :class:`BrokerCore` and, once a second, renews everything of
 the executor in one call. So the executor serves one renewal and one recall watch per node,
 not per process, and requests the broker can serve from its spare never leave the node.
 
-Like the executor, methods return a :class:`QuotaError` rather than raise it.
+Like the executor, methods return a :class:`QuotaError` rather than raise it, and check every
+message before anything changes (the checks of :mod:`ray_quota._core.protocol`): any process of
+the cluster can call a broker.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from ray_quota._core.protocol import (
     Grant,
     Renewed,
     Report,
+    check_acquire,
+    check_generation,
+    check_id,
+    check_reports,
+    check_timeout,
+    check_token_call,
     prefetch_cap,
 )
 
@@ -62,6 +70,12 @@ class BrokerActor:
                       key: str, amount: int, prefetch: int,
                       timeout: float | None) -> Grant | QuotaError:
         core, info = await self._ready("acquire")
+        try:
+            timeout = check_acquire(token_id, generation, claimant, key, amount, prefetch,
+                                    timeout)
+            check_id("resource", resource)
+        except QuotaError as exc:
+            return exc
         spec = info.resources.get(resource)
         if spec is None:
             return UnknownResourceError(f"no resource named {resource!r}")
@@ -93,15 +107,26 @@ class BrokerActor:
         except KeyError:
             return _ended()
 
-    async def settle(self, reports: list[Report]) -> None:
+    async def settle(self, reports: list[Report]) -> None | QuotaError:
         core, _ = await self._ready("settle")
+        try:
+            reports = check_reports(reports)
+        except QuotaError as exc:
+            return exc
         if core.settle(reports, time.monotonic()):
             self._send_now({report.token_id for report in reports})
+        return None
 
     async def renew(self, holder: str, reports: list[Report],
-                    observed: Batch | None = None) -> Renewed:
+                    observed: Batch | None = None) -> Renewed | QuotaError:
         core, _ = await self._ready("renew")
-        _observe.ACCUMULATOR.restore(observed)  # goes on with the broker's own renewal
+        try:
+            check_id("holder", holder)
+            reports = check_reports(reports)
+        except QuotaError as exc:
+            return exc
+        # Goes on with the broker's own renewal, its malformed entries dropped here.
+        _observe.ACCUMULATOR.restore(_observe.clean(observed)[0])
         now = time.monotonic()
         urgent = core.settle(reports, now)
         alive = core.renew(reports, now)
@@ -109,9 +134,14 @@ class BrokerActor:
             self._send_now({report.token_id for report in reports})
         return alive
 
-    async def watch(self, holder: str, timeout_s: float) -> list[str]:
+    async def watch(self, holder: str, timeout_s: float) -> list[str] | QuotaError:
         await self._ready("watch")
-        return await self._board.wait(holder, timeout_s)
+        try:
+            check_id("holder", holder)
+            timeout = check_timeout("timeout_s", timeout_s)
+        except QuotaError as exc:
+            return exc
+        return await self._board.wait(holder, timeout or 0.0)
 
     # ---------------------------------------------------------- token calls with lease totals
 
@@ -135,6 +165,10 @@ class BrokerActor:
         """A token's leases end with the call: apply the process's final totals, settle the
         broker's leases of the token as final, and make the call with those totals."""
         core, _ = await self._ready(method)
+        try:
+            reports = _checked_ending(method, args, reports)
+        except QuotaError as exc:
+            return exc
         core.settle(reports, time.monotonic())
         upstream = core.release(ending)
         try:
@@ -221,6 +255,18 @@ class BrokerActor:
                     rpc.send("settle", reports)
                 for holder, token_ids in tell.items():
                     self._board.post(holder, token_ids)
+
+
+def _checked_ending(method: str, args: tuple[Any, ...], reports: object) -> list[Report]:
+    """The fields of a token call that ends the token's leases (close, merge, merge_back),
+    checked before the broker applies its reports."""
+    check_token_call(*args[:3])
+    if method == "merge":
+        check_id("other_id", args[3])
+        check_generation(args[4])
+    elif method == "merge_back":
+        check_id("parent_id", args[3])
+    return check_reports(reports)
 
 
 def _ended() -> LeaseEndedError:

@@ -33,7 +33,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping
 
 from ray_quota._core.fair_queue import Ticket, Waiter
-from ray_quota._core.ledger import Lease, LeaseLedger
+from ray_quota._core.ledger import Lease, LeaseLedger, fresh_debt
 from ray_quota._core.pools import Pool
 from ray_quota._core.protocol import TokenInfo
 from ray_quota._core.resource import Policy, Resource, ResourceStatus
@@ -45,7 +45,7 @@ from ray_quota._core.state import (
     SavedResource,
     SavedToken,
 )
-from ray_quota._core.tokens import Token, TokenRegistry
+from ray_quota._core.tokens import Token, TokenRegistry, check_parent
 from ray_quota._errors import (
     IncompatibleTokensError,
     InvalidAmountError,
@@ -120,7 +120,7 @@ class Scheduler:
             raise TokenStateError("cannot split all expected use from a token while it waits")
         # Same pass means same credit per unit of weight: credit divides in proportion.
         child = self._tokens.open(token.resource, child_expected_use, pass_=token.pass_,
-                                  claimant=claimant, label=token.label)
+                                  claimant=claimant, label=token.label, parent=token.id)
         res = self._resources[token.resource]
         res.reweigh(token, token.expected_use - child_expected_use)
         self._changes.tokens.add(token.id)
@@ -147,15 +147,25 @@ class Scheduler:
 
         The child's owner needs no right over the parent: adding to a token never hurts it.
         If the parent is gone, the child is simply closed. Returns whether it merged.
+
+        Raises:
+            IncompatibleTokensError: ``parent_id`` is not the token the child was split from
+                (its debt would land on a token of the caller's choosing); nothing changes.
         """
+        self.check_parent(child_id, parent_id)
         child = self._tokens.live(child_id, generation, claimant)
         parent = self._tokens.get(parent_id)
-        if parent is None or parent.resource != child.resource or parent is child or \
-                child.waiters:
+        if parent is None or child.parent != parent_id or parent.resource != child.resource \
+                or child.waiters:
             self._forget(child)
             return False
         self._absorb(parent, child)
         return True
+
+    def check_parent(self, child_id: str, parent_id: str) -> None:
+        """Refuse a merge back into another token than the child's parent (see
+        :func:`check_parent`), changing nothing."""
+        check_parent(self._tokens, child_id, parent_id)
 
     def _absorb(self, token: Token, other: Token) -> None:
         """Add ``other``'s expected use and credit (or debt) to ``token``; ``other`` is closed."""
@@ -286,19 +296,20 @@ class Scheduler:
         for what, total in (("returned", returned), ("used", used), ("debt", debt)):
             check_units(what, total, allow_zero=True)  # all checked before any total moves
         lease_id, lease = (token_id, key), self._leases.get((token_id, key))
+        cap = self._overuse_cap(token_id, lease)
         if lease is None:
             ended_debt = self._leases.ended_debt(lease_id)
-            if ended_debt is not None and debt > ended_debt:
+            if ended_debt is not None and (late := fresh_debt(debt, ended_debt, cap)):
                 # Expiry settled the units, not overuse declared since: that is still owed.
-                self._leases.mark_ended(lease_id, debt)
-                self.give_back(token_id, key, debt=debt - ended_debt)
+                self._leases.mark_ended(lease_id, ended_debt + late)
+                self.give_back(token_id, key, debt=late)
             return
         if final:
             # Ended first, so that units freed below are not granted back under this key.
             self._leases.mark_ended(lease_id, lease.debt)
-        fresh_returned, fresh_used, fresh_debt = lease.advance_totals(returned, used, debt)
-        if fresh_returned or fresh_used or fresh_debt:
-            self.give_back(token_id, key, fresh_returned, used=fresh_used, debt=fresh_debt)
+        fresh = lease.advance_totals(returned, used, debt, cap)
+        if any(fresh):
+            self.give_back(token_id, key, fresh[0], used=fresh[1], debt=fresh[2])
         if final:
             if lease.units:
                 self.give_back(token_id, key, lease.units)
@@ -349,10 +360,16 @@ class Scheduler:
                                        self._clock() + self.policy.lease_ttl_s,
                                        returned=returned, used=used))
         self._changes.leases.add((token_id, from_key))
-        if debt:
+        if debt := fresh_debt(debt, 0, self._overuse_cap(token_id, lease)):
             lease.debt = debt
             self.give_back(token_id, to_key, debt=debt)
         return True
+
+    def _overuse_cap(self, token_id: str, lease: Lease | None) -> int:
+        """The most debt one report may add on the token's resource (its ``max_overuse``)."""
+        token = self._tokens.get(token_id)
+        name = lease.resource if lease is not None else token.resource if token else None
+        return self._resources[name].spec.overuse_cap if name is not None else 0
 
     def take_recalls(self) -> dict[str, set[str]]:
         """Holders to tell, per token, that others now wait: they should stop serving locally

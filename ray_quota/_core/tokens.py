@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from ray_quota._core.fair_queue import Flow
 from ray_quota._core.ledger import TOMBSTONES
 from ray_quota._core.state import ChangeLog, SavedToken
-from ray_quota._errors import ForgedTokenError, TokenClosedError, TokenMovedError
+from ray_quota._errors import (
+    ForgedTokenError,
+    IncompatibleTokensError,
+    TokenClosedError,
+    TokenMovedError,
+)
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
@@ -27,6 +32,9 @@ class Token(Flow):
     claimant: str | None
     label: str | None
     generation: int = 0
+    # The token it was split from: the only one a merge back may add it to. Not stored: after
+    # an executor restart a child merging back is simply closed, as if its parent were gone.
+    parent: str | None = None
 
     def saved(self) -> SavedToken:
         return SavedToken(self.id, self.resource, self.expected_use, self.pass_, self.generation,
@@ -70,10 +78,10 @@ class TokenRegistry(Mapping[str, Token]):
         return len(self._tokens)
 
     def open(self, resource: str, expected_use: int, *, pass_: float, claimant: str | None,
-             label: str | None) -> Token:
-        """A new token under a fresh id."""
+             label: str | None, parent: str | None = None) -> Token:
+        """A new token under a fresh id; ``parent`` is the token it was split from."""
         token = Token(id=self._new_id(), resource=resource, expected_use=expected_use,
-                      pass_=pass_, claimant=claimant, label=label)
+                      pass_=pass_, claimant=claimant, label=label, parent=parent)
         self.add(token)
         return token
 
@@ -139,3 +147,17 @@ class TokenRegistry(Mapping[str, Token]):
             totals[(token.resource, token.label)] = (count + 1, use + token.expected_use)
         return totals
 
+
+
+def check_parent(tokens: Mapping[str, Token], child_id: str, parent_id: str) -> None:
+    """Refuse to merge the child ``child_id`` back into a token it was not split from.
+
+    Raises:
+        IncompatibleTokensError: ``parent_id`` names another token than the child's parent.
+            (A child whose parent is not known, restored after a restart, is merged nowhere:
+            the caller closes it.)
+    """
+    child = tokens.get(child_id)
+    if child is not None and child.parent not in (None, parent_id):
+        raise IncompatibleTokensError("a token merges back only into the token it was split "
+                                      "from")
