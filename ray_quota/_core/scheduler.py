@@ -110,7 +110,7 @@ class Scheduler:
     def split(self, token_id: str, generation: int, claimant: str | None,
               child_expected_use: int) -> TokenInfo:
         """Move ``child_expected_use`` and the same share of credit (or debt) into a new token."""
-        token = self._tokens.live(token_id, generation, claimant)
+        token = self._tokens.check(token_id, generation, claimant)
         check_units("child_expected_use", child_expected_use)
         if child_expected_use > token.expected_use:
             raise InvalidAmountError(
@@ -118,6 +118,7 @@ class Scheduler:
                 f"{token.expected_use}")
         if child_expected_use == token.expected_use and token.waiters:
             raise TokenStateError("cannot split all expected use from a token while it waits")
+        self._tokens.live(token_id, generation, claimant)  # refused no more: take it up
         # Same pass means same credit per unit of weight: credit divides in proportion.
         child = self._tokens.open(token.resource, child_expected_use, pass_=token.pass_,
                                   claimant=claimant, label=token.label, parent=token.id)
@@ -132,13 +133,15 @@ class Scheduler:
         """Add ``other``'s expected use and credit to the token; ``other`` is closed."""
         if other_id == token_id:
             raise IncompatibleTokensError("a token cannot be merged with itself")
-        token = self._tokens.live(token_id, generation, claimant)
-        other = self._tokens.live(other_id, other_generation, claimant)
+        token = self._tokens.check(token_id, generation, claimant)
+        other = self._tokens.check(other_id, other_generation, claimant)
         if other.resource != token.resource:
             raise IncompatibleTokensError(
                 f"cannot merge a token of {other.resource!r} into one of {token.resource!r}")
         if other.waiters:
             raise TokenStateError("cannot merge a token while it has reservations waiting")
+        self._tokens.live(token_id, generation, claimant)  # refused no more: take them up
+        self._tokens.live(other_id, other_generation, claimant)
         self._absorb(token, other)
 
     def merge_back(self, child_id: str, generation: int, claimant: str | None,
@@ -166,6 +169,11 @@ class Scheduler:
         """Refuse a merge back into another token than the child's parent (see
         :func:`check_parent`), changing nothing."""
         check_parent(self._tokens, child_id, parent_id)
+
+    def check_token(self, token_id: str, generation: int, claimant: str | None) -> None:
+        """Refuse, changing nothing, a call the token's owner could not make (see
+        :meth:`TokenRegistry.check`): run before a call's lease totals are applied."""
+        self._tokens.check(token_id, generation, claimant)
 
     def _absorb(self, token: Token, other: Token) -> None:
         """Add ``other``'s expected use and credit (or debt) to ``token``; ``other`` is closed."""
@@ -217,7 +225,7 @@ class Scheduler:
             InvalidAmountError: ``amount`` is not a whole number from 1 to the resource's ceiling.
             TokenStateError, ForgedTokenError: the token cannot be used.
         """
-        token = self._tokens.live(token_id, generation, claimant)
+        token = self._tokens.check(token_id, generation, claimant)
         if self._leases.is_ended((token_id, key)):
             raise LeaseEndedError("this lease ended (it expired or was settled); ask under a "
                                   "new lease key")
@@ -226,6 +234,7 @@ class Scheduler:
         res.check_amount(amount)
         if token.expected_use == 0:
             raise TokenStateError("the token has no expected use left: merge a child back first")
+        self._tokens.live(token_id, generation, claimant)  # refused no more: take it up
         now = self._clock()
         self._seq += 1
         ticket = Ticket(self._seq, token_id, key, amount)

@@ -187,10 +187,12 @@ class ExecutorService:
             check_id("other_id", other_id)
             check_generation(other_generation)
             checked = check_reports(reports)
+            if other_id == token_id:
+                raise IncompatibleTokensError("a token cannot be merged with itself")
+            self._sched.check_token(token_id, generation, claimant)  # before totals move
+            self._sched.check_token(other_id, other_generation, claimant)
         except QuotaError as exc:
             return exc
-        if other_id == token_id:
-            return IncompatibleTokensError("a token cannot be merged with itself")
         self._settle(checked)
         return self._guard(self._sched.merge, token_id, generation, claimant, other_id,
                            other_generation)
@@ -203,7 +205,8 @@ class ExecutorService:
             check_token_call(token_id, generation, claimant)
             check_id("parent_id", parent_id)
             checked = check_reports(reports)
-            self._sched.check_parent(token_id, parent_id)  # before the totals move
+            self._sched.check_token(token_id, generation, claimant)  # before totals move
+            self._sched.check_parent(token_id, parent_id)
         except QuotaError as exc:
             return exc
         self._settle(checked)
@@ -225,6 +228,7 @@ class ExecutorService:
         try:
             check_token_call(token_id, generation, claimant)
             checked = check_reports(reports)
+            self._sched.check_token(token_id, generation, claimant)  # before totals move
         except QuotaError as exc:
             return exc
         self._settle(checked)

@@ -97,18 +97,30 @@ class TokenRegistry(Mapping[str, Token]):
             TokenClosedError, ForgedTokenError: no such live token.
             TokenMovedError: the token belongs to another process now.
         """
+        token = self.check(token_id, generation, claimant)
+        if generation > token.generation:
+            # First use after a move: the receiving process takes the token up.
+            token.generation, token.claimant = generation, claimant
+            self._changes.tokens.add(token.id)
+        return token
+
+    def check(self, token_id: str, generation: int, claimant: str | None) -> Token:
+        """The token, if ``claimant`` at ``generation`` may use it, changing nothing: a call
+        that may still be refused checks first, and takes the token up with :meth:`live`
+        once it goes ahead (a refused call must not have moved the token).
+
+        Raises:
+            As :meth:`live`.
+        """
         token = self._tokens.get(token_id)
         if token is None:
             if token_id in self._closed:
                 raise TokenClosedError("the token was closed or merged into another")
             raise ForgedTokenError("this executor never issued that token")
-        if generation > token.generation:
-            # First use after a move: the receiving process takes the token up.
-            token.generation, token.claimant = generation, claimant
-            self._changes.tokens.add(token.id)
-        elif generation < token.generation:
+        if generation < token.generation:
             raise TokenMovedError("the token was passed to another process, which owns it now")
-        elif token.claimant is not None and claimant != token.claimant:
+        if generation == token.generation and token.claimant is not None \
+                and claimant != token.claimant:
             raise TokenMovedError("the token was already taken up by another process")
         return token
 
