@@ -35,6 +35,7 @@ from ray_quota._errors import (
 )
 from ray_quota._observability import observe
 from ray_quota._spec import MAX_NAME, MAX_UNITS, Enforcement, Kind, ResourceSpec
+from ray_quota._store import StateStore
 
 SPECS = {
     "r": ResourceSpec("r", Kind.RATE, value=10, period_s=1.0, burst=20),
@@ -100,6 +101,26 @@ class World:
         s.drain()
         self.ids = [self.mine, self.theirs, self.budget, self.slots, self.child, self.closed,
                     "never-issued"]
+        # What the service accepts must be writable: the actor writes every drain's changes.
+        self.store = StateStore(":memory:")
+        self.store.start("cluster", "test")
+        self.write()
+
+    def write(self) -> None:
+        for changes in self.service.drain().changes:
+            try:
+                self.store.write(changes)
+            except Exception as exc:  # noqa: BLE001
+                raise AssertionError(f"accepted, but the store cannot write it: {exc!r}") from exc
+
+    def scrape(self) -> str:
+        """The metrics a scrape reads from the scheduler (labels, expected use, gauges)."""
+        from prometheus_client import generate_latest
+
+        from ray_quota._observability.metrics import ExecutorMetrics
+
+        metrics = ExecutorMetrics(lambda: self.service.scheduler, "test", "cluster")
+        return generate_latest(metrics.metrics.registry).decode()
 
     def _open(self, resource: str, expected_use: int, claimant: str) -> str:
         info = self.service.open_token(resource, expected_use, claimant, "team")
@@ -122,7 +143,8 @@ class World:
         assert (info.id, "honest:0") in s.renew("honest", [report])
         assert s.close(info.id, 0, "honest", [report._replace(final=True)]) is None
         s.tick()
-        s.drain()
+        self.write()
+        assert "ray_quota" in self.scrape()
 
 
 # --------------------------------------------------------------------------- strategies
@@ -135,52 +157,84 @@ GARBAGE = st.one_of(
     st.tuples(st.integers(), st.text(max_size=2)),
 )
 
+Field = tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]  # (valid, hostile)
 
-def mixed(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """Mostly valid values, often garbage."""
-    return st.one_of(valid, valid, valid, GARBAGE)
+
+def field(valid: list[Any] | st.SearchStrategy[Any], *hostile: Any) -> Field:
+    """A field's valid values, and what a hostile caller sends instead: the values this field
+    gets wrong in particular (out of range, someone else's), or any garbage."""
+    good = st.sampled_from(valid) if isinstance(valid, list) else valid
+    bad = st.one_of(st.sampled_from(hostile), GARBAGE) if hostile else GARBAGE
+    return good, bad
+
+
+def call(name: str, *fields: Field) -> st.SearchStrategy[tuple[str, tuple[Any, ...]]]:
+    """Calls of ``name``: valid arguments, of which none, one or two are hostile (one bad
+    field among good ones is what gets past checks that look at the first field only)."""
+
+    @st.composite
+    def build(draw: st.DrawFn) -> tuple[str, tuple[Any, ...]]:
+        bad = set(draw(st.lists(st.integers(0, max(0, len(fields) - 1)), max_size=2)))
+        return name, tuple(draw(hostile if i in bad else valid)
+                           for i, (valid, hostile) in enumerate(fields))
+
+    return build()
+
+
+def strategy(field_: Field) -> st.SearchStrategy[Any]:
+    """A nested value: valid or hostile."""
+    valid, hostile = field_
+    return st.one_of(valid, valid, valid, hostile)
 
 
 def call_strategy(world: World) -> st.SearchStrategy[tuple[str, tuple[Any, ...]]]:
-    ids = mixed(st.sampled_from(world.ids))
-    gens = mixed(st.sampled_from([0, 0, 0, 1, 1, 2, MAX_GENERATION, MAX_GENERATION + 1, 2**63]))
-    claimants = mixed(st.sampled_from(["me", "other", "stranger"]))
-    keys = mixed(st.sampled_from(["me:0", "me:1", "me:2", "other:0", "new:0", "x" * 257]))
-    amounts = mixed(st.sampled_from([1, 2, 5, 20, 21, 0, -1, MAX_UNITS, MAX_UNITS + 1]))
-    totals = mixed(st.sampled_from([0, 1, 3, 10, 30, MAX_UNITS, MAX_UNITS + 1, -1]))
-    timeouts = mixed(st.sampled_from([None, 0, 0.5, 5.0, 1e9]))
-    labels = mixed(st.sampled_from([None, "team", "x" * MAX_NAME, "x" * (MAX_NAME + 1)]))
-    resources = mixed(st.sampled_from(["r", "c", "k", "nope"]))
-    reports = mixed(st.lists(mixed(st.builds(Report, ids, keys, totals, totals, totals,
-                                             mixed(st.booleans()))), max_size=3))
-    adoptions = mixed(st.lists(mixed(st.builds(Adoption, ids, keys, keys, totals, totals,
-                                               totals, totals)), max_size=2))
-    specs = mixed(st.builds(
-        ResourceSpec, mixed(st.sampled_from(["r", "c", "k", "nope"])),
-        mixed(st.sampled_from(list(Kind))), amounts,
-        mixed(st.sampled_from([0.0, 1.0, 60.0, math.nan, math.inf, -1.0])),
-        mixed(st.sampled_from([0, 5, 20])), mixed(st.sampled_from(list(Enforcement))),
-        mixed(st.just("unit")), mixed(st.sampled_from([None, 0.0, 5.0, math.nan])),
-        mixed(st.sampled_from([None, 1, 5, 0]))))
-    calls = {
-        "open_token": st.tuples(resources, amounts, claimants, labels),
-        "split": st.tuples(ids, gens, claimants, amounts),
-        "merge": st.tuples(ids, gens, claimants, ids, gens, reports),
-        "merge_back": st.tuples(ids, gens, claimants, ids, reports),
-        "describe": st.tuples(ids, gens, claimants),
-        "close": st.tuples(ids, gens, claimants, reports),
-        "acquire": st.tuples(ids, gens, claimants, keys, amounts, amounts, timeouts),
-        "cancel": st.tuples(mixed(st.sampled_from([world.ticket, 0, 999]))),
-        "settle": st.tuples(reports),
-        "renew": st.tuples(claimants, reports),
-        "adopt": st.tuples(adoptions),
-        "watch": st.tuples(claimants, timeouts),
-        "set_limit": st.tuples(specs),
-        "apply": st.tuples(mixed(st.builds(lambda spec: {**SPECS, spec.name: spec}
-                                           if isinstance(spec, ResourceSpec) else spec, specs))),
-        "advance": st.tuples(st.sampled_from([0.5, 3.0, 11.0])),
-    }
-    return st.one_of([st.tuples(st.just(name), args) for name, args in calls.items()])
+    ids = field(world.ids[:5], world.closed, "never-issued", "x" * 257)
+    gens = field([0, 0, 0, 1, 2], MAX_GENERATION + 1, 2**63, -1, True)
+    claimants = field(["me", "me", "other"], "stranger", "x" * 257)
+    keys = field(["me:0", "me:1", "me:2", "other:0", "new:0"], "x" * 257)
+    amounts = field([1, 2, 5, 20], 21, 0, -1, MAX_UNITS + 1, 2.0, True)
+    prefetch = field([0, 0, 4], -1, MAX_UNITS + 1, 0.5)
+    totals = field([0, 1, 3, 10, 30], -1, MAX_UNITS + 1, 20.5, MAX_UNITS)
+    timeouts = field([None, 0, 0.5, 5.0], math.nan, math.inf, -1, 1e9, True)
+    labels = field([None, "team", "x" * MAX_NAME], "x" * (MAX_NAME + 1), ["team"], "")
+    resources = field(["r", "c", "k"], "nope", "honest" * 20)
+    report = st.builds(Report, *map(strategy, (ids, keys, totals, totals, totals,
+                                               field(st.booleans(), 1, None))))
+    reports = field(st.lists(report, max_size=3), [("bad",)], (report,))
+    adoption = st.builds(Adoption, *map(strategy, (ids, keys, keys, totals, totals, totals,
+                                                   totals)))
+    adoptions = field(st.lists(adoption, max_size=2), "entries", [[1, 2]])
+    spec = st.builds(ResourceSpec, *map(strategy, (
+        field(["r", "c", "k"], "nope", "x" * 65),
+        field(list(Kind), "rate"), amounts,
+        field([0.0, 1.0, 60.0], math.nan, math.inf, -1.0),
+        field([0, 5, 20], -5, 2.5),
+        field(list(Enforcement), "reject"),
+        field(["unit"], "", "u" * 65),
+        field([None, 5.0], math.nan, -1.0, math.inf),
+        field([None, 1, 5], 0, -3, 1.5))))
+    specs = field(spec, "spec", {"name": "r"})
+    manifests = field(st.builds(lambda s: {**SPECS, repr(s.name).strip("'"): s}, spec),
+                      {"r": SPECS["c"]},
+                      {**SPECS, "extra": SPECS["c"]}, dict(list(SPECS.items())[:2]))
+    return st.one_of(
+        call("open_token", resources, amounts, claimants, labels),
+        call("split", ids, gens, claimants, amounts),
+        call("merge", ids, gens, claimants, ids, gens, reports),
+        call("merge_back", ids, gens, claimants, ids, reports),
+        call("describe", ids, gens, claimants),
+        call("close", ids, gens, claimants, reports),
+        call("acquire", ids, gens, claimants, keys, amounts, prefetch, timeouts),
+        call("acquire", ids, gens, claimants, keys, amounts, prefetch, timeouts),
+        call("cancel", field([world.ticket, 0], 999, -1)),
+        call("settle", reports),
+        call("renew", claimants, reports),
+        call("adopt", adoptions),
+        call("watch", claimants, timeouts),
+        call("set_limit", specs),
+        call("apply", manifests),
+        call("advance", (st.sampled_from([0.5, 3.0, 11.0]),) * 2),  # never hostile
+    )
 
 
 def run_call(world: World, name: str, args: tuple[Any, ...]) -> Any:
@@ -189,7 +243,7 @@ def run_call(world: World, name: str, args: tuple[Any, ...]) -> Any:
     if name == "advance":
         world.clock.advance(args[0])
         service.tick()  # what time alone changes happens here, not in the next call
-        service.drain()
+        world.write()
         return None
     before = snapshot(service)
     try:
@@ -200,7 +254,7 @@ def run_call(world: World, name: str, args: tuple[Any, ...]) -> Any:
         assert isinstance(answer, QuotaError), f"{name}{args!r} answered {answer!r}"
         assert str(answer), f"{name}{args!r}: an error that says nothing"
         assert snapshot(service) == before, f"{name}{args!r} refused ({answer!r}) but changed"
-    service.drain()
+    world.write()
     return answer
 
 
@@ -267,10 +321,21 @@ def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[World], Any]]:
         # Ready without its loops: they would renew and watch on a real clock.
         actor._core = BrokerCore(holder="broker-1", ttl_s=10.0)
         actor._info = ExecutorInfo("cluster", "test", dict(SPECS), 10.0)
+        actor._board = InstantBoard()  # a watch's checks are the point, not its wait
         actor.upstream = upstream
         return actor
 
     yield make
+
+
+class InstantBoard:
+    """A recall board whose watches end at once."""
+
+    async def wait(self, holder: str, timeout_s: float) -> list[str]:
+        return []
+
+    def post(self, holder: str, token_ids: Any) -> None:
+        pass
 
 
 def broker_snapshot(actor: Any) -> Any:
@@ -288,8 +353,8 @@ BROKER_CALLS = ("acquire", "settle", "renew", "watch", "close", "merge", "merge_
 
 def broker_call_strategy(world: World) -> st.SearchStrategy[tuple[str, tuple[Any, ...]]]:
     inner = call_strategy(world)
-    resources = mixed(st.sampled_from(["r", "c", "k", "nope"]))
-    observed = mixed(st.sampled_from([
+    resources = strategy(field(["r", "c", "k"], "nope"))
+    observed = st.one_of(GARBAGE, st.sampled_from([
         None,
         ({("cluster", "r", None, observe.LOCAL, observe.GRANTED):
           [math.nan] * (len(observe.BUCKETS) + 3)}, {}),
