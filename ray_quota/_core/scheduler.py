@@ -131,15 +131,8 @@ class Scheduler:
     def merge(self, token_id: str, generation: int, claimant: str | None,
               other_id: str, other_generation: int) -> None:
         """Add ``other``'s expected use and credit to the token; ``other`` is closed."""
-        if other_id == token_id:
-            raise IncompatibleTokensError("a token cannot be merged with itself")
-        token = self._tokens.check(token_id, generation, claimant)
-        other = self._tokens.check(other_id, other_generation, claimant)
-        if other.resource != token.resource:
-            raise IncompatibleTokensError(
-                f"cannot merge a token of {other.resource!r} into one of {token.resource!r}")
-        if other.waiters:
-            raise TokenStateError("cannot merge a token while it has reservations waiting")
+        token, other = self.check_merge(token_id, generation, claimant, other_id,
+                                        other_generation)
         self._tokens.live(token_id, generation, claimant)  # refused no more: take them up
         self._tokens.live(other_id, other_generation, claimant)
         self._absorb(token, other)
@@ -164,6 +157,25 @@ class Scheduler:
             return False
         self._absorb(parent, child)
         return True
+
+    def check_merge(self, token_id: str, generation: int, claimant: str | None,
+                    other_id: str, other_generation: int) -> tuple[Token, Token]:
+        """The two tokens of a merge, if it may go ahead; changes nothing.
+
+        Raises:
+            IncompatibleTokensError: the same token, or tokens of different resources.
+            TokenStateError: ``other`` has reservations waiting (or either cannot be used).
+        """
+        if other_id == token_id:
+            raise IncompatibleTokensError("a token cannot be merged with itself")
+        token = self._tokens.check(token_id, generation, claimant)
+        other = self._tokens.check(other_id, other_generation, claimant)
+        if other.resource != token.resource:
+            raise IncompatibleTokensError(
+                f"cannot merge a token of {other.resource!r} into one of {token.resource!r}")
+        if other.waiters:
+            raise TokenStateError("cannot merge a token while it has reservations waiting")
+        return token, other
 
     def check_parent(self, child_id: str, parent_id: str) -> None:
         """Refuse a merge back into another token than the child's parent (see

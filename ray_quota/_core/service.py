@@ -187,10 +187,8 @@ class ExecutorService:
             check_id("other_id", other_id)
             check_generation(other_generation)
             checked = check_reports(reports)
-            if other_id == token_id:
-                raise IncompatibleTokensError("a token cannot be merged with itself")
-            self._sched.check_token(token_id, generation, claimant)  # before totals move
-            self._sched.check_token(other_id, other_generation, claimant)
+            # Before the totals move: a merge refused changes nothing.
+            self._sched.check_merge(token_id, generation, claimant, other_id, other_generation)
         except QuotaError as exc:
             return exc
         self._settle(checked)

@@ -176,15 +176,37 @@ def call(name: str, *fields: Field) -> st.SearchStrategy[tuple[str, tuple[Any, .
 
 @st.composite
 def _call(draw: st.DrawFn, name: str, fields: tuple[Field, ...]) -> tuple[str, tuple[Any, ...]]:
-    bad = set(draw(st.lists(st.integers(0, max(0, len(fields) - 1)), max_size=2)))
+    count = draw(st.sampled_from([0, 0, 0, 1, 1, 2]))  # hostile fields in this call
+    bad = {draw(st.integers(0, len(fields) - 1)) for _ in range(count)}
     return name, tuple(draw(hostile if i in bad else valid)
                        for i, (valid, hostile) in enumerate(fields))
 
 
-def strategy(field_: Field) -> st.SearchStrategy[Any]:
-    """A nested value: valid or hostile."""
-    valid, hostile = field_
-    return st.one_of(valid, valid, valid, hostile)
+def record(build: Callable[..., Any], *fields: Field) -> Field:
+    """A value built from fields (a report, an adoption, a spec): valid, or with one or two
+    hostile fields among valid ones."""
+
+    @st.composite
+    def hostile(draw: st.DrawFn) -> Any:
+        bad = {draw(st.integers(0, len(fields) - 1))
+               for _ in range(draw(st.sampled_from([1, 1, 1, 2])))}
+        return build(*(draw(h if i in bad else v) for i, (v, h) in enumerate(fields)))
+
+    return st.builds(build, *(valid for valid, _ in fields)), hostile()
+
+
+def listed(item: Field, max_size: int) -> Field:
+    """A list of valid items; hostile: one hostile item among valid ones, or garbage."""
+    valid, hostile = item
+    bad = st.builds(lambda good, one, at: [*good[:at], one, *good[at:]],
+                    st.lists(valid, max_size=max_size - 1), hostile, st.integers(0, max_size))
+    return st.lists(valid, min_size=1, max_size=max_size), st.one_of(bad, bad, GARBAGE)
+
+
+def report_on(lease: Any, *totals: Any) -> Report:
+    """A report on the lease (token id, key); garbage in place of a lease as the token id."""
+    ident = lease if isinstance(lease, tuple) and len(lease) == 2 else (lease, "me:0")
+    return Report(*ident, *totals)
 
 
 def call_strategies(world: World) -> dict[str, st.SearchStrategy[tuple[str, tuple[Any, ...]]]]:
@@ -199,25 +221,27 @@ def call_strategies(world: World) -> dict[str, st.SearchStrategy[tuple[str, tupl
     timeouts = field([None, 0, 0.5, 5.0], math.nan, math.inf, -1, 1e9, True)
     labels = field([None, "team", "x" * MAX_NAME], "x" * (MAX_NAME + 1), ["team"], "")
     resources = field(["r", "c", "k"], "nope", "honest" * 20)
-    report = st.builds(Report, *map(strategy, (ids, keys, totals, totals, totals,
-                                               field(st.booleans(), 1, None))))
-    reports = field(st.lists(report, max_size=3), [("bad",)], (report,))
-    adoption = st.builds(Adoption, *map(strategy, (ids, keys, keys, totals, totals, totals,
-                                                   totals)))
-    adoptions = field(st.lists(adoption, max_size=2), "entries", [[1, 2]])
-    spec = st.builds(ResourceSpec, *map(strategy, (
-        field(["r", "c", "k"], "nope", "x" * 65),
-        field(list(Kind), "rate"), amounts,
-        field([0.0, 1.0, 60.0], math.nan, math.inf, -1.0),
-        field([0, 5, 20], -5, 2.5),
-        field(list(Enforcement), "reject"),
-        field(["unit"], "", "u" * 65),
-        field([None, 5.0], math.nan, -1.0, math.inf),
-        field([None, 1, 5], 0, -3, 1.5))))
-    specs = field(spec, "spec", {"name": "r"})
-    manifests = field(st.builds(lambda s: {**SPECS, repr(s.name).strip("'"): s}, spec),
-                      {"r": SPECS["c"]},
-                      {**SPECS, "extra": SPECS["c"]}, dict(list(SPECS.items())[:2]))
+    # Reports name a lease that exists, so that their totals would move something; or any.
+    leases = field([(world.mine, "me:0"), (world.budget, "me:1"), (world.slots, "me:2"),
+                    (world.theirs, "other:0"), (world.child, "me:9")],
+                   (world.closed, "me:3"), ("never-issued", "me:0"))
+    finals = field(st.booleans(), 1, None, "yes")
+    reports = listed(record(report_on, leases, totals, totals, totals, finals), 3)
+    adoptions = listed(record(Adoption, ids, keys, keys, totals, totals, totals, totals), 2)
+    spec = record(ResourceSpec,
+                  field(["r", "c", "k"], "nope", "x" * 65),
+                  field(list(Kind), "rate"), amounts,
+                  field([1.0, 60.0], 0.0, math.nan, math.inf, -1.0),
+                  field([5, 20], -5, 2.5, 0),
+                  field(list(Enforcement), "reject"),
+                  field(["unit"], "", "u" * 65),
+                  field([None, 5.0, 0.0], math.nan, -1.0, math.inf),
+                  field([None, 1, 5], 0, -3, 1.5))
+    specs = (spec[0], st.one_of(spec[1], spec[1], GARBAGE))
+    manifests = (st.builds(lambda s: {**SPECS, s.name: s}, spec[0]),
+                 st.one_of(st.builds(lambda s: {**SPECS, repr(s.name).strip("'"): s}, spec[1]),
+                           st.sampled_from([{"r": SPECS["c"]}, {**SPECS, "extra": SPECS["c"]},
+                                            dict(list(SPECS.items())[:2])]), GARBAGE))
     calls: dict[str, tuple[Field, ...]] = {
         "open_token": (resources, amounts, claimants, labels),
         "split": (ids, gens, claimants, amounts),
@@ -359,7 +383,7 @@ BROKER_CALLS = ("acquire", "settle", "renew", "watch", "close", "merge", "merge_
 
 def broker_call_strategy() -> st.SearchStrategy[tuple[str, tuple[Any, ...]]]:
     inner = st.one_of([STRATEGIES[name] for name in BROKER_CALLS])
-    resources = strategy(field(["r", "c", "k"], "nope"))
+    resources = st.one_of(st.sampled_from(["r", "c", "k", "r", "c", "k", "nope"]), GARBAGE)
     observed = st.one_of(GARBAGE, st.sampled_from([
         None,
         ({("cluster", "r", None, observe.LOCAL, observe.GRANTED):
