@@ -93,7 +93,8 @@ def _wait_limit(value: float | str | None) -> float | None:
 
 def _check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise ValueError(f"invalid name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or '-', "
+        raise ValueError(f"invalid name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' "
+                         "or '-', "
                          "starting with a letter or digit")
     return name
 
