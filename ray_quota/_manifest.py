@@ -29,11 +29,19 @@ from pydantic import (
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ._errors import ManifestError
-from ._spec import MAX_UNITS, PERIOD_WORDS, Enforcement, Environment, Kind, ResourceSpec
+from ._spec import (
+    MAX_NAME,
+    MAX_UNITS,
+    PERIOD_WORDS,
+    Enforcement,
+    Environment,
+    Kind,
+    ResourceSpec,
+)
 
 __all__ = ["Manifest", "load_manifest", "parse_duration"]
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)")
 _DURATION_HELP = "use seconds or a string such as '500ms', '30s', '2m', '1h', '1d' or 'minute'"
@@ -74,9 +82,19 @@ def _seconds(value: object) -> float | None:
     return None
 
 
+def _wait_limit(value: float | str | None) -> float | None:
+    """A wait limit in seconds: a duration, or zero for "do not wait at all" (reject at once)."""
+    if value is None:
+        return None
+    if _seconds(value) == 0:
+        return 0.0
+    return parse_duration(value)
+
+
 def _check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise ValueError(f"invalid name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+        raise ValueError(f"invalid name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' "
+                         "or '-', "
                          "starting with a letter or digit")
     return name
 
@@ -87,9 +105,7 @@ _Name = Annotated[StrictStr, AfterValidator(_check_name)]
 # Strict: YAML `1.5`, `true` or `"10"` are typos, not amounts to round or coerce.
 _Count = Annotated[int, Field(strict=True, gt=0, le=MAX_UNITS)]
 _Duration = Annotated[float, BeforeValidator(parse_duration)]
-_OptionalDuration = Annotated[
-    float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
-]
+_WaitLimit = Annotated[float | None, BeforeValidator(_wait_limit)]
 
 
 class _Model(BaseModel):
@@ -116,8 +132,9 @@ class _Concurrency(_Model):
 class _Resource(_Model):
     limit: Annotated[_Rate | _Capacity | _Concurrency, Field(discriminator="type")]
     enforcement: Literal["reject", "throttle", "terminate"] = "throttle"
-    unit: Annotated[StrictStr, Field(min_length=1, max_length=64)] = "unit"
-    wait_limit: _OptionalDuration = None
+    unit: Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME)] = "unit"
+    wait_limit: _WaitLimit = None
+    max_overuse: _Count | None = None  # None: the burst for rate, the limit otherwise
 
 
 class _Manifest(_Model):
@@ -181,13 +198,15 @@ def _spec_to_dict(spec: ResourceSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"limit": limit, "enforcement": spec.enforcement.value, "unit": spec.unit}
     if spec.wait_limit_s is not None:
         out["wait_limit"] = spec.wait_limit_s
+    if spec.max_overuse is not None:
+        out["max_overuse"] = spec.max_overuse
     return out
 
 
 def _to_spec(name: str, res: _Resource) -> ResourceSpec:
     limit = res.limit
     common: dict[str, Any] = {"enforcement": Enforcement(res.enforcement), "unit": res.unit,
-                              "wait_limit_s": res.wait_limit}
+                              "wait_limit_s": res.wait_limit, "max_overuse": res.max_overuse}
     if isinstance(limit, _Rate):
         burst = limit.value if limit.burst is None else limit.burst
         return ResourceSpec(name, Kind.RATE, limit.value, period_s=limit.period, burst=burst,

@@ -6,11 +6,16 @@ Nothing here imports pydantic or Ray; the core works on these values alone.
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass
 
-from ray_quota._errors import InvalidAmountError
+from ray_quota._errors import InvalidAmountError, ProtocolError
 
 MAX_UNITS = 2**53  # amounts above this lose integer precision in the float arithmetic of rates
+# The longest name of an environment or resource, unit or token label: labels become metric
+# label values, and one rule keeps every name a scrape shows short.
+MAX_NAME = 64
 # The words a manifest may use for a rate's period, in seconds.
 PERIOD_WORDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
@@ -49,6 +54,8 @@ class ResourceSpec:
     enforcement: Enforcement = Enforcement.THROTTLE
     unit: str = "unit"
     wait_limit_s: float | None = None  # None: for ever (throttle), else only for recalled spare
+    # Units one commit may exceed its reservation by; None: the ceiling (see overuse_cap).
+    max_overuse: int | None = None
 
     @property
     def refill_per_s(self) -> float:
@@ -59,6 +66,12 @@ class ResourceSpec:
     def ceiling(self) -> int:
         """The largest single reservation the pool can ever grant."""
         return self.burst if self.kind is Kind.RATE else self.value
+
+    @property
+    def overuse_cap(self) -> int:
+        """The most units one commit may exceed its reservation by, and so the most debt one
+        commit charges: ``max_overuse``, by default the burst for rate, the limit otherwise."""
+        return self.ceiling if self.max_overuse is None else self.max_overuse
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +93,72 @@ def check_units(what: str, value: object, *, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if not low <= value <= MAX_UNITS:
         raise InvalidAmountError(f"{what} must be from {low} to {MAX_UNITS}, not {value}")
+
+
+def check_seconds(what: str, value: object) -> float:
+    """A finite number of seconds from 0 (not a bool), as a float.
+
+    Raises:
+        InvalidAmountError: naming ``what`` and the value.
+    """
+    try:
+        seconds = -1.0 if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):  # not a number, or beyond a float
+        seconds = -1.0
+    if not isinstance(value, numbers.Real) or not math.isfinite(seconds) or seconds < 0:
+        raise InvalidAmountError(f"{what} must be a finite number of seconds from 0, "
+                                 f"not {_short(value)}")
+    return seconds
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_name(what: str, value: object) -> str:
+    """A string of 1 to :data:`MAX_NAME` characters.
+
+    Raises:
+        ProtocolError: not a string. InvalidAmountError: empty or too long.
+    """
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} must be a str, not {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_NAME:
+        raise InvalidAmountError(f"{what} must be 1 to {MAX_NAME} characters long, "
+                                 f"not {len(value)}")
+    return value
+
+
+def check_spec(value: object, what: str = "spec") -> ResourceSpec:
+    """A :class:`ResourceSpec` whose fields hold what the manifest allows, checked field by
+    field: a spec that arrives in a message (``set_limit``) is untrusted.
+
+    Raises:
+        ProtocolError: not a ResourceSpec, or a field of the wrong type.
+        InvalidAmountError: a value out of range (a limit from 1, a finite period above 0).
+    """
+    if not isinstance(value, ResourceSpec):
+        raise ProtocolError(f"{what} must be a ResourceSpec, not {type(value).__name__}")
+    check_name(f"{what}.name", value.name)
+    for field, kind in (("kind", Kind), ("enforcement", Enforcement)):
+        if not isinstance(getattr(value, field), kind):
+            raise ProtocolError(f"{what}.{field} must be a {kind.__name__}, "
+                                f"not {getattr(value, field)!r}")
+    check_units(f"{what}.value", value.value)
+    if value.kind is Kind.RATE:
+        if check_seconds(f"{what}.period_s", value.period_s) == 0:
+            raise InvalidAmountError(f"{what}.period_s must be greater than zero")
+        check_units(f"{what}.burst", value.burst)
+    elif not (_is_zero(value.period_s) and _is_zero(value.burst)):
+        raise InvalidAmountError(f"{what}: only a rate has a period and a burst")
+    check_name(f"{what}.unit", value.unit)
+    if value.wait_limit_s is not None:
+        check_seconds(f"{what}.wait_limit_s", value.wait_limit_s)
+    if value.max_overuse is not None:
+        check_units(f"{what}.max_overuse", value.max_overuse)
+    return value
+
+
+def _is_zero(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and value == 0

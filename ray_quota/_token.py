@@ -31,7 +31,7 @@ from ray_quota._errors import (
     TokenStateError,
 )
 from ray_quota._core.credentials import add_proofs, claim_value
-from ray_quota._core.holder import LeaseSet, LocalLease
+from ray_quota._core.holder import LeaseSet, LocalLease, capped_use
 from ray_quota._core.protocol import (
     Adoption,
     Grant,
@@ -149,8 +149,8 @@ class QuotaToken:
             FailedReservation: the units could not be had in time (reject, or a timeout).
             QuotaTerminated: a ``terminate`` resource could not grant in time.
             InvalidAmountError: ``amount`` is not a whole number the resource can ever grant, or
-                ``timeout`` is not None nor a number of seconds from 0 (``math.inf`` waits as
-                long as the resource allows; NaN is refused).
+                ``timeout`` is not None nor a finite number of seconds from 0 (NaN and
+                infinity are refused; None waits as long as the resource allows).
         """
         local = self._try_local(amount, timeout)
         return local if local is not None else run(self._acquiring(amount, timeout))
@@ -469,7 +469,9 @@ class Reservation:
 
         Raises:
             TokenStateError: committed already, or the token was closed since.
-            InvalidAmountError: ``used`` is not a whole number from 0.
+            InvalidAmountError: ``used`` is not a whole number from 0 (nothing changes), or
+                exceeds the reservation by more than the resource's ``max_overuse`` (the
+                reservation is committed, charging that cap).
         """
         if not self._open:
             raise TokenStateError("this reservation was already committed")
@@ -478,9 +480,12 @@ class Reservation:
         if self._token._state is _State.CLOSED:
             raise TokenClosedError("the token was closed; its open reservations were charged")
         self._open = False
-        self._token._settle(self._lease, self.amount, used)
+        charged, too_much = capped_use(self._token._spec, self.amount, used)
+        self._token._settle(self._lease, self.amount, charged)
         _observe.committed(self._token._cluster, self._token._spec.name, self._token._label,
-                           self.amount, used)
+                           self.amount, charged)
+        if too_much is not None:
+            raise too_much
 
     @property
     def committed(self) -> bool:

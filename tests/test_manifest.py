@@ -278,9 +278,38 @@ BAD_MANIFESTS = [
     ("missing-environments", changed("environments", _DELETE), "environments", "missing"),
     ("malformed-wait-limit", changed(f"{TOK}.wait_limit", "soon"), f"{TOK}.wait_limit",
      "invalid duration"),
-    ("zero-wait-limit", changed(f"{TOK}.wait_limit", 0), f"{TOK}.wait_limit",
+    ("negative-wait-limit", changed(f"{TOK}.wait_limit", -1), f"{TOK}.wait_limit",
      "greater than zero"),
+    ("zero-max-overuse", changed(f"{TOK}.max_overuse", 0), f"{TOK}.max_overuse",
+     "greater than 0"),
+    ("negative-max-overuse", changed(f"{TOK}.max_overuse", -3), f"{TOK}.max_overuse",
+     "greater than 0"),
+    ("float-max-overuse", changed(f"{TOK}.max_overuse", 2.5), f"{TOK}.max_overuse",
+     "whole number"),
+    ("string-max-overuse", changed(f"{TOK}.max_overuse", "10"), f"{TOK}.max_overuse",
+     "whole number"),
+    ("huge-max-overuse", changed(f"{TOK}.max_overuse", 2**53 + 1), f"{TOK}.max_overuse",
+     "too large"),
 ]
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, "0s", "0ms"])
+def test_a_zero_wait_limit_means_do_not_wait(zero: Any) -> None:
+    """DESIGN 2: ``wait_limit: 0s`` is the natural way to write reject-at-once."""
+    spec = load_manifest(changed(f"{TOK}.wait_limit", zero)).environment("local").resources
+    assert spec["tok"].wait_limit_s == 0.0
+    assert load_manifest(load_manifest(changed(f"{TOK}.wait_limit", zero)).to_dict()) \
+        == load_manifest(changed(f"{TOK}.wait_limit", zero))
+
+
+def test_max_overuse_defaults_to_the_burst_or_the_limit_and_can_be_declared() -> None:
+    resources = load_manifest(changed(f"{TOK}.max_overuse", 7)).environment("local").resources
+    assert resources["tok"].overuse_cap == 7
+    assert load_manifest(load_manifest(changed(f"{TOK}.max_overuse", 7)).to_dict()) \
+        == load_manifest(changed(f"{TOK}.max_overuse", 7))
+    default = load_manifest(changed(f"{TOK}.wait_limit", 1)).environment("local").resources
+    for spec in default.values():
+        assert spec.max_overuse is None and spec.overuse_cap == spec.ceiling
 
 
 @pytest.mark.parametrize("as_file", [False, True], ids=["dict", "file"])

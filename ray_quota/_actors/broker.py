@@ -6,10 +6,12 @@ it answers from its :class:`BrokerCore` and, once a second, renews everything of
 the executor in one call. So the executor serves one renewal and one recall watch per node,
 not per process, and requests the broker can serve from its spare never leave the node.
 
-Like the executor, methods return a :class:`QuotaError` rather than raise it. Like the executor,
-the broker checks that each call's secret (its last argument) proves the holder and lease keys it
-names; upstream it proves its own with its own secret. Processes never learn its lease keys: a
-grant names the broker's lease only by an adoption secret (see :class:`BrokerCore`).
+Like the executor, methods return a :class:`QuotaError` rather than raise it, and check every
+message before anything changes (the checks of :mod:`ray_quota._core.protocol`): any process of
+the cluster can call a broker. Like the executor, the broker checks that each call's secret (its
+last argument) proves the holder and lease keys it names; upstream it proves its own with its own
+secret. Processes never learn its lease keys: a grant names the broker's lease only by an adoption
+secret (see :class:`BrokerCore`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ from ray_quota._core.protocol import (
     Grant,
     Renewed,
     Report,
+    check_acquire,
+    check_generation,
     check_id,
     check_reports,
+    check_timeout,
+    check_token_call,
     prefetch_cap,
 )
 
@@ -68,6 +74,12 @@ class BrokerActor:
                       key: str, amount: int, prefetch: int, timeout: float | None,
                       secret: str | None = None) -> Grant | QuotaError:
         core, info = await self._ready("acquire")
+        try:
+            timeout = check_acquire(token_id, generation, claimant, key, amount, prefetch,
+                                    timeout)
+            check_id("resource", resource)
+        except QuotaError as exc:
+            return exc
         if (refused := _refused([], secret, keys=(key,))) is not None:
             return refused
         spec = info.resources.get(resource)
@@ -103,6 +115,10 @@ class BrokerActor:
 
     async def settle(self, reports: list[Report], secret: str | None = None) -> None | QuotaError:
         core, _ = await self._ready("settle")
+        try:
+            reports = check_reports(reports)
+        except QuotaError as exc:
+            return exc
         if (refused := _refused(reports, secret)) is not None:
             return refused
         if core.settle(reports, time.monotonic()):
@@ -112,9 +128,15 @@ class BrokerActor:
     async def renew(self, holder: str, reports: list[Report], observed: Batch | None = None,
                     secret: str | None = None) -> Renewed | QuotaError:
         core, _ = await self._ready("renew")
+        try:
+            check_id("holder", holder)
+            reports = check_reports(reports)
+        except QuotaError as exc:
+            return exc
         if (refused := _refused(reports, secret, holder)) is not None:
             return refused
-        _observe.ACCUMULATOR.restore(observed)  # goes on with the broker's own renewal
+        # Goes on with the broker's own renewal, its malformed entries dropped here.
+        _observe.ACCUMULATOR.restore(_observe.clean(observed)[0])
         now = time.monotonic()
         urgent = core.settle(reports, now)
         alive = core.renew(reports, now)
@@ -125,9 +147,14 @@ class BrokerActor:
     async def watch(self, holder: str, timeout_s: float,
                     secret: str | None = None) -> list[str] | QuotaError:
         await self._ready("watch")
+        try:
+            check_id("holder", holder)
+            timeout = check_timeout("timeout_s", timeout_s)
+        except QuotaError as exc:
+            return exc
         if (refused := _refused([], secret, holder)) is not None:
             return refused  # recalls are answered to their own holder only
-        return await self._board.wait(holder, timeout_s)
+        return await self._board.wait(holder, timeout or 0.0)
 
     # ---------------------------------------------------------- token calls with lease totals
 
@@ -152,6 +179,10 @@ class BrokerActor:
         """A token's leases end with the call: apply the process's final totals, settle the
         broker's leases of the token as final, and make the call with those totals."""
         core, _ = await self._ready(method)
+        try:
+            reports = _checked_ending(method, args, reports)
+        except QuotaError as exc:
+            return exc
         if (refused := _refused(reports, secret)) is not None:
             return refused
         core.settle(reports, time.monotonic())
@@ -255,6 +286,16 @@ def _refused(reports: object, secret: object, *holders: object,
     except QuotaError as exc:
         return exc
     return None
+def _checked_ending(method: str, args: tuple[Any, ...], reports: object) -> list[Report]:
+    """The fields of a token call that ends the token's leases (close, merge, merge_back),
+    checked before the broker applies its reports."""
+    check_token_call(*args[:3])
+    if method == "merge":
+        check_id("other_id", args[3])
+        check_generation(args[4])
+    elif method == "merge_back":
+        check_id("parent_id", args[3])
+    return check_reports(reports)
 
 
 def _ended() -> LeaseEndedError:

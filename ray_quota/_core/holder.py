@@ -17,7 +17,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ray_quota._core.protocol import TRUST, Adoption, Grant, Renewed, Report
-from ray_quota._spec import Kind
+from ray_quota._errors import InvalidAmountError
+from ray_quota._spec import Kind, ResourceSpec
+
+
+def capped_use(spec: ResourceSpec, amount: int, used: int) -> tuple[int, InvalidAmountError | None]:
+    """What a commit of ``used`` on a reservation of ``amount`` is charged, and the error to
+    raise once it is: use beyond the amount is charged up to the resource's ``max_overuse``
+    (DESIGN 2), so that one bad commit cannot block a shared pool for years."""
+    cap = amount + spec.overuse_cap
+    if used <= cap:
+        return used, None
+    return cap, InvalidAmountError(
+        f"{spec.name!r}: a commit of {used} exceeds its reservation of {amount} by more than "
+        f"max_overuse ({spec.overuse_cap}); {cap} units were charged")
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,11 +47,13 @@ class Lease:
         """How the ledger knows this lease: (token id, lease key)."""
         return (self.token_id, self.key)
 
-    def advance_totals(self, returned: int, used: int, debt: int) -> tuple[int, int, int]:
+    def advance_totals(self, returned: int, used: int, debt: int,
+                       max_debt: int) -> tuple[int, int, int]:
         """Take up a holder's running totals; returns what is new in each (never negative,
-        so a report that comes twice or late adds nothing)."""
+        so a report that comes twice or late adds nothing). New debt is taken up to
+        ``max_debt`` (see :func:`fresh_debt`)."""
         fresh = (max(0, returned - self.returned), max(0, used - self.used),
-                 max(0, debt - self.debt))
+                 fresh_debt(debt, self.debt, max_debt))
         self.returned += fresh[0]
         self.used += fresh[1]
         self.debt += fresh[2]
@@ -75,6 +77,15 @@ class Lease:
     def saved(self) -> SavedLease:
         return SavedLease(self.token_id, self.key, self.resource, self.units, self.returned,
                           self.used, self.debt)
+
+
+def fresh_debt(reported: int, applied: int, max_debt: int) -> int:
+    """The debt a report adds: what its total adds to the debt ``applied`` so far, at most
+    ``max_debt`` (the resource's ``max_overuse``: one commit may add no more, so one report
+    adds no more either). A report declaring more is a hostile or broken client's, and charges
+    the cap; an honest holder's rest, if reports were reordered, comes with its next report,
+    whose total still carries it."""
+    return min(max_debt, max(0, reported - applied))
 
 
 class LeaseLedger(Mapping[LeaseKey, Lease]):

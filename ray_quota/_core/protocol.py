@@ -15,14 +15,12 @@ from the answer has ended; its holder starts a new one under a new key.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ray_quota._errors import InvalidAmountError, ProtocolError
-from ray_quota._spec import ResourceSpec, check_units
+from ray_quota._spec import MAX_UNITS, ResourceSpec, check_name, check_seconds, check_units
 
 # Where every process finds the executor: one named, detached actor per cluster.
 NAMESPACE = "ray_quota"
@@ -46,6 +44,11 @@ TRUST = 0.8
 # (frozen, or between executors) and gives spare back only when it renews, up to RENEW_INTERVAL_S
 # later: waiting for that would make every refusal of a full pool cost a renewal interval.
 RECALL_GRACE_S = 0.5
+# The longest id a message may carry (token id, lease key, holder, claimant): ours are under 64
+# characters; a longer one is garbage that would only take memory and disk.
+MAX_ID = 256
+# The largest generation: how many times a token moved, stored as SQLite's 64-bit integer.
+MAX_GENERATION = MAX_UNITS
 # The most a holder may hold beyond what it asked for, as a share of the resource's ceiling: the
 # spare a process (or broker) may lose with its death is at most this.
 PREFETCH_FRACTION = 0.05
@@ -187,34 +190,54 @@ class Adoption(NamedTuple):
 
 
 def check_id(what: str, value: object) -> str:
-    """A token id, lease key, holder id, claimant or resource name: any string."""
+    """A token id, lease key, holder id, claimant or resource name: a string of at most
+    :data:`MAX_ID` characters."""
     if not isinstance(value, str):
         raise ProtocolError(f"{what} must be a str, not {type(value).__name__}")
+    if len(value) > MAX_ID:
+        raise ProtocolError(f"{what} must be at most {MAX_ID} characters long, not {len(value)}")
     return value
 
 
 def check_label(value: object) -> str | None:
-    """A token's label: a string, or None."""
-    return None if value is None else check_id("label", value)
+    """A token's label: None, or a name as long as a resource's may be (it becomes a metric
+    label value)."""
+    return None if value is None else check_name("label", value)
 
 
 def check_generation(value: object) -> int:
-    """How many times a token moved: an int (a wrong one is the executor's to refuse)."""
+    """How many times a token moved: a whole number from 0 to :data:`MAX_GENERATION` (a wrong
+    one is the executor's to refuse)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"generation must be an int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_GENERATION:
+        raise InvalidAmountError(f"generation must be from 0 to {MAX_GENERATION}, not {value}")
     return value
 
 
 def check_timeout(what: str, value: object) -> float | None:
-    """None (as the resource says) or a number of seconds from 0; infinity waits as the
-    resource allows, as it does when a process passes it on from its caller."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) \
-            or value < 0:
-        raise InvalidAmountError(f"{what} must be None or a number of seconds from 0, "
-                                 f"not {value!r}")
-    return float(value)
+    """None (wait as the resource says) or a finite number of seconds from 0 (0: do not wait).
+
+    One rule for the client, which checks before it sends, and the executor and brokers, which
+    check what they receive."""
+    return None if value is None else check_seconds(what, value)
+
+
+def check_token_call(token_id: object, generation: object, claimant: object) -> None:
+    """The three fields every token call starts with."""
+    check_id("token_id", token_id)
+    check_generation(generation)
+    check_id("claimant", claimant)
+
+
+def check_acquire(token_id: object, generation: object, claimant: object, key: object,
+                  amount: object, prefetch: object, timeout: object) -> float | None:
+    """An acquire's fields, at the executor or a broker; returns the timeout as checked."""
+    check_token_call(token_id, generation, claimant)
+    check_id("key", key)
+    check_units("amount", amount)
+    check_units("prefetch", prefetch, allow_zero=True)
+    return check_timeout("timeout", timeout)
 
 
 def check_reports(value: object) -> list[Report]:

@@ -11,7 +11,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, VirtualTime, Waiter
+from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
 from ray_quota._core.forecast import Estimate, forecast, next_fit, serve
 from ray_quota._core.ledger import Lease, LeaseLedger
 from ray_quota._core.pools import Pool, RatePool, make_pool

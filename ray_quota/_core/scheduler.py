@@ -33,7 +33,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping
 
 from ray_quota._core.fair_queue import Ticket, Waiter
-from ray_quota._core.ledger import Lease, LeaseLedger
+from ray_quota._core.ledger import Lease, LeaseLedger, fresh_debt
 from ray_quota._core.pools import Pool
 from ray_quota._core.protocol import RECALL_GRACE_S, TokenInfo
 from ray_quota._core.resource import Policy, Resource, ResourceStatus
@@ -45,7 +45,7 @@ from ray_quota._core.state import (
     SavedResource,
     SavedToken,
 )
-from ray_quota._core.tokens import Token, TokenRegistry
+from ray_quota._core.tokens import Token, TokenRegistry, check_parent
 from ray_quota._errors import (
     IncompatibleTokensError,
     InvalidAmountError,
@@ -113,7 +113,7 @@ class Scheduler:
     def split(self, token_id: str, generation: int, claimant: str | None,
               child_expected_use: int) -> TokenInfo:
         """Move ``child_expected_use`` and the same share of credit (or debt) into a new token."""
-        token = self._tokens.live(token_id, generation, claimant)
+        token = self._tokens.check(token_id, generation, claimant)
         check_units("child_expected_use", child_expected_use)
         if child_expected_use > token.expected_use:
             raise InvalidAmountError(
@@ -121,9 +121,10 @@ class Scheduler:
                 f"{token.expected_use}")
         if child_expected_use == token.expected_use and token.waiters:
             raise TokenStateError("cannot split all expected use from a token while it waits")
+        self._tokens.live(token_id, generation, claimant)  # refused no more: take it up
         # Same pass means same credit per unit of weight: credit divides in proportion.
         child = self._tokens.open(token.resource, child_expected_use, pass_=token.pass_,
-                                  claimant=claimant, label=token.label)
+                                  claimant=claimant, label=token.label, parent=token.id)
         res = self._resources[token.resource]
         res.reweigh(token, token.expected_use - child_expected_use)
         res.queue.touch(child)  # it counts as active as its parent did, for its part
@@ -138,16 +139,11 @@ class Scheduler:
         ``finals`` (lease totals, as :meth:`settle` takes them) are settled once every check
         passed and before the merge: a refused merge changes nothing.
         """
-        if other_id == token_id:
-            raise IncompatibleTokensError("a token cannot be merged with itself")
-        token = self._tokens.live(token_id, generation, claimant)
-        other = self._tokens.live(other_id, other_generation, claimant)
-        if other.resource != token.resource:
-            raise IncompatibleTokensError(
-                f"cannot merge a token of {other.resource!r} into one of {token.resource!r}")
-        if other.waiters:
-            raise TokenStateError("cannot merge a token while it has reservations waiting")
+        token, other = self.check_merge(token_id, generation, claimant, other_id,
+                                        other_generation)
         self._settle_all(finals)
+        self._tokens.live(token_id, generation, claimant)  # refused no more: take them up
+        self._tokens.live(other_id, other_generation, claimant)
         self._absorb(token, other)
 
     def merge_back(self, child_id: str, generation: int, claimant: str | None,
@@ -159,16 +155,51 @@ class Scheduler:
         Reservations of the child still waiting fail, as a close fails them: the task that
         gives its child back is done with it, and its expected use goes back all the same.
         ``finals`` are settled once the child passed its checks (see :meth:`merge`).
+
+        Raises:
+            IncompatibleTokensError: ``parent_id`` is not the token the child was split from
+                (its debt would land on a token of the caller's choosing); nothing changes.
         """
+        self.check_parent(child_id, parent_id)
         child = self._tokens.live(child_id, generation, claimant)
         self._settle_all(finals)
         parent = self._tokens.get(parent_id)
-        if parent is None or parent.resource != child.resource or parent is child:
+        if parent is None or child.parent != parent_id or parent.resource != child.resource \
+                or parent is child:
             self._forget(child)
             return False
         self._fail_waiters(child)
         self._absorb(parent, child)
         return True
+
+    def check_merge(self, token_id: str, generation: int, claimant: str | None,
+                    other_id: str, other_generation: int) -> tuple[Token, Token]:
+        """The two tokens of a merge, if it may go ahead; changes nothing.
+
+        Raises:
+            IncompatibleTokensError: the same token, or tokens of different resources.
+            TokenStateError: ``other`` has reservations waiting (or either cannot be used).
+        """
+        if other_id == token_id:
+            raise IncompatibleTokensError("a token cannot be merged with itself")
+        token = self._tokens.check(token_id, generation, claimant)
+        other = self._tokens.check(other_id, other_generation, claimant)
+        if other.resource != token.resource:
+            raise IncompatibleTokensError(
+                f"cannot merge a token of {other.resource!r} into one of {token.resource!r}")
+        if other.waiters:
+            raise TokenStateError("cannot merge a token while it has reservations waiting")
+        return token, other
+
+    def check_parent(self, child_id: str, parent_id: str) -> None:
+        """Refuse a merge back into another token than the child's parent (see
+        :func:`check_parent`), changing nothing."""
+        check_parent(self._tokens, child_id, parent_id)
+
+    def check_token(self, token_id: str, generation: int, claimant: str | None) -> None:
+        """Refuse, changing nothing, a call the token's owner could not make (see
+        :meth:`TokenRegistry.check`): run before a call's lease totals are applied."""
+        self._tokens.check(token_id, generation, claimant)
 
     def _absorb(self, token: Token, other: Token) -> None:
         """Add ``other``'s expected use and credit (or debt) to ``token``; ``other`` is closed."""
@@ -224,7 +255,7 @@ class Scheduler:
             InvalidAmountError: ``amount`` is not a whole number from 1 to the resource's ceiling.
             TokenStateError, ForgedTokenError: the token cannot be used.
         """
-        token = self._tokens.live(token_id, generation, claimant)
+        token = self._tokens.check(token_id, generation, claimant)
         if self._leases.is_ended((token_id, key)):
             raise LeaseEndedError("this lease ended (it expired or was settled); ask under a "
                                   "new lease key")
@@ -233,6 +264,7 @@ class Scheduler:
         res.check_amount(amount)
         if token.expected_use == 0:
             raise TokenStateError("the token has no expected use left: merge a child back first")
+        self._tokens.live(token_id, generation, claimant)  # refused no more: take it up
         now = self._clock()
         self._seq += 1
         ticket = Ticket(self._seq, token_id, key, amount)
@@ -304,22 +336,23 @@ class Scheduler:
         for what, total in (("returned", returned), ("used", used), ("debt", debt)):
             check_units(what, total, allow_zero=True)  # all checked before any total moves
         lease_id, lease = (token_id, key), self._leases.get((token_id, key))
+        cap = self._overuse_cap(token_id, lease)
         if lease is None:
             ended_debt = self._leases.ended_debt(lease_id)
-            if ended_debt is not None and debt > ended_debt:
+            if ended_debt is not None and (late := fresh_debt(debt, ended_debt, cap)):
                 # Expiry settled the units, not overuse declared since: that is still owed.
-                self._leases.mark_ended(lease_id, debt)
-                self.give_back(token_id, key, debt=debt - ended_debt)
+                self._leases.mark_ended(lease_id, ended_debt + late)
+                self.give_back(token_id, key, debt=late)
             return
         if final:
             # Ended first, so that units freed below are not granted back under this key.
             self._leases.mark_ended(lease_id, lease.debt)
-        fresh_returned, fresh_used, fresh_debt = lease.advance_totals(returned, used, debt)
-        fresh_used, fresh_returned = lease.absorb_moved(
-            fresh_used, fresh_returned,
+        new_returned, new_used, new_debt = lease.advance_totals(returned, used, debt, cap)
+        new_used, new_returned = lease.absorb_moved(
+            new_used, new_returned,
             slots=self._resources[lease.resource].spec.kind is Kind.CONCURRENCY)
-        if fresh_returned or fresh_used or fresh_debt:
-            self.give_back(token_id, key, fresh_returned, used=fresh_used, debt=fresh_debt)
+        if new_returned or new_used or new_debt:
+            self.give_back(token_id, key, new_returned, used=new_used, debt=new_debt)
         if final:
             if lease.units:
                 self.give_back(token_id, key, lease.units)
@@ -374,7 +407,7 @@ class Scheduler:
                                        self._clock() + self.policy.lease_ttl_s,
                                        returned=returned, used=used))
         self._changes.leases.add((token_id, from_key))
-        if debt:
+        if debt := fresh_debt(debt, 0, self._overuse_cap(token_id, lease)):
             lease.debt = debt
             self.give_back(token_id, to_key, debt=debt)
         return True
@@ -384,6 +417,12 @@ class Scheduler:
         named by its adoption secret's digest), or None. A scan: adoptions are rare."""
         return next((key for tid, key in self._leases if tid == token_id
                      and key.endswith(suffix)), None)
+
+    def _overuse_cap(self, token_id: str, lease: Lease | None) -> int:
+        """The most debt one report may add on the token's resource (its ``max_overuse``)."""
+        token = self._tokens.get(token_id)
+        name = lease.resource if lease is not None else token.resource if token else None
+        return self._resources[name].spec.overuse_cap if name is not None else 0
 
     def take_recalls(self) -> dict[str, set[str]]:
         """Holders to tell, per token, that others now wait: they should stop serving locally

@@ -43,20 +43,22 @@ from ray_quota._core.protocol import (
     Renewed,
     Report,
     TokenInfo,
+    check_acquire,
     check_adoptions,
     check_generation,
     check_id,
     check_label,
     check_reports,
     check_timeout,
+    check_token_call,
     holder_of,
 )
 from ray_quota._core.fair_queue import Ticket
 from ray_quota._core.resource import Policy, ResourceStatus
 from ray_quota._core.scheduler import Scheduler
 from ray_quota._core.state import Changes, SavedLease, SavedResource, SavedToken
-from ray_quota._errors import IncompatibleTokensError, ManifestError, ProtocolError, QuotaError
-from ray_quota._spec import Kind, ResourceSpec, check_units
+from ray_quota._errors import ManifestError, ProtocolError, QuotaError
+from ray_quota._spec import Kind, ResourceSpec, check_spec, check_units
 
 Clock = Callable[[], float]
 T = TypeVar("T")
@@ -167,7 +169,7 @@ class ExecutorService:
         """Split a child off; also answers the parent's expected use left."""
         self.counts["split"] += 1
         try:
-            _check_token(token_id, generation, claimant)
+            check_token_call(token_id, generation, claimant)
             check_units("child_expected_use", child_expected_use)
         except QuotaError as exc:
             return exc
@@ -185,14 +187,14 @@ class ExecutorService:
         :mod:`~ray_quota._core.credentials`)."""
         self.counts["merge"] += 1
         try:
-            _check_token(token_id, generation, claimant)
+            check_token_call(token_id, generation, claimant)
             check_id("other_id", other_id)
             check_generation(other_generation)
             checked = _owned(check_reports(reports), secret)
+            # Before the totals move: a merge refused changes nothing.
+            self._sched.check_merge(token_id, generation, claimant, other_id, other_generation)
         except QuotaError as exc:
             return exc
-        if other_id == token_id:
-            return IncompatibleTokensError("a token cannot be merged with itself")
         return self._guard(self._sched.merge, token_id, generation, claimant, other_id,
                            other_generation, finals=checked)
 
@@ -201,9 +203,11 @@ class ExecutorService:
         """Check the call, settle a child's final lease totals, then give it back to its parent."""
         self.counts["merge_back"] += 1
         try:
-            _check_token(token_id, generation, claimant)
+            check_token_call(token_id, generation, claimant)
             check_id("parent_id", parent_id)
             checked = _owned(check_reports(reports), secret)
+            self._sched.check_token(token_id, generation, claimant)  # before totals move
+            self._sched.check_parent(token_id, parent_id)
         except QuotaError as exc:
             return exc
         return self._guard(self._sched.merge_back, token_id, generation, claimant, parent_id,
@@ -213,7 +217,7 @@ class ExecutorService:
                  claimant: str) -> tuple[int, float] | QuotaError:
         self.counts["describe"] += 1
         try:
-            _check_token(token_id, generation, claimant)
+            check_token_call(token_id, generation, claimant)
         except QuotaError as exc:
             return exc
         return self._guard(self._sched.describe, token_id, generation, claimant)
@@ -223,8 +227,9 @@ class ExecutorService:
         """Check the call, settle the token's final lease totals, then close it."""
         self.counts["close"] += 1
         try:
-            _check_token(token_id, generation, claimant)
+            check_token_call(token_id, generation, claimant)
             checked = _owned(check_reports(reports), secret)
+            self._sched.check_token(token_id, generation, claimant)  # before totals move
         except QuotaError as exc:
             return exc
         return self._guard(self._sched.close_token, token_id, generation, claimant,
@@ -245,11 +250,9 @@ class ExecutorService:
         self.calls += 1
         arrived = self._clock()
         try:
-            _check_token(token_id, generation, claimant)
-            check_keys([check_id("key", key)], secret)
-            check_units("amount", amount)
-            check_units("prefetch", prefetch, allow_zero=True)
-            checked_timeout = check_timeout("timeout", timeout)
+            checked_timeout = check_acquire(token_id, generation, claimant, key, amount,
+                                            prefetch, timeout)
+            check_keys([key], secret)
             ticket = self._sched.acquire(token_id, generation, claimant, key, amount,
                                          prefetch=prefetch, timeout=checked_timeout)
         except QuotaError as exc:
@@ -261,6 +264,8 @@ class ExecutorService:
 
     def cancel(self, ticket_id: int) -> None:
         """The caller of a waiting acquire gave up: withdraw it (no effect once resolved)."""
+        if isinstance(ticket_id, bool) or not isinstance(ticket_id, int):
+            return  # no ticket has that id
         waiting = self._waiting.pop(ticket_id, None)
         if waiting is not None:
             # No pump: a grant the withdrawal makes possible goes out with the next tick.
@@ -344,8 +349,10 @@ class ExecutorService:
 
     def set_limit(self, spec: ResourceSpec) -> None | QuotaError:
         """Change one resource's limit; what is spent or in use is kept."""
-        if not isinstance(spec, ResourceSpec):
-            return ProtocolError(f"spec must be a ResourceSpec, not {type(spec).__name__}")
+        try:
+            check_spec(spec)  # validated like the manifest, before anything changes
+        except QuotaError as exc:
+            return exc
         result = self._guard(self._sched.set_limit, spec)
         self._pump()
         return result
@@ -354,6 +361,9 @@ class ExecutorService:
         """Apply a changed manifest's resources (already validated): changed limits take
         effect; the resource set and each resource's kind must stay. Answers one line per
         changed resource, or refuses, changing nothing."""
+        refused = _check_resources(resources)
+        if refused is not None:
+            return refused
         old = self._sched.specs()
         if set(resources) != set(old):
             return ManifestError(
@@ -484,8 +494,16 @@ def _owned(reports: list[Report], secret: object) -> list[Report]:
     return reports
 
 
-def _check_token(token_id: object, generation: object, claimant: object) -> None:
-    """The three fields every token call starts with."""
-    check_id("token_id", token_id)
-    check_generation(generation)
-    check_id("claimant", claimant)
+def _check_resources(resources: object) -> ManifestError | None:
+    """A manifest's resources as :meth:`ExecutorService.apply` takes them: each a valid spec
+    under its own name."""
+    if not isinstance(resources, Mapping):
+        return ManifestError(f"resources must be a mapping, not {type(resources).__name__}")
+    for name, spec in resources.items():
+        try:
+            check_spec(spec, f"resources[{name!r}]")
+        except QuotaError as exc:
+            return ManifestError(str(exc))
+        if spec.name != name:
+            return ManifestError(f"resources[{name!r}] is named {spec.name!r}")
+    return None

@@ -21,6 +21,7 @@ from ray_quota._core.state import ChangeLog, SavedToken
 from ray_quota._errors import (
     AccessDeniedError,
     ForgedTokenError,
+    IncompatibleTokensError,
     TokenClosedError,
     TokenMovedError,
 )
@@ -37,6 +38,9 @@ class Token(Flow):
     label: str | None
     generation: int = 0
     taken_with: str | None = None
+    # The token it was split from: the only one a merge back may add it to. Not stored: after
+    # an executor restart a child merging back is simply closed, as if its parent were gone.
+    parent: str | None = None
 
     def saved(self) -> SavedToken:
         # Both digests in the one claimant column: "claim" or "claim took-up".
@@ -90,12 +94,13 @@ class TokenRegistry(Mapping[str, Token]):
         return len(self._tokens)
 
     def open(self, resource: str, expected_use: int, *, pass_: float, claimant: str | None,
-             label: str | None) -> Token:
-        """A new token under a fresh id, owned by the claim ``claimant`` (None: anyone)."""
+             label: str | None, parent: str | None = None) -> Token:
+        """A new token under a fresh id, owned by the claim ``claimant`` (None: anyone);
+        ``parent`` is the token it was split from."""
         token_id = self._new_id()
         token = Token(id=token_id, resource=resource, expected_use=expected_use, pass_=pass_,
                       claimant=None if claimant is None else Claim(claimant).value(token_id, 0),
-                      label=label)
+                      label=label, parent=parent)
         self.add(token)
         return token
 
@@ -112,6 +117,26 @@ class TokenRegistry(Mapping[str, Token]):
             TokenMovedError: the token belongs to another process now.
             AccessDeniedError: a higher generation without the proof that takes it up.
         """
+        token, taken = self._checked(token_id, generation, claimant)
+        if taken is not None:
+            token.generation, token.claimant, token.taken_with = taken
+            self._changes.tokens.add(token.id)
+        return token
+
+    def check(self, token_id: str, generation: int, claimant: str | None) -> Token:
+        """The token, if ``claimant`` at ``generation`` may use it, changing nothing: a call
+        that may still be refused checks first, and takes the token up with :meth:`live`
+        once it goes ahead (a refused call must not have moved the token).
+
+        Raises:
+            As :meth:`live`.
+        """
+        return self._checked(token_id, generation, claimant)[0]
+
+    def _checked(self, token_id: str, generation: int, claimant: str | None
+                 ) -> tuple[Token, tuple[int, str | None, str | None] | None]:
+        """The token, and what taking it up would set (generation, claim digest, proof
+        digest), or None when the claim uses it as it is."""
         token = self._tokens.get(token_id)
         if token is None:
             if token_id in self._closed:
@@ -120,14 +145,13 @@ class TokenRegistry(Mapping[str, Token]):
         if generation < token.generation:
             raise TokenMovedError("the token was passed to another process, which owns it now")
         if token.claimant is None:  # opened for anyone: a move only raises the generation
-            if generation > token.generation:
-                token.generation = generation
-                self._changes.tokens.add(token.id)
-            return token
+            moved = generation > token.generation
+            return token, (generation, None, token.taken_with) if moved else None
         claim = Claim(claimant or "")
+        taken_with = token.taken_with
         if generation == token.generation:
             if claim.value(token_id, generation) == token.claimant:
-                return token
+                return token, None
             # A Ray retry of the task that took the token up, with the same bytes: again.
             if token.taken_with is None or not any(
                     claim.took_up(proof) == token.taken_with for proof in claim.proofs):
@@ -138,10 +162,8 @@ class TokenRegistry(Mapping[str, Token]):
             if proof is None:
                 # The generation alone is not enough: anyone may know it, and the id.
                 raise AccessDeniedError("taking up a moved token needs its bytes' proof")
-            token.taken_with = claim.took_up(proof)
-        token.generation, token.claimant = generation, claim.value(token_id, generation)
-        self._changes.tokens.add(token.id)
-        return token
+            taken_with = claim.took_up(proof)
+        return token, (generation, claim.value(token_id, generation), taken_with)
 
     def close(self, token: Token) -> None:
         """Remove the token and remember its id as closed."""
@@ -178,3 +200,17 @@ class TokenRegistry(Mapping[str, Token]):
             totals[(token.resource, token.label)] = (count + 1, use + token.expected_use)
         return totals
 
+
+
+def check_parent(tokens: Mapping[str, Token], child_id: str, parent_id: str) -> None:
+    """Refuse to merge the child ``child_id`` back into a token it was not split from.
+
+    Raises:
+        IncompatibleTokensError: ``parent_id`` names another token than the child's parent.
+            (A child whose parent is not known, restored after a restart, is merged nowhere:
+            the caller closes it.)
+    """
+    child = tokens.get(child_id)
+    if child is not None and child.parent not in (None, parent_id):
+        raise IncompatibleTokensError("a token merges back only into the token it was split "
+                                      "from")

@@ -44,6 +44,7 @@ from ray_quota._observability.observe import (
     TIMEOUT,
     UNITS,
     Batch,
+    clean,
 )
 from ray_quota._spec import Enforcement
 
@@ -169,11 +170,13 @@ class Metrics:
 
     def merge(self, batch: Batch | None, cluster: str) -> None:
         """Add a worker's drained observations; those of another cluster's tokens are dropped."""
+        batch, dropped = clean(batch)  # malformed entries are counted as dropped, never added
         if not batch:
+            if dropped:
+                self.dropped.inc(dropped)
             return
         latency, units = batch
         env = self.environment
-        dropped = 0
         for (where, resource, label, path, outcome), record in latency.items():
             if (where != cluster or resource not in self._resources or path not in PATHS
                     or outcome not in OUTCOMES or len(record) != len(BUCKETS) + 3

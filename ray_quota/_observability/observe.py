@@ -13,9 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import math
 import threading
 from bisect import bisect_left
 from typing import Any
+
+from ray_quota._spec import MAX_NAME
 
 # Upper bounds (seconds) of the reservation latency buckets: from a local lease (microseconds)
 # to a long throttled wait. The executor's histogram uses the same bounds; +Inf is implicit.
@@ -161,6 +164,55 @@ def _add(into: dict[Any, list[float]], key: Any, counts: list[float]) -> None:
     else:
         for i, count in enumerate(counts):
             mine[i] += count
+
+
+# ------------------------------------------------------------ checks where a batch is received
+# A batch comes from another process (with its renewal), so from outside the trust boundary:
+# what is not well formed is dropped, and counted, before it can reach a histogram or counter.
+
+
+def clean(batch: object) -> tuple[Batch | None, int]:
+    """The well-formed entries of a batch another process sent, and how many were dropped.
+
+    Well formed: keys of strings (a label as long as a resource name may be, path and outcome
+    among the known ones) and records of the right length whose counts are finite numbers
+    from 0 (a NaN would poison a histogram until restart).
+
+    Example:
+        >>> clean(({("c", "tok", None, LOCAL, GRANTED): [float("nan")] * (len(BUCKETS) + 3)},
+        ...        {("c", "tok", "team"): [1.0, 0.0, 0.0]}))
+        (({}, {('c', 'tok', 'team'): [1.0, 0.0, 0.0]}), 1)
+    """
+    if batch is None:
+        return None, 0
+    if not (isinstance(batch, tuple) and len(batch) == 2
+            and all(isinstance(part, dict) for part in batch)):
+        return None, 1
+    latency = {key: record for key, record in batch[0].items()
+               if _key(key, 5) and key[3] in PATHS and key[4] in OUTCOMES
+               and _record(record, _N + 3)}
+    units = {key: record for key, record in batch[1].items()
+             if _key(key, 3) and _record(record, 3)}
+    dropped = len(batch[0]) + len(batch[1]) - len(latency) - len(units)
+    return ((latency, units) if latency or units else None), dropped
+
+
+def _key(key: object, size: int) -> bool:
+    """(cluster, resource, label, ...): strings of at most a name's length, a label or None."""
+    if not isinstance(key, tuple) or len(key) != size:
+        return False
+    return all((item is None and i == 2) or (isinstance(item, str) and len(item) <= MAX_NAME)
+               for i, item in enumerate(key))
+
+
+def _record(record: object, size: int) -> bool:
+    return isinstance(record, list) and len(record) == size and all(map(_count, record))
+
+
+def _count(count: object) -> bool:
+    if type(count) is float:
+        return math.isfinite(count) and count >= 0
+    return type(count) is int and 0 <= count <= 2**53
 
 
 # The process's accumulator; the token API feeds it and the renewer drains it.

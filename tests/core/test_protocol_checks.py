@@ -52,12 +52,13 @@ def test_adoptions_are_checked_field_by_field() -> None:
         check_adoptions(entry for entry in [entry])
 
 
-@pytest.mark.parametrize("value", [None, 0, 0.0, 2, 1.5, math.inf])
+@pytest.mark.parametrize("value", [None, 0, 0.0, 2, 1.5, 1e9])
 def test_a_timeout_is_none_or_seconds_from_zero(value: float | None) -> None:
     assert check_timeout("timeout", value) == value
 
 
-@pytest.mark.parametrize("value", [-1, -0.5, math.nan, True, "1", [1]])
+@pytest.mark.parametrize("value", [-1, -0.5, math.nan, math.inf, -math.inf, 10**400, True, "1",
+                                   [1]])
 def test_any_other_timeout_is_refused(value: object) -> None:
     with pytest.raises(InvalidAmountError, match="timeout"):
         check_timeout("timeout", value)

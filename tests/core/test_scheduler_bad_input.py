@@ -186,3 +186,31 @@ def test_two_emptied_tokens_can_still_merge() -> None:
     env.sched.split(b, 0, ME, 5)
     env.sched.merge(a, 0, ME, b, 0)
     assert env.sched.credit(a) == 0.0
+
+
+# ============================================================================ debt with a cap
+
+
+def test_a_report_declaring_more_overuse_than_max_overuse_charges_only_the_cap() -> None:
+    """Issue 14 / DESIGN 2: a hostile or broken client reporting debt of 2**53 on a 10-per-
+    second pool must not block it for ages: one report adds at most ``max_overuse``."""
+    spec = ResourceSpec("r", rate(value=10, burst=20).kind, 10, period_s=1.0, burst=20,
+                        max_overuse=5)
+    env = Env(spec)
+    token = env.token("r", 10)
+    granted(env.acquire(token, 1))
+    env.sched.settle(token, HOLDER, 0, 1, MAX_UNITS)
+    assert env.sched.pool("r").available(env.clock()) == 20 - 1 - 5
+    env.sched.settle(token, HOLDER, 0, 1, MAX_UNITS, final=True)  # its rest: one cap more
+    env.sched.settle(token, HOLDER, 0, 1, MAX_UNITS, final=True)  # late: one cap more
+    assert env.sched.pool("r").available(env.clock()) >= 20 - 1 - 5 * 3
+
+
+def test_a_commit_beyond_max_overuse_is_charged_the_cap_and_says_so() -> None:
+    from ray_quota._core.holder import capped_use
+
+    spec = capacity(value=100)
+    assert capped_use(spec, 1, 50) == (50, None)
+    charged, error = capped_use(spec, 1, 2**53)
+    assert charged == 1 + spec.overuse_cap == 101
+    assert isinstance(error, InvalidAmountError) and "max_overuse" in str(error)

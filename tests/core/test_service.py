@@ -485,10 +485,15 @@ def test_valid_reports_as_plain_tuples_are_taken_as_reports(service: ExecutorSer
     assert held(service, info, f"{P}:0") == 0
 
 
-def test_a_timeout_of_infinity_waits_as_the_resource_allows(service: ExecutorService) -> None:
+def test_a_timeout_of_infinity_is_refused_changing_nothing(service: ExecutorService) -> None:
+    """Issue 14: timeouts are finite numbers (None waits as the resource allows)."""
     info = token(service, "conn", 1)
     grant(service, info, f"{H('a')}:0", 2)
-    waiting(service, info, f"{H('b')}:0", 1, timeout=math.inf)  # conn's own wait limit: 5 s
+    service.drain()
+    refused = service.acquire(info.id, 0, "me", f"{H('b')}:0", 1, 0, math.inf)
+    assert isinstance(refused, InvalidAmountError) and "finite" in str(refused)
+    assert not service.drain()
+    waiting(service, info, f"{H('b')}:0", 1, timeout=None)  # conn's own wait limit: 5 s
     assert service.next_wakeup() == pytest.approx(100.0 + IDLE_TICK_S)
 
 

@@ -89,6 +89,10 @@ CASES: dict[str, tuple[Callable[[World], Any], type[Exception], str]] = {
     "timeout negative": (lambda w: w.tok.reserve(1, timeout=-1), ValueError, "timeout"),
     "timeout NaN": (lambda w: w.tok.reserve(1, timeout=math.nan), InvalidAmountError,
                     "timeout"),
+    "timeout infinite": (lambda w: w.tok.reserve(1, timeout=math.inf), InvalidAmountError,
+                         "finite"),
+    "label too long": (lambda w: QuotaToken("tok", 1, label="x" * 65), InvalidAmountError,
+                       "label"),
     "timeout a string": (lambda w: w.tok.reserve(1, timeout="1"), InvalidAmountError,
                          "timeout"),
     "commit twice": (lambda w: w.committed.commit(1), TokenStateError, "already committed"),
@@ -173,7 +177,10 @@ def test_a_nan_timeout_is_refused_even_when_the_local_lease_could_serve_it() -> 
         with pytest.raises(InvalidAmountError, match="timeout"):
             token.reserve(1, timeout=math.nan)
         assert (lease.spare, lease.reserved) == (spare, 0)
-        token.reserve(1, timeout=math.inf).commit(1)  # infinity: as long as the resource allows
+        with pytest.raises(InvalidAmountError, match="finite"):  # issue 14: finite numbers
+            token.reserve(1, timeout=math.inf)
+        assert (lease.spare, lease.reserved) == (spare, 0)
+        token.reserve(1, timeout=None).commit(1)  # None: as long as the resource allows
     token.close()
 
 
@@ -192,3 +199,21 @@ def test_reject_with_no_wait_changes_nothing() -> None:
     with pytest.raises(FailedReservation, match="budget"):
         token.reserve(1)
     assert snapshot() == before
+
+
+def test_a_commit_beyond_max_overuse_raises_and_charges_only_the_cap() -> None:
+    """Issue 14: ``reserve(1).commit(2**53)`` used to block a pool for ages; the manifest's
+    ``max_overuse`` (default: the limit) caps what one commit charges."""
+
+    def spent() -> int:
+        return next(s.in_use for s in ray_quota.status() if s.name == "budget")
+
+    token = QuotaToken("budget", expected_use=10)
+    before = spent()
+    reservation = token.reserve(1)
+    with pytest.raises(InvalidAmountError, match="max_overuse"):
+        reservation.commit(2**53)
+    assert reservation.committed
+    token.close()
+    assert token.spec.overuse_cap == 10_000  # the default: the limit
+    assert spent() <= before + 1 + 10_000  # not 2**53
