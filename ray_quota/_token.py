@@ -6,6 +6,7 @@ moves with it, and a :class:`LocalLease` of units it can hand out without asking
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import sys
 import threading
@@ -16,7 +17,7 @@ from typing import Any
 import ray
 
 from ray_quota._runtime import identity, renewer, routing, rpc
-from ray_quota._runtime.steps import Sleep, Steps, run, run_async
+from ray_quota._runtime.steps import Abandoned, Sleep, Steps, run, run_async
 from ray_quota._observability import observe as _observe
 from ray_quota._errors import (
     ExecutorUnavailableError,
@@ -172,6 +173,9 @@ class QuotaToken:
                 continue
             except ExecutorUnavailableError:
                 delay = self._lost(lease, delays)
+            except Abandoned as abandoned:  # reserve_async was cancelled while it waited
+                _give_back_late(self, lease, amount, abandoned.late, sent_at)
+                raise
             else:
                 return self._granted(lease, amount, grant, sent_at)
             yield Sleep(delay)
@@ -412,6 +416,31 @@ class QuotaToken:
         """Leases in ``adopted`` are now the executor's directly; the others are gone."""
         with self._lock:
             self._leases.adopted(adopted)
+
+
+_LATE: set[Any] = set()  # give-backs under way (asyncio keeps only weak references to tasks)
+
+
+def _give_back_late(token: QuotaToken, lease: LocalLease, amount: int, late: Any,
+                    sent_at: float) -> None:
+    """A cancelled ``reserve_async``'s acquire was cancelled too, but may have been granted
+    first: if so, take the grant into its lease and commit 0 at once, so the units are spare
+    (given back under contention, as any spare is) instead of held by a reservation nobody has.
+    """
+    async def settle() -> None:
+        try:
+            grant = await late
+        except Exception:  # noqa: BLE001 - cancelled in time (or lost): nothing was granted
+            return
+        if isinstance(grant, Grant):
+            try:
+                token._granted(lease, amount, grant, sent_at).commit(0)
+            except Exception:  # noqa: BLE001 - the token closed meanwhile: its close gave back
+                pass
+
+    task = asyncio.get_running_loop().create_task(settle())
+    _LATE.add(task)
+    task.add_done_callback(_LATE.discard)
 
 
 def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, generation: int,

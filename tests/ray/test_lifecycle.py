@@ -1,0 +1,52 @@
+"""How a token's life ends with the task or coroutine that holds it: cancellation and retries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import ray
+
+import ray_quota
+from ray_quota import QuotaToken
+
+pytestmark = pytest.mark.usefixtures("executor")
+
+
+def in_use(name: str) -> int:
+    return next(s for s in ray_quota.status() if s.name == name).in_use
+
+
+@ray.remote
+class Waiter:
+    """An async actor (as a Ray Serve replica is) that gives up on a reservation in time."""
+
+    def __init__(self) -> None:
+        self.token = QuotaToken("conn", expected_use=1)
+
+    async def use_once(self) -> None:
+        async with await self.token.reserve_async(1) as reservation:
+            reservation.commit(1)
+
+    async def give_up_after(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.token.reserve_async(1), seconds)
+        except asyncio.TimeoutError:
+            return True
+        return False
+
+
+def test_a_reserve_async_cancelled_by_asyncio_leaves_the_queue_and_holds_nothing() -> None:
+    waiter = Waiter.remote()
+    ray.get(waiter.use_once.remote())  # the actor has a live lease now
+    holder = QuotaToken("conn", expected_use=4)
+    everything = holder.reserve(4)
+    assert ray.get(waiter.give_up_after.remote(0.5))
+    everything.commit(0)
+    time.sleep(1.0)  # a request still queued would be granted into the actor's lease by now
+    assert in_use("conn") == 0
+    again = holder.reserve(4, timeout=2.0)  # every slot can be had again
+    again.commit(0)
+    holder.close()
+    ray.kill(waiter)
