@@ -320,6 +320,17 @@ class QuotaToken:
         return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
                                  self._parent, reports))
 
+    def _leave_for_retry(self) -> None:
+        """The task raised and Ray will run it again: give back every unit this handle holds
+        (open reservations count as used in full), but keep the token live, so the retry,
+        which takes the same argument up again, can use it. This handle is used up."""
+        if self._state is not _State.LIVE:
+            return
+        reports = self._final_reports()
+        self._state = _State.MOVED
+        if reports:
+            routing.send("settle", reports)
+
     def __enter__(self) -> QuotaToken:
         """Put the token in scope (see :func:`ray_quota.current_token`) until the block ends,
         then close it."""
