@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray._private.ray_constants import DEFAULT_TASK_MAX_RETRIES
 from ray.actor import ActorClass
 from ray.remote_function import RemoteFunction
 
@@ -84,21 +85,64 @@ def give_back(tokens: Iterable[QuotaToken]) -> None:
             warnings.warn(f"ray_quota: could not return a token: {exc}", stacklevel=2)
 
 
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """A task's exception-retry options, as Ray applies them (its ``max_retries`` counts crash
+    and exception retries alike; ``retry_exceptions`` is a bool or a list of exception types)."""
+
+    max_retries: int
+    retry_exceptions: bool | tuple[type[BaseException], ...]
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> Retries:
+        retry = options.get("retry_exceptions", False)
+        return cls(options.get("max_retries", DEFAULT_TASK_MAX_RETRIES),
+                   tuple(retry) if isinstance(retry, list | tuple) else bool(retry))
+
+    def will_retry(self, error: BaseException) -> bool:
+        """Whether Ray runs this task again after the attempt now running raised ``error``."""
+        if self.retry_exceptions is False or not isinstance(error, Exception):
+            return False
+        if self.retry_exceptions is not True and not isinstance(error, self.retry_exceptions):
+            return False
+        attempt = _attempt()
+        if attempt is None:
+            return False  # give back: a retry then fails loudly rather than a parent losing units
+        return self.max_retries < 0 or attempt < self.max_retries
+
+
+def _attempt() -> int | None:
+    """Which attempt of the running task this is (0 first), if this Ray tells (not public API)."""
+    worker = getattr(ray._private.worker.global_worker, "core_worker", None)
+    number = getattr(worker, "get_current_task_attempt_number", None)
+    return number() if callable(number) else None
+
+
 def _run_with_tokens(fn: Callable[..., Any], accepts_token: bool) -> Callable[..., Any]:
-    """``fn`` as the task body: tokens in scope while it runs, given back when it ends."""
+    """``fn`` as the task body: tokens in scope while it runs, given back when it ends, unless
+    it raised and Ray will run it again: then the retry takes them up again."""
 
     def bind(tokens: dict[str, QuotaToken], kwargs: dict[str, Any]) -> dict[str, Any]:
         if accepts_token and "token" not in kwargs and len(tokens) == 1:
             kwargs["token"] = next(iter(tokens.values()))
         return kwargs
 
-    def body(tokens: dict[str, QuotaToken], *args: Any, **kwargs: Any) -> Any:
+    def body(call: tuple[dict[str, QuotaToken], Retries], *args: Any, **kwargs: Any) -> Any:
+        tokens, retries = call
         reset = enter_scope(*tokens.values())
+        retried = False
         try:
             return fn(*args, **bind(tokens, kwargs))
+        except BaseException as error:
+            retried = retries.will_retry(error)
+            raise
         finally:
             leave_scope(reset)
-            give_back(tokens.values())
+            if retried:
+                for token in tokens.values():
+                    token._leave_for_retry()
+            else:
+                give_back(tokens.values())
 
     # Not functools.wraps: Ray would check calls against fn's signature through __wrapped__.
     body.__name__, body.__qualname__ = fn.__name__, fn.__qualname__
@@ -110,9 +154,11 @@ class QuotaRemoteFunction:
     """A Ray remote function whose calls carry quota tokens; use it like the original."""
 
     def __init__(self, target: RemoteFunction, quotas: tuple[QuotaSpec, ...],
-                 remote: Any = None) -> None:
+                 remote: Any = None, options: dict[str, Any] | None = None) -> None:
         self._target = target
         self._quotas = quotas
+        self._options = target._default_options if options is None else options
+        self._retries = Retries.of(self._options)
         fn = target._function
         if remote is None:
             accepts = "token" in inspect.signature(fn).parameters
@@ -126,11 +172,13 @@ class QuotaRemoteFunction:
 
     def options(self, **options: Any) -> QuotaRemoteFunction:
         """Ray's task options, as on the original remote function."""
-        return QuotaRemoteFunction(self._target, self._quotas, self._remote.options(**options))
+        return QuotaRemoteFunction(self._target, self._quotas, self._remote.options(**options),
+                                   {**self._options, **options})
 
     def remote(self, *args: Any, token: QuotaToken | None = None, **kwargs: Any) -> Any:
         """Submit the task with its tokens; returns Ray's ObjectRef, as the original does."""
-        return self._remote.remote(child_tokens(self._quotas, token), *args, **kwargs)
+        call = (child_tokens(self._quotas, token), self._retries)
+        return self._remote.remote(call, *args, **kwargs)
 
 
 class QuotaActorClass:

@@ -8,6 +8,7 @@ take the token up (see :mod:`ray_quota._core.credentials`); the id alone lets no
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 import ray
 
 from ray_quota._runtime import identity, renewer, routing, rpc
-from ray_quota._runtime.steps import Sleep, Steps, run, run_async
+from ray_quota._runtime.steps import Abandoned, Sleep, Steps, run, run_async
 from ray_quota._observability import observe as _observe
 from ray_quota._errors import (
     ExecutorUnavailableError,
@@ -176,6 +177,9 @@ class QuotaToken:
                 continue
             except ExecutorUnavailableError:
                 delay = self._lost(lease, delays)
+            except Abandoned as abandoned:  # reserve_async was cancelled while it waited
+                _give_back_late(self, lease, amount, abandoned.late, sent_at)
+                raise
             else:
                 return self._granted(lease, amount, grant, sent_at)
             yield Sleep(delay)
@@ -322,6 +326,17 @@ class QuotaToken:
         return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
                                  self._parent, reports))
 
+    def _leave_for_retry(self) -> None:
+        """The task raised and Ray will run it again: give back every unit this handle holds
+        (open reservations count as used in full), but keep the token live, so the retry,
+        which takes the same argument up again, can use it. This handle is used up."""
+        if self._state is not _State.LIVE:
+            return
+        reports = self._final_reports()
+        self._state = _State.MOVED
+        if reports:
+            routing.send("settle", reports)
+
     def __enter__(self) -> QuotaToken:
         """Put the token in scope (see :func:`ray_quota.current_token`) until the block ends,
         then close it."""
@@ -426,6 +441,31 @@ class QuotaToken:
         """Leases in ``adopted`` are now the executor's directly; the others are gone."""
         with self._lock:
             self._leases.adopted(adopted)
+
+
+_LATE: set[Any] = set()  # give-backs under way (asyncio keeps only weak references to tasks)
+
+
+def _give_back_late(token: QuotaToken, lease: LocalLease, amount: int, late: Any,
+                    sent_at: float) -> None:
+    """A cancelled ``reserve_async``'s acquire was cancelled too, but may have been granted
+    first: if so, take the grant into its lease and commit 0 at once, so the units are spare
+    (given back under contention, as any spare is) instead of held by a reservation nobody has.
+    """
+    async def settle() -> None:
+        try:
+            grant = await late
+        except Exception:  # noqa: BLE001 - cancelled in time (or lost): nothing was granted
+            return
+        if isinstance(grant, Grant):
+            try:
+                token._granted(lease, amount, grant, sent_at).commit(0)
+            except Exception:  # noqa: BLE001 - the token closed meanwhile: its close gave back
+                pass
+
+    task = asyncio.get_running_loop().create_task(settle())
+    _LATE.add(task)
+    task.add_done_callback(_LATE.discard)
 
 
 # A handle moved on before it was used keeps the proofs it came with: a chain of that many moves

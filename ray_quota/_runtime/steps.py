@@ -52,6 +52,20 @@ Step = Remote | Sleep | Blocking
 Steps = Generator[Step, Any, T]
 
 
+class Abandoned(Exception):
+    """Thrown in at a :class:`Remote` step whose awaiting coroutine was cancelled (asyncio).
+
+    The call itself was cancelled too (``ray.cancel``, as Ray cancels the calls of a cancelled
+    task), but it may have finished first: ``late`` is its answer, which the logic may await
+    to undo what it did. The logic must not wait here; :func:`run_async` re-raises the
+    cancellation whatever it does.
+    """
+
+    def __init__(self, late: Any) -> None:
+        super().__init__("the call's caller was cancelled")
+        self.late = late
+
+
 def run(steps: Steps[T]) -> T:
     """Drive ``steps`` to its result, blocking this thread on each step."""
     answer: Any = None
@@ -85,10 +99,25 @@ async def run_async(steps: Steps[T]) -> T:
         answer, error = None, None
         try:
             if isinstance(step, Remote):
-                answer = await step.method.remote(*step.args)
+                answer = await _remote(steps, step)
             elif isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
             else:
                 answer = await asyncio.to_thread(step.fn, *step.args)
         except Exception as exc:  # noqa: BLE001 - the logic decides; thrown in at its yield
             error = exc
+
+
+async def _remote(steps: Steps[Any], step: Remote) -> Any:
+    """Await one call; if this coroutine is cancelled, cancel the call and tell the logic."""
+    ref = step.method.remote(*step.args)
+    try:
+        return await ref
+    except asyncio.CancelledError:
+        # Else the call runs on (an acquire stays queued, and is granted to nobody's use).
+        ray.cancel(ref)
+        try:
+            steps.throw(Abandoned(ref))
+        except BaseException:  # noqa: BLE001 - whatever the logic did, the cancellation wins
+            pass
+        raise
