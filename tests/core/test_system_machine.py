@@ -1,12 +1,15 @@
-"""The whole system, driven at random as its sans-IO parts: executor service and store, processes'
-lease sets, one fake clock, with faults: frozen and killed processes, executor restarts, failed
-writes. Every promise is checked from the processes' own records (see ``system_world``).
+"""The whole system, driven at random as its sans-IO parts: executor service and store, node
+brokers, processes' lease sets (some direct, some through their node's broker), one fake clock,
+with faults: frozen and killed processes, paused and killed brokers, executor restarts, failed
+writes, limit changes, and malformed reports. Every promise is checked from the processes' own
+records against the limits in force (see ``system_world``).
 
 A short run is in the default suite; ``-m slow`` runs it long.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from collections import defaultdict
@@ -24,21 +27,25 @@ from hypothesis.stateful import (
 )
 from system_world import (
     CAP,
-    backlog,
     CONC,
     EPS,
+    LAYOUT,
     POLICY,
     RATE,
     SPECS,
     Handle,
     Process,
     World,
+    backlog,
     consumed,
+    held_slots,
     rate_excess,
     slots_in_use,
 )
 
+from ray_quota._core.protocol import Report
 from ray_quota._errors import QuotaError
+from ray_quota._spec import Kind
 
 PICK = st.integers(0, 10**6)
 
@@ -47,7 +54,10 @@ class SystemMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self._dir = tempfile.TemporaryDirectory()
-        self.world = World(Path(self._dir.name) / "state.sqlite")
+        self.world = World(Path(self._dir.name) / "state.sqlite", LAYOUT)
+        # Concurrency slots that may be in use: the limit, or after it was lowered below the
+        # slots then held, those slots, falling as they are given back.
+        self.slot_bound = CONC.value
         self.expected_use: dict[str, int] = {}  # live tokens, by our own count
         self.owner: dict[str, Process] = {}  # who holds each live token now
         self.steps = 0
@@ -66,10 +76,13 @@ class SystemMachine(RuleBasedStateMachine):
         live = list(self.world.live_processes())
         return live[pick % len(live)] if live else None
 
-    def _handle(self, pick: int, resource: str | None = None) -> tuple[Process, Handle] | None:
+    def _handle(self, pick: int, resource: str | None = None, *,
+                direct: bool = False) -> tuple[Process, Handle] | None:
+        """A live handle of a live process (of ``resource``; of a process leasing directly)."""
         handles = [(p, h) for p in self.world.live_processes() for h in p.handles
                    if h.live and self.owner.get(h.token_id) is p
-                   and (resource is None or h.resource == resource)]
+                   and (resource is None or h.resource == resource)
+                   and not (direct and p.broker is not None)]
         return handles[pick % len(handles)] if handles else None
 
     def _ended(self, handle: Handle) -> None:
@@ -94,7 +107,10 @@ class SystemMachine(RuleBasedStateMachine):
         if found is None:
             return
         process, handle = found
-        child_use = max(1, round(self.expected_use[handle.token_id] * share))
+        self._split(process, handle, max(1, round(self.expected_use[handle.token_id] * share)))
+
+    def _split(self, process: Process, handle: Handle, child_use: int) -> bool:
+        """Split ``child_use`` off the handle's token; whether it was done."""
         sched = self.world.executor.service.scheduler
         before = sched.credit(handle.token_id)
         try:
@@ -102,7 +118,7 @@ class SystemMachine(RuleBasedStateMachine):
                                                 process.claimant, child_use)
         except QuotaError as exc:
             event(f"split refused: {type(exc).__name__}")
-            return
+            return False
         self.expected_use[handle.token_id] -= child_use
         assert left == self.expected_use[handle.token_id]
         self.expected_use[child.id] = child_use
@@ -111,6 +127,7 @@ class SystemMachine(RuleBasedStateMachine):
         if self.world.executor.service.scheduler is sched:  # else: restarted, and said nothing
             after = sched.credit(handle.token_id) + sched.credit(child.id)
             assert math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-6), "split moved credit"
+        return True
 
     @rule(pick=PICK, to=PICK)
     def move(self, pick: int, to: int) -> None:
@@ -136,12 +153,13 @@ class SystemMachine(RuleBasedStateMachine):
             return
         # The other's last totals first (the client sends them with the merge, and the
         # executor applies them first): refunds and debt move its credit before it is added.
-        self.world.send("settle", process.final_reports(other_handle))
+        process.send("settle", process.final_reports(other_handle))
         sched = self.world.executor.service.scheduler
         before = sched.credit(handle.token_id) + sched.credit(other_handle.token_id)
         try:
-            self.world.token_call("merge", handle.token_id, handle.generation, process.claimant,
-                                  other_handle.token_id, other_handle.generation, [])
+            process.ending_call("merge", other_handle.token_id, [], handle.token_id,
+                                handle.generation, process.claimant, other_handle.token_id,
+                                other_handle.generation)
         except QuotaError as exc:
             event(f"merge refused: {type(exc).__name__}")
             other_handle.live = True
@@ -162,8 +180,9 @@ class SystemMachine(RuleBasedStateMachine):
         process, handle = found
         reports = process.final_reports(handle)
         try:
-            merged = self.world.token_call("merge_back", handle.token_id, handle.generation,
-                                           process.claimant, handle.parent, reports)
+            merged = process.ending_call("merge_back", handle.token_id, reports,
+                                         handle.token_id, handle.generation, process.claimant,
+                                         handle.parent)
         except QuotaError as exc:
             event(f"merge_back refused: {type(exc).__name__}")
             return
@@ -179,8 +198,8 @@ class SystemMachine(RuleBasedStateMachine):
             return
         process, handle = found
         reports = process.final_reports(handle)
-        self.world.token_call("close", handle.token_id, handle.generation, process.claimant,
-                              reports)
+        process.ending_call("close", handle.token_id, reports, handle.token_id,
+                            handle.generation, process.claimant)
         self._ended(handle)
 
     # ------------------------------------------------------------------------- reservations
@@ -191,7 +210,7 @@ class SystemMachine(RuleBasedStateMachine):
         if found is None:
             return
         process, handle = found
-        amount = max(1, round(SPECS[handle.resource].ceiling * share * 0.5))
+        amount = max(1, round(self.world.specs[handle.resource].ceiling * share * 0.5))
         event(f"reserve: {process.reserve(handle, amount)}")
 
     @rule(pick=PICK, rounds=st.integers(1, 12), share=st.floats(0.01, 0.6),
@@ -204,7 +223,7 @@ class SystemMachine(RuleBasedStateMachine):
         for _ in range(rounds):
             for handle in [h for h in process.handles if h.live and self.owner.get(h.token_id)
                            is process]:
-                amount = max(1, round(SPECS[handle.resource].ceiling * share))
+                amount = max(1, round(self.world.specs[handle.resource].ceiling * share))
                 event(f"work: {process.reserve(handle, amount)}")
             self.world.advance(0.2)
             if process.dead or process.frozen:
@@ -222,6 +241,127 @@ class SystemMachine(RuleBasedStateMachine):
         amount = process.held[pick % len(process.held)][0].amount
         units = {"none": 0, "some": amount // 3, "all": amount, "over": amount + 7}[used]
         process.commit(pick, units)
+
+
+    # ------------------------------------------------------------- rules for past misses
+
+    @rule(pick=PICK, resource=st.sampled_from([RATE.name, CAP.name]))
+    def overuse_on_a_token_split_all_off(self, pick: int, resource: str) -> None:
+        """Issue 13, item 8: a reservation open on a token whose expected use is then all
+        split off, committed with overuse beyond its lease's spare: the debt is the token's,
+        and its credit falls by it (a token weighing nothing counts as weighing one unit)."""
+        found = self._handle(pick, resource, direct=True)
+        if found is None or found[1].waiting:
+            return
+        process, handle = found
+        if process.reserve(handle, 1) not in ("local", "granted"):
+            return
+        index = len(process.held) - 1
+        held = process.held[index][0]
+        if not self._split(process, handle, self.expected_use[handle.token_id]):
+            process.commit(index, held.amount)
+            return
+        sched = self.world.executor.service.scheduler
+        quiet = next(s.waiters for s in sched.status() if s.name == resource) == 0
+        before = sched.credit(handle.token_id)
+        debt = process.commit(index, held.amount + held.lease.spare + 5)
+        if quiet and debt and self.world.executor.service.scheduler is sched \
+                and sched.token_key(handle.token_id) is not None:
+            # Nobody waits, so virtual time did not move on: the credit fell by the debt.
+            after = sched.credit(handle.token_id)
+            assert after <= min(0.0, before) - debt + EPS, (before, after, debt)
+
+    @rule(pick=PICK, bad=st.sampled_from(["negative", "fraction", "not a bool", "short",
+                                          "second of two"]))
+    def malformed_report_changes_nothing(self, pick: int, bad: str) -> None:
+        """Issue 13, item 9: a settlement report refused as malformed moves no total: the
+        report raises every total of a live lease by one, except one field that is wrong."""
+        found = self._handle(pick)
+        if found is None:
+            return
+        _, handle = found
+        lease = handle.leases.current
+        totals = lease.totals()
+        good = Report(handle.token_id, lease.key, totals.returned + 1, totals.used + 1,
+                      totals.debt + 1, False)
+        reports: list[object] = {
+            "negative": [good._replace(debt=-1)],
+            "fraction": [good._replace(debt=0.5)],
+            "not a bool": [good._replace(final="no")],
+            "short": [good, tuple(good)[:5]],
+            "second of two": [good, good._replace(key=lease.key + "x", used=-1)],
+        }[bad]
+        sched = self.world.executor.service.scheduler
+        before = sched.status(), sched.credit(handle.token_id)
+        answer = self.world.executor.service.settle(reports)  # type: ignore[arg-type]
+        self.world.executor.tick()
+        assert isinstance(answer, QuotaError), f"{bad} report accepted"
+        assert (sched.status(), sched.credit(handle.token_id)) == before, bad
+
+    @precondition(_fault_due)
+    @rule(pick=PICK)
+    def stale_lease_after_restart(self, pick: int) -> None:
+        """Issue 13, item 4: a process frozen past its lease's expiry, then an executor restart
+        from the store, then a reserve under the old key: the key stays ended."""
+        found = self._handle(pick, direct=True)
+        if found is None or found[1].waiting or not found[1].leases.current.active:
+            return
+        process, handle = found
+        lease = handle.leases.current
+        seconds = POLICY.lease_ttl_s + 2.0  # past expiry, within the token's orphan grace
+        process.frozen_until = self.world.clock.now + seconds
+        process.cut_off = True
+        self.world.advance(seconds)
+        if self.world.executor.service.scheduler.token_key(handle.token_id) is None:
+            return
+        self.world.executor.restart()
+        assert handle.leases.current is lease
+        outcome = process.reserve(handle, 1)
+        event(f"reserve under an expired key after a restart: {outcome}")
+        assert outcome not in ("granted", "local", "waiting"), outcome
+
+    # ------------------------------------------------------------------------------ brokers
+
+    @precondition(_fault_due)
+    @rule(node=st.sampled_from(["a", "b"]))
+    def broker_renewals_pause_past_its_trust(self, node: str) -> None:
+        """Issue 13, item 2a: the broker's upstream renewals fail for longer than it may trust
+        its leases, not as long as they live at the executor (as while Ray restarts the
+        executor). Its processes renew meanwhile and keep what they hold; then others ask."""
+        broker = self.world.nodes[node]
+        now = self.world.clock.now
+        resume = math.floor(now) + POLICY.lease_ttl_s * 0.9  # past trust (x 0.8), before expiry
+        broker.paused_until = resume
+        self.world.advance(resume - now)
+        for process in self.world.live_processes():
+            if process.broker is broker:
+                process.renew()  # with no trust left at the broker
+        broker.renew_upstream()
+        for process in list(self.world.live_processes()):
+            for handle in [h for h in process.handles if h.live and not h.waiting]:
+                event(f"ask after a broker pause: {process.reserve(handle, 1)}")
+
+    @precondition(_fault_due)
+    @rule(node=st.sampled_from(["a", "b"]))
+    def kill_broker(self, node: str) -> None:
+        """The node's broker dies: its processes take their leases over at the executor."""
+        self.world.kill_broker(node)
+
+    # ------------------------------------------------------------------------------- limits
+
+    @precondition(_fault_due)
+    @rule(change=st.sampled_from([
+        (RATE.name, 25, 10), (RATE.name, 50, 25), (RATE.name, 80, 40),
+        (CAP.name, 150, 0), (CAP.name, 400, 0), (CAP.name, 600, 0),
+        (CONC.name, 1, 0), (CONC.name, 3, 0), (CONC.name, 5, 0)]), apply=st.booleans())
+    def change_limit(self, change: tuple[str, int, int], apply: bool) -> None:
+        """The operator raises or lowers a limit (``set_limit``, or ``apply`` of the manifest).
+        The checks follow the limit in force: units admitted before may exceed a lowered
+        limit; no admission after it may."""
+        name, value, burst = change
+        spec = self.world.specs[name]
+        new = dataclasses.replace(spec, value=value, **({"burst": burst} if burst else {}))
+        event(f"limit change took effect: {self.world.set_limit(new, apply=apply)}")
 
     # ------------------------------------------------------------------------- time, faults
 
@@ -250,7 +390,7 @@ class SystemMachine(RuleBasedStateMachine):
         if process is None:
             return
         process.dead = True
-        self.world.processes.append(Process(process.name + "'", self.world))
+        self.world.replace(process)
 
     @precondition(_fault_due)
     @rule()
@@ -289,7 +429,8 @@ class SystemMachine(RuleBasedStateMachine):
         fair = [w / sum(weights) for w in weights]
         assert all(abs(s - f) <= 0.05 * f for s, f in zip(share, fair)), (units, weights)
         for weight, waited in zip(weights, longest):
-            bound = 2 * weight * (total_weight / weight) / RATE.refill_per_s + POLICY.lease_ttl_s
+            rate = self.world.specs[RATE.name].refill_per_s
+            bound = 2 * weight * (total_weight / weight) / rate + POLICY.lease_ttl_s
             assert waited <= bound, (weight, waited, bound)
         if stream:
             # Not starved (0.1 x fair catches the starvation of issue 13 item 1). Within 5 % of
@@ -315,11 +456,15 @@ class SystemMachine(RuleBasedStateMachine):
     @invariant()
     def capacity_never_exceeds_the_budget(self) -> None:
         records = self.world.records
-        assert consumed(records, CAP.name) <= CAP.value + records.debt[CAP.name]
+        assert consumed(records, CAP.name) <= records.capacity_bound + records.debt[CAP.name]
 
     @invariant()
     def slots_in_use_never_exceed_the_limit(self) -> None:
-        assert slots_in_use(self.world) <= CONC.value
+        limit = self.world.specs[CONC.name].value
+        # Slots are held anew only by a grant, which the limit in force bounds: the bound
+        # falls, as slots held (trusted or not) fall, to the limit.
+        self.slot_bound = max(limit, min(self.slot_bound, held_slots(self.world)))
+        assert slots_in_use(self.world) <= self.slot_bound, (slots_in_use(self.world), limit)
 
     @invariant()
     def expected_use_is_conserved(self) -> None:
