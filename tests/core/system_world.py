@@ -11,10 +11,8 @@ counters.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
-import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,108 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from fakes import FakeClock
-
 from system_broker import Node
+from system_checks import consumed, held_slots, rate_excess, slots_in_use
+from system_executor import CAP, CONC, EPS, POLICY, RATE, SPECS, Crashed, Executor
 
 from ray_quota._core.holder import LeaseSet, LocalLease
 from ray_quota._core.protocol import Grant, Renewed, Report, prefetch_cap
-from ray_quota._core.resource import Policy
-from ray_quota._core.service import ExecutorService
 from ray_quota._errors import ExecutorUnavailableError, LeaseEndedError, QuotaError
-from ray_quota._spec import Enforcement, Kind, ResourceSpec
-from ray_quota._store import StateStore
+from ray_quota._spec import Kind, ResourceSpec
 
-RATE = ResourceSpec("rate", Kind.RATE, value=50, period_s=1.0, burst=25)
-CAP = ResourceSpec("cap", Kind.CAPACITY, value=400, enforcement=Enforcement.REJECT,
-                   wait_limit_s=1.0)
-CONC = ResourceSpec("conc", Kind.CONCURRENCY, value=3, wait_limit_s=30.0)
-SPECS = {spec.name: spec for spec in (RATE, CAP, CONC)}
-POLICY = Policy(lease_ttl_s=4.0, orphan_grace_s=6.0)
-EPS = 1e-6
+__all__ = [  # the checks and the executor's settings, re-exported for the tests
+    "CAP", "CONC", "EPS", "POLICY", "RATE", "SPECS", "Crashed", "Executor", "World", "backlog",
+    "consumed", "held_slots", "rate_excess", "slots_in_use",
+]
+
 # Which node's broker each process leases through (None: directly at the executor): the model
 # test's layout, and the plain one (three direct processes).
 LAYOUT: tuple[str | None, ...] = (None, "a", "a", "b")
 DIRECT: tuple[str | None, ...] = (None, None, None)
-
-
-class Crashed(Exception):
-    """The executor failed to write its state and went down; Ray would restart it."""
-
-
-class FlakyStore(StateStore):
-    """A real store whose next write can be made to fail, as a full or locked disk does."""
-
-    fail_next = False
-
-    def write(self, changes: Any) -> None:
-        if self.fail_next:
-            self.fail_next = False
-            raise sqlite3.OperationalError("database or disk is full")
-        super().write(changes)
-
-
-class Executor:
-    """The executor actor's rules around the service: write the outbox's changes first, then
-    answer; a failed write takes the executor down (it restarts from what is on disk)."""
-
-    def __init__(self, clock: FakeClock, path: Path) -> None:
-        self.clock = clock
-        self.path = path
-        self.store = FlakyStore(path)
-        self.restarts = 0
-        ids = itertools.count()
-        self._new_id = lambda: f"tok-{next(ids)}"
-        self.service = ExecutorService(SPECS, clock=clock, policy=POLICY, new_id=self._new_id)
-        self.store.start("cluster", "test")
-        self.saved_at = clock.now
-        self.waiting: dict[int, Callable[[Grant | QuotaError], None]] = {}
-        self.recall: Callable[[str, frozenset[str]], None] = lambda holder, ids: None
-        self._deliver()
-
-    def call(self, method: str, *args: Any) -> Any:
-        """Make one call; raise its error; raise :class:`Crashed` if its write failed."""
-        answer = getattr(self.service, method)(*args)
-        self._deliver()
-        if isinstance(answer, QuotaError):
-            raise answer
-        return answer
-
-    def tick(self) -> None:
-        self.service.tick()
-        self._deliver()
-
-    def restart(self) -> None:
-        """Come back from the store, as Ray restarts a dead executor: answers not yet given
-        are lost with the old one."""
-        self.restarts += 1
-        self.store.close()
-        self.store = FlakyStore(self.path)
-        saved = self.store.load()
-        assert saved is not None
-        self.service = ExecutorService(SPECS, clock=self.clock, policy=POLICY,
-                                       new_id=self._new_id)
-        self.service.restore(saved.resources, saved.tokens, saved.leases,
-                             elapsed_s=self.clock.now - self.saved_at, ended=saved.ended)
-        lost, self.waiting = self.waiting, {}
-        for answer in lost.values():
-            answer(ExecutorUnavailableError("the executor died before answering"))
-
-    def _deliver(self) -> None:
-        outbox = self.service.drain()
-        try:
-            for changes in outbox.changes:
-                self.store.write(changes)
-        except sqlite3.Error:
-            self.restart()
-            raise Crashed() from None
-        if outbox.changes:
-            self.saved_at = self.clock.now
-        for resolved in outbox.resolved:
-            answer = self.waiting.pop(resolved.ticket, None)
-            if answer is not None:
-                answer(resolved.outcome)
-        for recall in outbox.recalls:
-            self.recall(recall.holder, recall.token_ids)
 
 
 @dataclass(eq=False)
@@ -494,71 +408,6 @@ class World:
         for node in list(self.nodes.values()):
             if node.holder == holder and not node.dead:
                 node.recalled(token_ids)
-
-
-# --------------------------------------------------------------------------------- checks
-
-
-def rate_excess(records: Records, spec: ResourceSpec) -> float:
-    """The most units used in a window [t1, t2] beyond the burst in force at t1 plus what the
-    rates in force refilled over the window, what the processes held when the window opened
-    (granted before it), and the overuse they declared. (A lowered limit clamps the bucket to
-    its new burst; a raised one does not fill it.)"""
-    events = sorted((t, amount if used is None else min(used, amount))
-                    for t, amount, used in records.opened[spec.name])
-    snapshots = records.held[spec.name]
-    times = [t for t, _ in snapshots]
-    limits = records.limits[spec.name]
-    starts = [t for t, _ in limits]
-    # Units refilled from time 0 to the start of each limit's period.
-    refilled = [0.0]
-    for (t, old), (next_t, _) in zip(limits, limits[1:]):
-        refilled.append(refilled[-1] + old.refill_per_s * (next_t - t))
-
-    def refill_until(t: float) -> float:
-        at = bisect.bisect_right(starts, t) - 1
-        return refilled[at] + limits[at][1].refill_per_s * (t - starts[at])
-
-    # The excess of the window from event i to event j is (S_j - R(t_j)) + (R(t_i) - S_(i-1)
-    # - burst(t_i) - held(t_i)), S the units used up to an event and R the refill up to a
-    # time: one pass, keeping the best start so far.
-    worst = best_start = -math.inf
-    used_before = 0.0
-    for t1, units in events:
-        at = bisect.bisect_right(times, t1 + EPS) - 1
-        held = snapshots[at][1] if at >= 0 else 0
-        # The burst in force at t1 (the larger, if the limit changed at t1).
-        burst = max(limit.burst for _, limit in limits[
-            max(0, bisect.bisect_left(starts, t1 - EPS) - 1):bisect.bisect_right(starts, t1 + EPS)])
-        refill = refill_until(t1)
-        best_start = max(best_start, refill - used_before - burst - held)
-        used_before += units
-        worst = max(worst, used_before - refill + best_start)
-    return worst - records.debt[spec.name]
-
-
-def consumed(records: Records, resource: str) -> int:
-    """Units used of ``resource`` within grants: committed use, open reservations in full."""
-    return sum(amount if used is None else used for _, amount, used in records.opened[resource])
-
-
-def slots_in_use(world: World) -> int:
-    """Concurrency slots held now by processes that are alive and whose lease they may trust:
-    a process frozen past its lease's trust has lost its slots, by the lease contract."""
-    now = world.clock.now
-    return sum(held.amount for process in world.processes if not process.dead
-               for held, _ in process.held
-               if held.handle.resource == CONC.name
-               and (not process.frozen or held.lease.valid_until > now))
-
-
-def held_slots(world: World) -> int:
-    """Concurrency slots held by processes that are not dead (trusted or not, in reservations
-    or spare) and by live brokers: they grow only by a grant."""
-    return world._broker_spare(CONC.name) + sum(
-        lease.held for process in world.processes if not process.dead
-        for handle in process.handles if handle.resource == CONC.name
-        for lease in handle.leases)
 
 
 # ------------------------------------------------------------------------------ workloads

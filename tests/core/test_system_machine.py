@@ -45,7 +45,6 @@ from system_world import (
 
 from ray_quota._core.protocol import Report
 from ray_quota._errors import QuotaError
-from ray_quota._spec import Kind
 
 PICK = st.integers(0, 10**6)
 
