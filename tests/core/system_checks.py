@@ -60,13 +60,12 @@ def consumed(records: Records, resource: str) -> int:
 
 
 def slots_in_use(world: World) -> int:
-    """Concurrency slots held now by processes that are alive and whose lease they may trust:
-    a process frozen past its lease's trust has lost its slots, by the lease contract."""
-    now = world.clock.now
+    """Concurrency slots held now by processes that are alive, in reservations that have not
+    lapsed: a process frozen past its lease's trust has lost its slots, by the lease
+    contract (a process whose broker's trust ran out has not: it kept renewing)."""
     return sum(held.amount for process in world.processes if not process.dead
                for held, _ in process.held
-               if held.handle.resource == CONC.name
-               and (not process.frozen or held.lease.valid_until > now))
+               if held.handle.resource == CONC.name and not held.lapsed)
 
 
 def held_slots(world: World) -> int:

@@ -24,7 +24,10 @@ RATE = ResourceSpec("rate", Kind.RATE, value=50, period_s=1.0, burst=25)
 CAP = ResourceSpec("cap", Kind.CAPACITY, value=400, enforcement=Enforcement.REJECT,
                    wait_limit_s=1.0)
 CONC = ResourceSpec("conc", Kind.CONCURRENCY, value=3, wait_limit_s=30.0)
-SPECS = {spec.name: spec for spec in (RATE, CAP, CONC)}
+# A rate whose requests fail unless their wait estimate is within the wait limit.
+QUICK = ResourceSpec("quick", Kind.RATE, value=20, period_s=1.0, burst=10,
+                     enforcement=Enforcement.REJECT, wait_limit_s=1.5)
+SPECS = {spec.name: spec for spec in (RATE, CAP, CONC, QUICK)}
 POLICY = Policy(lease_ttl_s=4.0, orphan_grace_s=6.0)
 EPS = 1e-6
 

@@ -22,7 +22,7 @@ from typing import Any
 from fakes import FakeClock
 from system_broker import Node
 from system_checks import consumed, held_slots, rate_excess, slots_in_use
-from system_executor import CAP, CONC, EPS, POLICY, RATE, SPECS, Crashed, Executor
+from system_executor import CAP, CONC, EPS, POLICY, QUICK, RATE, SPECS, Crashed, Executor
 
 from ray_quota._core.holder import LeaseSet, LocalLease
 from ray_quota._core.protocol import Grant, Renewed, Report, prefetch_cap
@@ -30,7 +30,7 @@ from ray_quota._errors import ExecutorUnavailableError, LeaseEndedError, QuotaEr
 from ray_quota._spec import Kind, ResourceSpec
 
 __all__ = [  # the checks and the executor's settings, re-exported for the tests
-    "CAP", "CONC", "EPS", "POLICY", "RATE", "SPECS", "Crashed", "Executor", "World", "backlog",
+    "CAP", "CONC", "EPS", "POLICY", "QUICK", "RATE", "SPECS", "Crashed", "Executor", "World", "backlog",
     "consumed", "held_slots", "rate_excess", "slots_in_use",
 ]
 
@@ -48,6 +48,9 @@ class Held:
     lease: LocalLease
     amount: int
     opened_at: float
+    # Its holder was frozen past its lease's trust while it was open: by the lease contract,
+    # the units (a slot) are no longer its own, though it may go on to use them.
+    lapsed: bool = False
 
 
 @dataclass(eq=False)
@@ -118,6 +121,16 @@ class Process:
     @property
     def frozen(self) -> bool:
         return self.world.clock.now < self.frozen_until
+
+    def freeze(self, seconds: float) -> None:
+        """Stop for ``seconds`` (a long GC pause, a stalled node): no renewals, no answers
+        to recalls. Reservations whose lease's trust runs out meanwhile have lapsed."""
+        self.frozen_until = self.world.clock.now + seconds
+        # Renewals come once a second: a freeze of two seconds less than a lease lives may
+        # already let it expire, and the process then looks dead.
+        self.cut_off |= seconds + 2.0 >= self.world.policy.lease_ttl_s
+        for held, _ in self.held:
+            held.lapsed |= held.lease.valid_until < self.frozen_until
 
     # ------------------------------------------------------------------------------ routing
 

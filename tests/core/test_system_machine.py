@@ -31,6 +31,7 @@ from system_world import (
     EPS,
     LAYOUT,
     POLICY,
+    QUICK,
     RATE,
     SPECS,
     Handle,
@@ -93,12 +94,14 @@ class SystemMachine(RuleBasedStateMachine):
     @rule(pick=PICK, resource=st.sampled_from(sorted(SPECS)), expected_use=st.integers(1, 40))
     def open_token(self, pick: int, resource: str, expected_use: int) -> None:
         process = self._process(pick)
-        if process is None:
-            return
+        if process is not None:
+            self._open(process, resource, expected_use)
+
+    def _open(self, process: Process, resource: str, expected_use: int) -> Handle:
         info = self.world.token_call("open_token", resource, expected_use, process.claimant, None)
-        process.adopt_handle(info.id, resource, 0, expected_use, None)
         self.expected_use[info.id] = expected_use
         self.owner[info.id] = process
+        return process.adopt_handle(info.id, resource, 0, expected_use, None)
 
     @rule(pick=PICK, share=st.floats(0.0, 1.0))
     def split(self, pick: int, share: float) -> None:
@@ -297,6 +300,38 @@ class SystemMachine(RuleBasedStateMachine):
         assert isinstance(answer, QuotaError), f"{bad} report accepted"
         assert (sched.status(), sched.credit(handle.token_id)) == before, bad
 
+    @rule(pick=PICK, weight=st.integers(1, 40), amount=st.integers(1, QUICK.burst),
+          others=st.lists(st.tuples(st.integers(1, 40), st.integers(1, QUICK.burst)),
+                          max_size=5))
+    def reject_request_admitted_is_served_in_time(self, pick: int, weight: int, amount: int,
+                                                  others: list[tuple[int, int]]) -> None:
+        """Issue 13, item 5: a reject request is admitted to wait only if its wait estimate,
+        replaying the queue by its own rules (smaller requests may pass a blocked head), is
+        within its wait limit; with no request arriving after it and nothing used beyond a
+        grant, it is then granted within that limit. Other tokens ask first (from any
+        process), so that it meets a queue."""
+        direct = [p for p in self.world.live_processes() if p.broker is None]
+        if not direct:
+            return
+        for i, (other_weight, other_amount) in enumerate(others):
+            process = self._process(pick + i + 1)
+            assert process is not None
+            process.reserve(self._open(process, QUICK.name, other_weight), other_amount)
+        process = direct[pick % len(direct)]
+        handle = self._open(process, QUICK.name, weight)
+        restarts, start = self.world.executor.restarts, self.world.clock.now
+        outcome = process.reserve(handle, amount)
+        event(f"reject request: {outcome}")
+        if outcome != "waiting":
+            return
+        wait_limit = self.world.specs[QUICK.name].wait_limit_s
+        assert wait_limit is not None
+        self.world.advance(wait_limit + 0.1)
+        if self.world.executor.restarts != restarts:
+            return  # the executor went down meanwhile: the request was lost with it
+        assert any(held.handle is handle and held.opened_at >= start
+                   for held, _ in process.held), "admitted by its estimate, then not served"
+
     @precondition(_fault_due)
     @rule(pick=PICK)
     def stale_lease_after_restart(self, pick: int) -> None:
@@ -308,8 +343,7 @@ class SystemMachine(RuleBasedStateMachine):
         process, handle = found
         lease = handle.leases.current
         seconds = POLICY.lease_ttl_s + 2.0  # past expiry, within the token's orphan grace
-        process.frozen_until = self.world.clock.now + seconds
-        process.cut_off = True
+        process.freeze(seconds)
         self.world.advance(seconds)
         if self.world.executor.service.scheduler.token_key(handle.token_id) is None:
             return
@@ -322,12 +356,17 @@ class SystemMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------------------ brokers
 
     @precondition(_fault_due)
-    @rule(node=st.sampled_from(["a", "b"]))
-    def broker_renewals_pause_past_its_trust(self, node: str) -> None:
+    @rule(node=st.sampled_from(["a", "b"]), pick=PICK)
+    def broker_renewals_pause_past_its_trust(self, node: str, pick: int) -> None:
         """Issue 13, item 2a: the broker's upstream renewals fail for longer than it may trust
         its leases, not as long as they live at the executor (as while Ray restarts the
-        executor). Its processes renew meanwhile and keep what they hold; then others ask."""
+        executor). A process of the node holds a slot through the pause, renewing with no
+        trust left at the broker; then a direct process asks for every slot of the limit."""
         broker = self.world.nodes[node]
+        here = [p for p in self.world.live_processes() if p.broker is broker]
+        if here:
+            holder = here[pick % len(here)]
+            holder.reserve(self._open(holder, CONC.name, 1 + pick % 7), 1)
         now = self.world.clock.now
         resume = math.floor(now) + POLICY.lease_ttl_s * 0.9  # past trust (x 0.8), before expiry
         broker.paused_until = resume
@@ -336,9 +375,12 @@ class SystemMachine(RuleBasedStateMachine):
             if process.broker is broker:
                 process.renew()  # with no trust left at the broker
         broker.renew_upstream()
-        for process in list(self.world.live_processes()):
-            for handle in [h for h in process.handles if h.live and not h.waiting]:
-                event(f"ask after a broker pause: {process.reserve(handle, 1)}")
+        direct = [p for p in self.world.live_processes() if p.broker is None]
+        if direct:
+            asker = direct[pick % len(direct)]
+            handle = self._open(asker, CONC.name, 1 + pick % 5)
+            for _ in range(self.world.specs[CONC.name].value):
+                event(f"ask after a broker pause: {asker.reserve(handle, 1)}")
 
     @precondition(_fault_due)
     @rule(node=st.sampled_from(["a", "b"]))
@@ -352,7 +394,8 @@ class SystemMachine(RuleBasedStateMachine):
     @rule(change=st.sampled_from([
         (RATE.name, 25, 10), (RATE.name, 50, 25), (RATE.name, 80, 40),
         (CAP.name, 150, 0), (CAP.name, 400, 0), (CAP.name, 600, 0),
-        (CONC.name, 1, 0), (CONC.name, 3, 0), (CONC.name, 5, 0)]), apply=st.booleans())
+        (CONC.name, 1, 0), (CONC.name, 3, 0), (CONC.name, 5, 0),
+        (QUICK.name, 10, 5), (QUICK.name, 30, 15)]), apply=st.booleans())
     def change_limit(self, change: tuple[str, int, int], apply: bool) -> None:
         """The operator raises or lowers a limit (``set_limit``, or ``apply`` of the manifest).
         The checks follow the limit in force: units admitted before may exceed a lowered
@@ -375,10 +418,7 @@ class SystemMachine(RuleBasedStateMachine):
         """The process stops for a while (a long GC pause, a stalled node): no renewals."""
         process = self._process(pick)
         if process is not None:
-            process.frozen_until = self.world.clock.now + seconds
-            # Renewals come once a second: a freeze of two seconds less than a lease lives
-            # may already let it expire.
-            process.cut_off |= seconds + 2.0 >= POLICY.lease_ttl_s
+            process.freeze(seconds)
 
     @precondition(lambda self: self._fault_due()
                   and sum(not p.dead for p in self.world.processes) > 1)
@@ -450,7 +490,8 @@ class SystemMachine(RuleBasedStateMachine):
 
     @invariant()
     def rate_never_admits_beyond_burst_plus_refill(self) -> None:
-        assert rate_excess(self.world.records, RATE) <= EPS
+        for spec in (RATE, QUICK):
+            assert rate_excess(self.world.records, spec) <= EPS, spec.name
 
     @invariant()
     def capacity_never_exceeds_the_budget(self) -> None:
