@@ -507,6 +507,17 @@ class SystemMachine(RuleBasedStateMachine):
         assert slots_in_use(self.world) <= self.slot_bound, (slots_in_use(self.world), limit)
 
     @invariant()
+    def spare_kept_is_at_most_the_prefetch_cap(self) -> None:
+        """Issue 13, item 11: what a commit did not use goes back at once; a lease keeps at
+        most what prefetch may ask for (the README's 5 % of the limit)."""
+        for process in self.world.processes:
+            if not process.dead:
+                for handle in process.handles:
+                    for lease in handle.leases:
+                        assert lease.spare <= handle.leases.max_prefetch, (
+                            handle.resource, lease.spare, handle.leases.max_prefetch)
+
+    @invariant()
     def expected_use_is_conserved(self) -> None:
         self._forget_released()
         totals: dict[str, int] = defaultdict(int)
