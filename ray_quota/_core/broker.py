@@ -121,6 +121,10 @@ class BrokerCore:
         # the upstream lease it was part of (late overuse is owed on that lease)
         self._ended: OrderedDict[tuple[str, str], tuple[int, LocalLease]] = OrderedDict()
         self._owed: list[Report] = []  # final upstream totals grown by late debt, to send again
+        # Final upstream totals sent with a renewal not yet answered: sent again until one is
+        # (a lost final report would leave the lease to expire at the executor, which then
+        # charges what it held and may release the token of a process that is still alive).
+        self._unanswered: list[Report] = []
         self.local_grants = 0  # requests served without the executor
         self.forwarded = 0  # requests passed on to the executor
         self.expiries = 0
@@ -306,7 +310,7 @@ class BrokerCore:
         """The broker's own renewal: totals of every upstream lease. Spare goes back unless it
         is in use and nobody waits; a lease with no sub-leases left is settled as final, and
         one the executor ended is not renewed. Final totals that late debt grew go again."""
-        reports, self._owed = self._owed, []
+        reports, self._owed, self._unanswered = self._owed + self._unanswered, [], []
         for up in [*self._ups.values(), *self._retired]:
             lease = up.lease
             if not lease.active:  # never granted: nothing to settle upstream
@@ -322,6 +326,7 @@ class BrokerCore:
             else:
                 lease.report(now, keep_spare=not up.retired)
             reports.append(_report(up, final=final))
+        self._unanswered = [report for report in reports if report.final]
         return reports
 
     def report_of(self, token_id: str) -> list[Report]:
@@ -369,6 +374,7 @@ class BrokerCore:
         """Apply the executor's answer to the broker's renewal of ``reports``, sent at
         ``sent_at``. Only leases the renewal reported are judged by it: one first granted while
         it was out is not in the answer, and is not gone."""
+        self._unanswered = [report for report in self._unanswered if report not in reports]
         reported = {(report.token_id, report.key) for report in reports if not report.final}
         for up in [*self._ups.values(), *self._retired]:
             if (up.token_id, up.lease.key) not in reported or up.lease.final:

@@ -1,7 +1,8 @@
 """The whole system as its sans-IO parts, on one fake clock: an executor (``ExecutorService`` and a
-real SQLite ``StateStore``, written before anything is answered), and processes whose tokens keep
-their leases in ``LeaseSet``s, as ``QuotaToken`` does. Calls are delivered at once; time moves
-only when a test moves it.
+real SQLite ``StateStore``, written before anything is answered), node brokers (``BrokerCore``,
+see ``system_broker``), and processes whose tokens keep their leases in ``LeaseSet``s, as
+``QuotaToken`` does, some directly at the executor and some through their node's broker. Calls
+are delivered at once; time moves only when a test moves it.
 
 What the processes did is recorded here, by them (``Records``): every reservation they opened,
 when, and what its commit said it used. The checks read those records, never the executor's
@@ -10,10 +11,8 @@ counters.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
-import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,103 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from fakes import FakeClock
+from system_broker import Node
+from system_checks import consumed, held_slots, rate_excess, slots_in_use
+from system_executor import CAP, CONC, EPS, POLICY, QUICK, RATE, SPECS, Crashed, Executor
 
 from ray_quota._core.credentials import add_proofs, holder_id, make_claim
 from ray_quota._core.holder import LeaseSet, LocalLease
-from ray_quota._core.protocol import Grant, Report, prefetch_cap
-from ray_quota._core.resource import Policy
-from ray_quota._core.service import ExecutorService
+from ray_quota._core.protocol import Grant, Renewed, Report, prefetch_cap
 from ray_quota._errors import ExecutorUnavailableError, LeaseEndedError, QuotaError
-from ray_quota._spec import Enforcement, Kind, ResourceSpec
-from ray_quota._store import StateStore
+from ray_quota._spec import Kind, ResourceSpec
 
-RATE = ResourceSpec("rate", Kind.RATE, value=50, period_s=1.0, burst=25)
-CAP = ResourceSpec("cap", Kind.CAPACITY, value=400, enforcement=Enforcement.REJECT,
-                   wait_limit_s=1.0)
-CONC = ResourceSpec("conc", Kind.CONCURRENCY, value=3, wait_limit_s=30.0)
-SPECS = {spec.name: spec for spec in (RATE, CAP, CONC)}
-POLICY = Policy(lease_ttl_s=4.0, orphan_grace_s=6.0)
-EPS = 1e-6
+__all__ = [  # the checks and the executor's settings, re-exported for the tests
+    "CAP", "CONC", "EPS", "POLICY", "QUICK", "RATE", "SPECS", "Crashed", "Executor", "World", "backlog",
+    "consumed", "held_slots", "rate_excess", "slots_in_use",
+]
 
-
-class Crashed(Exception):
-    """The executor failed to write its state and went down; Ray would restart it."""
-
-
-class FlakyStore(StateStore):
-    """A real store whose next write can be made to fail, as a full or locked disk does."""
-
-    fail_next = False
-
-    def write(self, changes: Any) -> None:
-        if self.fail_next:
-            self.fail_next = False
-            raise sqlite3.OperationalError("database or disk is full")
-        super().write(changes)
-
-
-class Executor:
-    """The executor actor's rules around the service: write the outbox's changes first, then
-    answer; a failed write takes the executor down (it restarts from what is on disk)."""
-
-    def __init__(self, clock: FakeClock, path: Path) -> None:
-        self.clock = clock
-        self.path = path
-        self.store = FlakyStore(path)
-        self.restarts = 0
-        ids = itertools.count()
-        self._new_id = lambda: f"tok-{next(ids)}"
-        self.service = ExecutorService(SPECS, clock=clock, policy=POLICY, new_id=self._new_id)
-        self.store.start("cluster", "test")
-        self.saved_at = clock.now
-        self.waiting: dict[int, Callable[[Grant | QuotaError], None]] = {}
-        self.recall: Callable[[str, frozenset[str]], None] = lambda holder, ids: None
-        self._deliver()
-
-    def call(self, method: str, *args: Any) -> Any:
-        """Make one call; raise its error; raise :class:`Crashed` if its write failed."""
-        answer = getattr(self.service, method)(*args)
-        self._deliver()
-        if isinstance(answer, QuotaError):
-            raise answer
-        return answer
-
-    def tick(self) -> None:
-        self.service.tick()
-        self._deliver()
-
-    def restart(self) -> None:
-        """Come back from the store, as Ray restarts a dead executor: answers not yet given
-        are lost with the old one."""
-        self.restarts += 1
-        self.store.close()
-        self.store = FlakyStore(self.path)
-        saved = self.store.load()
-        assert saved is not None
-        self.service = ExecutorService(SPECS, clock=self.clock, policy=POLICY,
-                                       new_id=self._new_id)
-        self.service.restore(saved.resources, saved.tokens, saved.leases,
-                             elapsed_s=self.clock.now - self.saved_at, ended=saved.ended)
-        lost, self.waiting = self.waiting, {}
-        for answer in lost.values():
-            answer(ExecutorUnavailableError("the executor died before answering"))
-
-    def _deliver(self) -> None:
-        outbox = self.service.drain()
-        try:
-            for changes in outbox.changes:
-                self.store.write(changes)
-        except sqlite3.Error:
-            self.restart()
-            raise Crashed() from None
-        if outbox.changes:
-            self.saved_at = self.clock.now
-        for resolved in outbox.resolved:
-            answer = self.waiting.pop(resolved.ticket, None)
-            if answer is not None:
-                answer(resolved.outcome)
-        for recall in outbox.recalls:
-            self.recall(recall.holder, recall.token_ids)
+# Which node's broker each process leases through (None: directly at the executor): the model
+# test's layout, and the plain one (three direct processes).
+LAYOUT: tuple[str | None, ...] = (None, "a", "a", "b")
+DIRECT: tuple[str | None, ...] = (None, None, None)
 
 
 @dataclass(eq=False)
@@ -128,6 +49,9 @@ class Held:
     lease: LocalLease
     amount: int
     opened_at: float
+    # Its holder was frozen past its lease's trust while it was open: by the lease contract,
+    # the units (a slot) are no longer its own, though it may go on to use them.
+    lapsed: bool = False
 
 
 @dataclass(eq=False)
@@ -154,6 +78,12 @@ class Records:
     debt: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     # (time, units the processes held of the resource when the clock reached it)
     held: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
+    # The limits in force, from when (a limit changes when the executor has stored it).
+    limits: dict[str, list[tuple[float, ResourceSpec]]] = field(
+        default_factory=lambda: {name: [(0.0, spec)] for name, spec in SPECS.items()})
+    # The most capacity that may be admitted in all: the limit, or, after it was lowered
+    # below what was admitted then, what was admitted then (no new admission beyond it).
+    capacity_bound: float = float(CAP.value)
 
     def open(self, resource: str, now: float, amount: int) -> list[Any]:
         entry = [now, amount, None]  # opened at, amount, used within grants (None: open)
@@ -162,15 +92,17 @@ class Records:
 
 
 class Process:
-    """A worker process: a holder id, a claimant, and its token handles."""
+    """A worker process: a holder id, a claimant, its token handles, and the node broker it
+    leases through (None: directly at the executor)."""
 
-    def __init__(self, name: str, world: World) -> None:
+    def __init__(self, name: str, world: World, broker: Node | None = None) -> None:
         self.name = name
         self.world = world
         # A secret of its own (deterministic here), and the holder id it proves.
         self.secret = f"{name}-{next(world.incarnations)}"
         self.holder = holder_id(self.secret, self.secret)
         self.claimant = make_claim(f"process:{self.holder}", self.secret)
+        self.broker = broker
         self.keys = itertools.count()
         self.handles: list[Handle] = []
         self.held: list[tuple[Held, list[Any]]] = []
@@ -198,6 +130,53 @@ class Process:
     def frozen(self) -> bool:
         return self.world.clock.now < self.frozen_until
 
+    def freeze(self, seconds: float) -> None:
+        """Stop for ``seconds`` (a long GC pause, a stalled node): no renewals, no answers
+        to recalls. Reservations whose lease's trust runs out meanwhile have lapsed."""
+        self.frozen_until = self.world.clock.now + seconds
+        # Renewals come once a second: a freeze of two seconds less than a lease lives may
+        # already let it expire, and the process then looks dead.
+        self.cut_off |= seconds + 2.0 >= self.world.policy.lease_ttl_s
+        for held, _ in self.held:
+            held.lapsed |= held.lease.valid_until < self.frozen_until
+
+    # ------------------------------------------------------------------------------ routing
+
+    def _route(self) -> Node | None:
+        """This process's broker, or None: if it died, take the leases over first (as
+        ``_runtime/routing.py`` does when a call to the broker finds it dead)."""
+        node = self.broker
+        if node is None or not node.dead:
+            return node
+        self.broker = None
+        entries = [entry for handle in self.handles for entry in handle.leases.adoptions()]
+        adopted: set[tuple[str, str]] = set()
+        if entries:
+            try:
+                adopted = {tuple(pair) for pair in
+                           self.world.token_call("adopt", entries, self.secret)}
+            except QuotaError:
+                pass  # none adopted: each lease is replaced or dropped at its renewal
+        for handle in self.handles:
+            handle.leases.adopted(adopted)  # type: ignore[arg-type]
+        return None
+
+    def send(self, method: str, reports: list[Report]) -> None:
+        """A settle nobody waits for, to the broker or the executor."""
+        node = self._route()
+        if node is not None:
+            node.settle(reports, self.secret)
+        else:
+            self.world.send(method, reports, self.secret)
+
+    def ending_call(self, method: str, ending: str, reports: list[Report], *args: Any) -> Any:
+        """close, merge or merge_back (``args``: the token call's, its claim included),
+        carrying the ending token's final lease totals, and this process's secret."""
+        node = self._route()
+        if node is not None:
+            return node.ending(method, ending, reports, self.secret, *args)
+        return self.world.token_call(method, *args, reports, self.secret)
+
     # -------------------------------------------------------------------------- reservations
 
     def reserve(self, handle: Handle, amount: int) -> str:
@@ -209,10 +188,11 @@ class Process:
             return "local"
         lease = handle.leases.current
         sent_at = now
-        queued = False
+        state = {"queued": False, "done": False}
 
         def answer(outcome: Grant | QuotaError) -> None:
-            if queued:
+            state["done"] = True
+            if state["queued"]:
                 handle.waiting -= 1
             if self.dead:
                 return
@@ -224,31 +204,34 @@ class Process:
             elif isinstance(outcome, ExecutorUnavailableError):
                 handle.leases.lost(lease)
 
-        executor = self.world.executor
-        try:
-            ticket = executor.call("acquire", handle.token_id, handle.generation,
-                                   self.claim(handle), lease.key, amount, lease.prefetch(), None,
-                                   self.secret)
-        except Crashed:
-            answer(ExecutorUnavailableError("lost"))
+        died = self.broker is not None and self.broker.dead
+        broker = self._route()
+        if died:
+            # Its broker died: the leases were taken over, and the outcome of the request is
+            # unknown (routing raises).
+            answer(ExecutorUnavailableError("the node's broker died"))
             return "lost"
-        except QuotaError as exc:
-            answer(exc)
-            return type(exc).__name__
-        if ticket.outcome is None:
-            executor.waiting[ticket.id] = answer
+        args = (handle.token_id, handle.generation, self.claim(handle), lease.key, amount,
+                lease.prefetch())
+        if broker is not None:
+            broker.acquire(handle.resource, *args, self.secret, answer)
+            outcome = "granted"
+        else:
+            outcome = self.world.executor_acquire(answer, self.secret, *args)
+        if not state["done"]:
             handle.waiting += 1
-            queued = True
+            state["queued"] = True
             return "waiting"
-        answer(ticket.outcome)
-        return "granted" if isinstance(ticket.outcome, Grant) else type(ticket.outcome).__name__
+        return outcome
 
     def _opened(self, handle: Handle, lease: LocalLease, amount: int) -> None:
         now = self.world.clock.now
         entry = self.world.records.open(handle.resource, now, amount)
         self.held.append((Held(handle, lease, amount, now), entry))
 
-    def commit(self, index: int, used: int) -> None:
+    def commit(self, index: int, used: int) -> int:
+        """Close a reservation as used ``used``; returns the overuse its lease could not
+        cover (the debt it declared)."""
         held, entry = self.held.pop(index % len(self.held))
         lease = held.lease
         debt_before = lease.debt
@@ -257,7 +240,8 @@ class Process:
         entry[2] = used - uncovered
         self.world.records.debt[held.handle.resource] += uncovered
         if report is not None:
-            self.world.send("settle", [report], self.secret)
+            self.send("settle", [report])
+        return uncovered
 
     # ------------------------------------------------------------------------------ renewals
 
@@ -265,10 +249,15 @@ class Process:
         now = self.world.clock.now
         reports = [report for handle in self.handles
                    for report in handle.leases.reports(now, live=handle.live)]
-        try:
-            alive = self.world.executor.call("renew", self.holder, reports, self.secret)
-        except Crashed:
-            return  # the next renewal reports the same totals again
+        node = self._route()
+        alive: Renewed
+        if node is not None:
+            alive = node.renew(self.holder, reports, self.secret)
+        else:
+            try:
+                alive = self.world.executor.call("renew", self.holder, reports, self.secret)
+            except Crashed:
+                return  # the next renewal reports the same totals again
         for handle in self.handles:
             handle.leases.renewed(alive, now)
         self.handles = [h for h in self.handles if h.live or h.leases.reserved
@@ -280,7 +269,7 @@ class Process:
         reports = [report for handle in self.handles if handle.token_id in token_ids
                    and (report := handle.leases.recall()) is not None]
         if reports:
-            self.world.send("settle", reports, self.secret)
+            self.send("settle", reports)
 
     def final_reports(self, handle: Handle) -> list[Report]:
         """The handle ends (close, merge, merge back): its open reservations end with it,
@@ -293,18 +282,41 @@ class Process:
 
 
 class World:
-    """An executor and a few processes on one fake clock, with the processes' records."""
+    """An executor, node brokers and a few processes on one fake clock, with the processes'
+    records. ``layout`` names each process's node broker (None: it leases directly)."""
 
-    def __init__(self, path: Path, processes: int = 3) -> None:
+    def __init__(self, path: Path, layout: tuple[str | None, ...] = DIRECT) -> None:
         self.clock = FakeClock()
+        self.policy = POLICY
+        self.specs = dict(SPECS)  # the limits in force
         self.incarnations = itertools.count()
         self.executor = Executor(self.clock, path)
-        self.executor.recall = self._recall
+        self.executor.recall = self.recall_holder
         self.records = Records()
-        self.processes = [Process(f"p{i}", self) for i in range(processes)]
+        self.nodes: dict[str, Node] = {name: Node(name, self) for name in layout if name}
+        self.processes = [Process(f"p{i}", self, self.nodes[node] if node else None)
+                          for i, node in enumerate(layout)]
+        self.node_of = {f"p{i}": node for i, node in enumerate(layout)}
 
     def live_processes(self) -> Iterator[Process]:
         return (p for p in self.processes if not p.dead and not p.frozen)
+
+    def replace(self, process: Process) -> Process:
+        """A new process in the place of a dead one, on the same node (with a new broker if
+        that node's broker died)."""
+        node_name = self.node_of[process.name.rstrip("'")]
+        node = None
+        if node_name is not None:
+            if self.nodes[node_name].dead:
+                self.nodes[node_name] = Node(node_name, self)
+            node = self.nodes[node_name]
+        new = Process(process.name + "'", self, node)
+        self.processes.append(new)
+        return new
+
+    def kill_broker(self, name: str) -> None:
+        """The node's broker dies; a new one will serve processes that start there later."""
+        self.nodes[name].die()
 
     def send(self, method: str, *args: Any) -> None:
         """A call whose answer nobody waits for (settle): lost if the executor goes down."""
@@ -320,8 +332,52 @@ class World:
         except Crashed:
             return self.executor.call(method, *args)
 
+    def executor_acquire(self, answer: Callable[[Grant | QuotaError], None], secret: str,
+                         *args: Any) -> str:
+        """An acquire at the executor, made with ``secret`` (the caller's: a process's, or
+        a broker's); ``answer`` gets its outcome now or when it comes."""
+        executor = self.executor
+        try:
+            ticket = executor.call("acquire", *args, None, secret)
+        except Crashed:
+            answer(ExecutorUnavailableError("lost"))
+            return "lost"
+        except QuotaError as exc:
+            answer(exc)
+            return type(exc).__name__
+        if ticket.outcome is None:
+            executor.waiting[ticket.id] = answer
+            return "waiting"
+        answer(ticket.outcome)
+        return "granted" if isinstance(ticket.outcome, Grant) else type(ticket.outcome).__name__
+
+    def set_limit(self, spec: ResourceSpec, *, apply: bool = False) -> bool:
+        """Change a limit at the executor (by ``set_limit``, or by ``apply`` with the whole
+        manifest); whether it took effect (a failed write leaves the old one, restored from
+        the store). The capacity bound follows: no new admission beyond the new limit, though
+        what was admitted already may exceed it."""
+        try:
+            if apply:
+                self.executor.call("apply", {**self.specs, spec.name: spec})
+            else:
+                self.executor.call("set_limit", spec)
+        except Crashed:
+            return False
+        now = self.clock.now
+        self.specs[spec.name] = spec
+        self.records.limits[spec.name].append((now, spec))
+        if spec.kind is Kind.CAPACITY:
+            self.records.capacity_bound = max(float(spec.value), self.admitted(spec.name))
+        return True
+
+    def admitted(self, resource: str) -> float:
+        """Units of ``resource`` admitted so far, by the processes' records: used or in open
+        reservations, plus the spare that live processes and brokers hold to serve later."""
+        return consumed(self.records, resource) + self._spare(resource)
+
     def advance(self, seconds: float, *, renew_every: float = 1.0) -> None:
-        """Let ``seconds`` pass: the executor ticks at its wake-ups, processes renew on time."""
+        """Let ``seconds`` pass: the executor ticks at its wake-ups, brokers and processes
+        renew on time."""
         end = self.clock.now + seconds
         next_renewal = math.floor(self.clock.now / renew_every + 1) * renew_every
         while True:
@@ -333,20 +389,36 @@ class World:
             self._tick()
             if self.clock.now >= next_renewal - EPS:
                 next_renewal += renew_every
+                for node in list(self.nodes.values()):
+                    if not node.dead:
+                        node.renew_upstream()
                 for process in list(self.live_processes()):
                     process.renew()
         self.clock.set(end)
         self._snapshot()
         self._tick()
 
+    def _spare(self, resource: str) -> int:
+        return self._broker_spare(resource) + sum(
+            lease.spare for p in self.processes if not p.dead for h in p.handles
+            if h.resource == resource for lease in h.leases)
+
+    def _broker_spare(self, resource: str) -> int:
+        """Units live brokers hold of the resource's tokens, not yet handed to a process."""
+        tokens = {h.token_id for p in self.processes for h in p.handles if h.resource == resource}
+        return sum(node.core.spare(token_id) for node in self.nodes.values() if not node.dead
+                   for token_id in tokens)
+
     def _snapshot(self) -> None:
+        """What processes (and brokers, as spare) hold of each resource now."""
         held: dict[str, int] = defaultdict(int)
         for process in self.processes:
             if not process.dead:
                 for handle in process.handles:
                     held[handle.resource] += sum(lease.held for lease in handle.leases)
         for resource in SPECS:
-            self.records.held[resource].append((self.clock.now, held[resource]))
+            self.records.held[resource].append(
+                (self.clock.now, held[resource] + self._broker_spare(resource)))
 
     def _tick(self) -> None:
         try:
@@ -354,46 +426,13 @@ class World:
         except Crashed:
             pass
 
-    def _recall(self, holder: str, token_ids: frozenset[str]) -> None:
+    def recall_holder(self, holder: str, token_ids: frozenset[str]) -> None:
         for process in self.processes:
             if process.holder == holder:
                 process.recalled(token_ids)
-
-
-# --------------------------------------------------------------------------------- checks
-
-
-def rate_excess(records: Records, spec: ResourceSpec) -> float:
-    """The most units used in a window [t1, t2] beyond burst + rate x (t2 - t1), what the
-    processes held when the window opened (granted before it), and the overuse they declared."""
-    events = sorted((t, amount if used is None else min(used, amount))
-                    for t, amount, used in records.opened[spec.name])
-    snapshots = records.held[spec.name]
-    times = [t for t, _ in snapshots]
-    worst = -math.inf
-    for i, (t1, _) in enumerate(events):
-        at = bisect.bisect_right(times, t1 + EPS) - 1
-        held = snapshots[at][1] if at >= 0 else 0
-        total = 0.0
-        for t2, units in events[i:]:
-            total += units
-            worst = max(worst, total - spec.burst - spec.refill_per_s * (t2 - t1) - held)
-    return worst - records.debt[spec.name]
-
-
-def consumed(records: Records, resource: str) -> int:
-    """Units used of ``resource`` within grants: committed use, open reservations in full."""
-    return sum(amount if used is None else used for _, amount, used in records.opened[resource])
-
-
-def slots_in_use(world: World) -> int:
-    """Concurrency slots held now by processes that are alive and whose lease they may trust:
-    a process frozen past its lease's trust has lost its slots, by the lease contract."""
-    now = world.clock.now
-    return sum(held.amount for process in world.processes if not process.dead
-               for held, _ in process.held
-               if held.handle.resource == CONC.name
-               and (not process.frozen or held.lease.valid_until > now))
+        for node in list(self.nodes.values()):
+            if node.holder == holder and not node.dead:
+                node.recalled(token_ids)
 
 
 # ------------------------------------------------------------------------------ workloads
@@ -413,7 +452,7 @@ def backlog(world: World, resource: str, weights: list[int], *, seconds: float,
     Returns the units each backlogged token was granted, each one's longest wait, and how many
     one-shot tokens were served.
     """
-    spec = SPECS[resource]
+    spec = world.specs[resource]
     workers = [p for p in world.processes if not p.dead][:2]
     assert workers, "no process left to work"
     worker, streamer = workers[0], workers[-1]
@@ -449,8 +488,8 @@ def backlog(world: World, resource: str, weights: list[int], *, seconds: float,
                     for held, entry in [p for p in streamer.held if p[0].handle is handle]:
                         streamer.commit(streamer.held.index((held, entry)), held.amount)
                         served += 1
-                    world.token_call("close", handle.token_id, 0, streamer.claimant,
-                                     streamer.final_reports(handle), streamer.secret)
+                    streamer.ending_call("close", handle.token_id, streamer.final_reports(handle),
+                                         handle.token_id, 0, streamer.claim(handle))
                     stream.remove(handle)
             while len(stream) < count:
                 info = world.token_call("open_token", resource, weight, streamer.claimant, None)
@@ -460,6 +499,6 @@ def backlog(world: World, resource: str, weights: list[int], *, seconds: float,
         world.advance(step_s)
     for handle in [*handles, *stream]:
         owner = worker if handle in handles else streamer
-        world.token_call("close", handle.token_id, 0, owner.claimant, owner.final_reports(handle),
-                         owner.secret)
+        owner.ending_call("close", handle.token_id, owner.final_reports(handle),
+                          handle.token_id, 0, owner.claim(handle))
     return units, longest, served

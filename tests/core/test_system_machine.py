@@ -1,12 +1,15 @@
-"""The whole system, driven at random as its sans-IO parts: executor service and store, processes'
-lease sets, one fake clock, with faults: frozen and killed processes, executor restarts, failed
-writes. Every promise is checked from the processes' own records (see ``system_world``).
+"""The whole system, driven at random as its sans-IO parts: executor service and store, node
+brokers, processes' lease sets (some direct, some through their node's broker), one fake clock,
+with faults: frozen and killed processes, paused and killed brokers, executor restarts, failed
+writes, limit changes, and malformed reports. Every promise is checked from the processes' own
+records against the limits in force (see ``system_world``).
 
 A short run is in the default suite; ``-m slow`` runs it long.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from collections import defaultdict
@@ -24,21 +27,25 @@ from hypothesis.stateful import (
 )
 from system_world import (
     CAP,
-    backlog,
     CONC,
     EPS,
+    LAYOUT,
     POLICY,
+    QUICK,
     RATE,
     SPECS,
     Handle,
     Process,
     World,
+    backlog,
     consumed,
+    held_slots,
     rate_excess,
     slots_in_use,
 )
 
 from ray_quota._core.credentials import Claim, claim_value
+from ray_quota._core.protocol import RECALL_GRACE_S, Report
 from ray_quota._errors import QuotaError
 
 PICK = st.integers(0, 10**6)
@@ -48,7 +55,10 @@ class SystemMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self._dir = tempfile.TemporaryDirectory()
-        self.world = World(Path(self._dir.name) / "state.sqlite")
+        self.world = World(Path(self._dir.name) / "state.sqlite", LAYOUT)
+        # Concurrency slots that may be in use: the limit, or after it was lowered below the
+        # slots then held, those slots, falling as they are given back.
+        self.slot_bound = CONC.value
         self.expected_use: dict[str, int] = {}  # live tokens, by our own count
         self.owner: dict[str, Process] = {}  # who holds each live token now
         self.steps = 0
@@ -67,10 +77,13 @@ class SystemMachine(RuleBasedStateMachine):
         live = list(self.world.live_processes())
         return live[pick % len(live)] if live else None
 
-    def _handle(self, pick: int, resource: str | None = None) -> tuple[Process, Handle] | None:
+    def _handle(self, pick: int, resource: str | None = None, *,
+                direct: bool = False) -> tuple[Process, Handle] | None:
+        """A live handle of a live process (of ``resource``; of a process leasing directly)."""
         handles = [(p, h) for p in self.world.live_processes() for h in p.handles
                    if h.live and self.owner.get(h.token_id) is p
-                   and (resource is None or h.resource == resource)]
+                   and (resource is None or h.resource == resource)
+                   and not (direct and p.broker is not None)]
         return handles[pick % len(handles)] if handles else None
 
     def _ended(self, handle: Handle) -> None:
@@ -82,12 +95,14 @@ class SystemMachine(RuleBasedStateMachine):
     @rule(pick=PICK, resource=st.sampled_from(sorted(SPECS)), expected_use=st.integers(1, 40))
     def open_token(self, pick: int, resource: str, expected_use: int) -> None:
         process = self._process(pick)
-        if process is None:
-            return
+        if process is not None:
+            self._open(process, resource, expected_use)
+
+    def _open(self, process: Process, resource: str, expected_use: int) -> Handle:
         info = self.world.token_call("open_token", resource, expected_use, process.claimant, None)
-        process.adopt_handle(info.id, resource, 0, expected_use, None)
         self.expected_use[info.id] = expected_use
         self.owner[info.id] = process
+        return process.adopt_handle(info.id, resource, 0, expected_use, None)
 
     @rule(pick=PICK, share=st.floats(0.0, 1.0))
     def split(self, pick: int, share: float) -> None:
@@ -95,7 +110,10 @@ class SystemMachine(RuleBasedStateMachine):
         if found is None:
             return
         process, handle = found
-        child_use = max(1, round(self.expected_use[handle.token_id] * share))
+        self._split(process, handle, max(1, round(self.expected_use[handle.token_id] * share)))
+
+    def _split(self, process: Process, handle: Handle, child_use: int) -> bool:
+        """Split ``child_use`` off the handle's token; whether it was done."""
         sched = self.world.executor.service.scheduler
         before = sched.credit(handle.token_id)
         try:
@@ -103,7 +121,7 @@ class SystemMachine(RuleBasedStateMachine):
                                                 process.claim(handle), child_use)
         except QuotaError as exc:
             event(f"split refused: {type(exc).__name__}")
-            return
+            return False
         self.expected_use[handle.token_id] -= child_use
         assert left == self.expected_use[handle.token_id]
         self.expected_use[child.id] = child_use
@@ -112,6 +130,7 @@ class SystemMachine(RuleBasedStateMachine):
         if self.world.executor.service.scheduler is sched:  # else: restarted, and said nothing
             after = sched.credit(handle.token_id) + sched.credit(child.id)
             assert math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-6), "split moved credit"
+        return True
 
     @rule(pick=PICK, to=PICK)
     def move(self, pick: int, to: int) -> None:
@@ -140,13 +159,13 @@ class SystemMachine(RuleBasedStateMachine):
             return
         # The other's last totals first (the client sends them with the merge, and the
         # executor applies them first): refunds and debt move its credit before it is added.
-        self.world.send("settle", process.final_reports(other_handle), process.secret)
+        process.send("settle", process.final_reports(other_handle))
         sched = self.world.executor.service.scheduler
         before = sched.credit(handle.token_id) + sched.credit(other_handle.token_id)
         try:
-            self.world.token_call("merge", handle.token_id, handle.generation,
-                                  process.claim(handle, other_handle), other_handle.token_id,
-                                  other_handle.generation, [])
+            process.ending_call("merge", other_handle.token_id, [], handle.token_id,
+                                handle.generation, process.claim(handle, other_handle),
+                                other_handle.token_id, other_handle.generation)
         except QuotaError as exc:
             event(f"merge refused: {type(exc).__name__}")
             other_handle.live = True
@@ -167,9 +186,9 @@ class SystemMachine(RuleBasedStateMachine):
         process, handle = found
         reports = process.final_reports(handle)
         try:
-            merged = self.world.token_call("merge_back", handle.token_id, handle.generation,
-                                           process.claim(handle), handle.parent, reports,
-                                           process.secret)
+            merged = process.ending_call("merge_back", handle.token_id, reports,
+                                         handle.token_id, handle.generation,
+                                         process.claim(handle), handle.parent)
         except QuotaError as exc:
             event(f"merge_back refused: {type(exc).__name__}")
             return
@@ -185,8 +204,8 @@ class SystemMachine(RuleBasedStateMachine):
             return
         process, handle = found
         reports = process.final_reports(handle)
-        self.world.token_call("close", handle.token_id, handle.generation, process.claim(handle),
-                              reports, process.secret)
+        process.ending_call("close", handle.token_id, reports, handle.token_id,
+                            handle.generation, process.claim(handle))
         self._ended(handle)
 
     # ------------------------------------------------------------------------- reservations
@@ -197,7 +216,7 @@ class SystemMachine(RuleBasedStateMachine):
         if found is None:
             return
         process, handle = found
-        amount = max(1, round(SPECS[handle.resource].ceiling * share * 0.5))
+        amount = max(1, round(self.world.specs[handle.resource].ceiling * share * 0.5))
         event(f"reserve: {process.reserve(handle, amount)}")
 
     @rule(pick=PICK, rounds=st.integers(1, 12), share=st.floats(0.01, 0.6),
@@ -210,7 +229,7 @@ class SystemMachine(RuleBasedStateMachine):
         for _ in range(rounds):
             for handle in [h for h in process.handles if h.live and self.owner.get(h.token_id)
                            is process]:
-                amount = max(1, round(SPECS[handle.resource].ceiling * share))
+                amount = max(1, round(self.world.specs[handle.resource].ceiling * share))
                 event(f"work: {process.reserve(handle, amount)}")
             self.world.advance(0.2)
             if process.dead or process.frozen:
@@ -229,6 +248,181 @@ class SystemMachine(RuleBasedStateMachine):
         units = {"none": 0, "some": amount // 3, "all": amount, "over": amount + 7}[used]
         process.commit(pick, units)
 
+
+    # ------------------------------------------------------------- rules for past misses
+
+    @rule(pick=PICK, resource=st.sampled_from([RATE.name, CAP.name]))
+    def overuse_on_a_token_split_all_off(self, pick: int, resource: str) -> None:
+        """Issue 13, item 8: a reservation open on a token whose expected use is then all
+        split off, committed with overuse beyond its lease's spare: the debt is the token's,
+        and its credit falls by it (a token weighing nothing counts as weighing one unit)."""
+        found = self._handle(pick, resource, direct=True)
+        if found is None or found[1].waiting:
+            return
+        process, handle = found
+        if process.reserve(handle, 1) not in ("local", "granted"):
+            return
+        index = len(process.held) - 1
+        held = process.held[index][0]
+        if not self._split(process, handle, self.expected_use[handle.token_id]):
+            process.commit(index, held.amount)
+            return
+        sched = self.world.executor.service.scheduler
+        quiet = next(s.waiters for s in sched.status() if s.name == resource) == 0
+        before = sched.credit(handle.token_id)
+        debt = process.commit(index, held.amount + held.lease.spare + 5)
+        if quiet and debt and self.world.executor.service.scheduler is sched \
+                and sched.token_key(handle.token_id) is not None:
+            # Nobody waits, so virtual time did not move on: the credit fell by the debt.
+            after = sched.credit(handle.token_id)
+            assert after <= min(0.0, before) - debt + EPS, (before, after, debt)
+
+    @rule(pick=PICK, bad=st.sampled_from(["negative", "fraction", "not a bool", "short",
+                                          "second of two"]))
+    def malformed_report_changes_nothing(self, pick: int, bad: str) -> None:
+        """Issue 13, item 9: a settlement report refused as malformed moves no total: the
+        report raises every total of a live lease by one, except one field that is wrong."""
+        found = self._handle(pick)
+        if found is None:
+            return
+        process, handle = found
+        lease = handle.leases.current
+        totals = lease.totals()
+        good = Report(handle.token_id, lease.key, totals.returned + 1, totals.used + 1,
+                      totals.debt + 1, False)
+        reports: list[object] = {
+            "negative": [good._replace(debt=-1)],
+            "fraction": [good._replace(debt=0.5)],
+            "not a bool": [good._replace(final="no")],
+            "short": [good, tuple(good)[:5]],
+            "second of two": [good, good._replace(key=lease.key + "x", used=-1)],
+        }[bad]
+        sched = self.world.executor.service.scheduler
+        before = sched.status(), sched.credit(handle.token_id)
+        # With the holder's own secret: refused for the bad field, not for want of a proof.
+        answer = self.world.executor.service.settle(reports,  # type: ignore[arg-type]
+                                                    process.secret)
+        self.world.executor.tick()
+        assert isinstance(answer, QuotaError), f"{bad} report accepted"
+        assert (sched.status(), sched.credit(handle.token_id)) == before, bad
+
+    @rule(pick=PICK, weight=st.integers(1, 40), amount=st.integers(1, QUICK.burst),
+          others=st.lists(st.tuples(st.integers(1, 40), st.integers(1, QUICK.burst)),
+                          max_size=5))
+    def reject_request_admitted_is_served_in_time(self, pick: int, weight: int, amount: int,
+                                                  others: list[tuple[int, int]]) -> None:
+        """Issue 13, item 5: a reject request is admitted to wait only if its wait estimate,
+        replaying the queue by its own rules (smaller requests may pass a blocked head), is
+        within its wait limit; with no request arriving after it and nothing used beyond a
+        grant, it is then granted within that limit. Other tokens ask first (from any
+        process), so that it meets a queue."""
+        direct = [p for p in self.world.live_processes() if p.broker is None]
+        if not direct:
+            return
+        for i, (other_weight, other_amount) in enumerate(others):
+            process = self._process(pick + i + 1)
+            assert process is not None
+            process.reserve(self._open(process, QUICK.name, other_weight), other_amount)
+        process = direct[pick % len(direct)]
+        handle = self._open(process, QUICK.name, weight)
+        restarts, start = self.world.executor.restarts, self.world.clock.now
+        outcome = process.reserve(handle, amount)
+        event(f"reject request: {outcome}")
+        if outcome != "waiting":
+            return
+        wait_limit = self.world.specs[QUICK.name].wait_limit_s
+        assert wait_limit is not None
+        # A request its estimate did not admit may still wait, for at most RECALL_GRACE_S,
+        # for spare recalled from other leases (README, Guarantees): if that spare does not
+        # come back it is refused when the grace ends. Such a wait promises no grant.
+        self.world.advance(RECALL_GRACE_S + 0.05)
+        if not handle.waiting and not self._served(process, handle, start):
+            event("reject request: waited out the recall grace, refused")
+            return
+        self.world.advance(wait_limit + 0.1 - RECALL_GRACE_S - 0.05)
+        if self.world.executor.restarts != restarts:
+            return  # the executor went down meanwhile: the request was lost with it
+        assert self._served(process, handle, start), "admitted by its estimate, then not served"
+
+    @staticmethod
+    def _served(process: Process, handle: Handle, since: float) -> bool:
+        return any(held.handle is handle and held.opened_at >= since
+                   for held, _ in process.held)
+
+    @precondition(_fault_due)
+    @rule(pick=PICK)
+    def stale_lease_after_restart(self, pick: int) -> None:
+        """Issue 13, item 4: a process frozen past its lease's expiry, then an executor restart
+        from the store, then a reserve under the old key: the key stays ended."""
+        found = self._handle(pick, direct=True)
+        if found is None or found[1].waiting or not found[1].leases.current.active:
+            return
+        process, handle = found
+        lease = handle.leases.current
+        seconds = POLICY.lease_ttl_s + 2.0  # past expiry, within the token's orphan grace
+        # Still frozen when the clock stops: a renewal at the very end would replace the lease.
+        process.freeze(seconds + 0.5)
+        self.world.advance(seconds)
+        if self.world.executor.service.scheduler.token_key(handle.token_id) is None:
+            return
+        self.world.executor.restart()
+        assert handle.leases.current is lease
+        outcome = process.reserve(handle, 1)
+        event(f"reserve under an expired key after a restart: {outcome}")
+        assert outcome not in ("granted", "local", "waiting"), outcome
+
+    # ------------------------------------------------------------------------------ brokers
+
+    @precondition(_fault_due)
+    @rule(node=st.sampled_from(["a", "b"]), pick=PICK)
+    def broker_renewals_pause_past_its_trust(self, node: str, pick: int) -> None:
+        """Issue 13, item 2a: the broker's upstream renewals fail for longer than it may trust
+        its leases, not as long as they live at the executor (as while Ray restarts the
+        executor). A process of the node holds a slot through the pause, renewing with no
+        trust left at the broker; then a direct process asks for every slot of the limit."""
+        broker = self.world.nodes[node]
+        here = [p for p in self.world.live_processes() if p.broker is broker]
+        if here:
+            holder = here[pick % len(here)]
+            holder.reserve(self._open(holder, CONC.name, 1 + pick % 7), 1)
+        now = self.world.clock.now
+        resume = math.floor(now) + POLICY.lease_ttl_s * 0.9  # past trust (x 0.8), before expiry
+        broker.paused_until = resume
+        self.world.advance(resume - now)
+        for process in self.world.live_processes():
+            if process.broker is broker:
+                process.renew()  # with no trust left at the broker
+        broker.renew_upstream()
+        direct = [p for p in self.world.live_processes() if p.broker is None]
+        if direct:
+            asker = direct[pick % len(direct)]
+            handle = self._open(asker, CONC.name, 1 + pick % 5)
+            for _ in range(self.world.specs[CONC.name].value):
+                event(f"ask after a broker pause: {asker.reserve(handle, 1)}")
+
+    @precondition(_fault_due)
+    @rule(node=st.sampled_from(["a", "b"]))
+    def kill_broker(self, node: str) -> None:
+        """The node's broker dies: its processes take their leases over at the executor."""
+        self.world.kill_broker(node)
+
+    # ------------------------------------------------------------------------------- limits
+
+    @precondition(_fault_due)
+    @rule(change=st.sampled_from([
+        (RATE.name, 25, 10), (RATE.name, 50, 25), (RATE.name, 80, 40),
+        (CAP.name, 150, 0), (CAP.name, 400, 0), (CAP.name, 600, 0),
+        (CONC.name, 1, 0), (CONC.name, 3, 0), (CONC.name, 5, 0),
+        (QUICK.name, 10, 5), (QUICK.name, 30, 15)]), apply=st.booleans())
+    def change_limit(self, change: tuple[str, int, int], apply: bool) -> None:
+        """The operator raises or lowers a limit (``set_limit``, or ``apply`` of the manifest).
+        The checks follow the limit in force: units admitted before may exceed a lowered
+        limit; no admission after it may."""
+        name, value, burst = change
+        spec = self.world.specs[name]
+        new = dataclasses.replace(spec, value=value, **({"burst": burst} if burst else {}))
+        event(f"limit change took effect: {self.world.set_limit(new, apply=apply)}")
+
     # ------------------------------------------------------------------------- time, faults
 
     @rule(seconds=st.sampled_from([0.1, 0.5, 1.0, 3.0, 7.0]))
@@ -242,10 +436,7 @@ class SystemMachine(RuleBasedStateMachine):
         """The process stops for a while (a long GC pause, a stalled node): no renewals."""
         process = self._process(pick)
         if process is not None:
-            process.frozen_until = self.world.clock.now + seconds
-            # Renewals come once a second: a freeze of two seconds less than a lease lives
-            # may already let it expire.
-            process.cut_off |= seconds + 2.0 >= POLICY.lease_ttl_s
+            process.freeze(seconds)
 
     @precondition(lambda self: self._fault_due()
                   and sum(not p.dead for p in self.world.processes) > 1)
@@ -256,7 +447,7 @@ class SystemMachine(RuleBasedStateMachine):
         if process is None:
             return
         process.dead = True
-        self.world.processes.append(Process(process.name + "'", self.world))
+        self.world.replace(process)
 
     @precondition(_fault_due)
     @rule()
@@ -295,7 +486,8 @@ class SystemMachine(RuleBasedStateMachine):
         fair = [w / sum(weights) for w in weights]
         assert all(abs(s - f) <= 0.05 * f for s, f in zip(share, fair)), (units, weights)
         for weight, waited in zip(weights, longest):
-            bound = 2 * weight * (total_weight / weight) / RATE.refill_per_s + POLICY.lease_ttl_s
+            rate = self.world.specs[RATE.name].refill_per_s
+            bound = 2 * weight * (total_weight / weight) / rate + POLICY.lease_ttl_s
             assert waited <= bound, (weight, waited, bound)
         if stream:
             # The newcomers, entering at virtual time, take no more than their weight (within
@@ -313,16 +505,32 @@ class SystemMachine(RuleBasedStateMachine):
 
     @invariant()
     def rate_never_admits_beyond_burst_plus_refill(self) -> None:
-        assert rate_excess(self.world.records, RATE) <= EPS
+        for spec in (RATE, QUICK):
+            assert rate_excess(self.world.records, spec) <= EPS, spec.name
 
     @invariant()
     def capacity_never_exceeds_the_budget(self) -> None:
         records = self.world.records
-        assert consumed(records, CAP.name) <= CAP.value + records.debt[CAP.name]
+        assert consumed(records, CAP.name) <= records.capacity_bound + records.debt[CAP.name]
 
     @invariant()
     def slots_in_use_never_exceed_the_limit(self) -> None:
-        assert slots_in_use(self.world) <= CONC.value
+        limit = self.world.specs[CONC.name].value
+        # Slots are held anew only by a grant, which the limit in force bounds: the bound
+        # falls, as slots held (trusted or not) fall, to the limit.
+        self.slot_bound = max(limit, min(self.slot_bound, held_slots(self.world)))
+        assert slots_in_use(self.world) <= self.slot_bound, (slots_in_use(self.world), limit)
+
+    @invariant()
+    def spare_kept_is_at_most_the_prefetch_cap(self) -> None:
+        """Issue 13, item 11: what a commit did not use goes back at once; a lease keeps at
+        most what prefetch may ask for (the README's 5 % of the limit)."""
+        for process in self.world.processes:
+            if not process.dead:
+                for handle in process.handles:
+                    for lease in handle.leases:
+                        assert lease.spare <= handle.leases.max_prefetch, (
+                            handle.resource, lease.spare, handle.leases.max_prefetch)
 
     @invariant()
     def expected_use_is_conserved(self) -> None:
