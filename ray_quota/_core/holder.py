@@ -86,8 +86,9 @@ class LocalLease:
         return False
 
     def prefetch(self) -> int:
-        """Spare units to ask for beyond a request: grows while alone, none under contention."""
-        return 0 if self.contended else self._prefetch
+        """Spare units to ask for beyond a request: grows while alone, none under contention,
+        and never more than keeps the lease's spare within its cap (spare it holds counts)."""
+        return 0 if self.contended else max(0, self._prefetch - self.spare)
 
     def granted(self, amount: int, *, units: int, sent_at: float, ttl_s: float,
                 contended: bool, waited_s: float = 0.0) -> None:

@@ -176,15 +176,27 @@ def test_prefetch_doubles_while_alone_up_to_the_maximum() -> None:
     sizes = []
     for t in range(6):
         lease.granted(5, units=5 + lease.prefetch(), sent_at=float(t), ttl_s=TTL, contended=False)
-        sizes.append(lease.prefetch())
+        sizes.append(lease.prefetch() + lease.spare)  # the spare it wants to hold
+        lease.settle(5, 5)  # used as asked: the spare stays
     assert sizes == [5, 10, 20, 40, 50, 50]
+
+
+def test_prefetch_never_asks_beyond_the_cap_with_the_spare_held() -> None:
+    """A request the spare cannot cover asks only for what keeps the spare within the cap: the
+    spare held counts (the system machine's spare-cap invariant found 40 against a cap of 20)."""
+    lease = new_lease(max_prefetch=20)
+    for t in range(4):
+        lease.granted(5, units=5 + lease.prefetch(), sent_at=float(t), ttl_s=TTL, contended=False)
+        assert lease.spare <= 20
+    lease.granted(30, units=30 + lease.prefetch(), sent_at=5.0, ttl_s=TTL, contended=False)
+    assert lease.spare <= 20
 
 
 def test_prefetch_is_zero_under_contention() -> None:
     lease = new_lease(max_prefetch=64)
     lease.granted(8, units=8, sent_at=0.0, ttl_s=TTL, contended=False)
     lease.granted(8, units=16, sent_at=1.0, ttl_s=TTL, contended=False)
-    assert lease.prefetch() == 16
+    assert lease.prefetch() == 16 - lease.spare  # what it wants, less the spare it holds
     lease.granted(8, units=8, sent_at=2.0, ttl_s=TTL, contended=True)
     assert lease.prefetch() == 0
     lease.renewed(contended=True, sent_at=3.0, ttl_s=TTL)
