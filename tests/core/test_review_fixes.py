@@ -189,18 +189,18 @@ def test_a_lease_whose_first_answer_was_lost_is_reported_final_at_close() -> Non
 
 def test_a_clean_close_after_a_lost_first_grant_charges_only_what_was_used(
         tmp_path: Path) -> None:
-    world = SystemWorld(tmp_path / "state.db", processes=1)
+    world = SystemWorld(tmp_path / "state.db", layout=(None,))
     ex, p = world.executor, world.processes[0]
     info = world.token_call("open_token", "cap", 50, p.claimant, None)
     h = p.adopt_handle(info.id, "cap", 0, 50, None)
     lease = h.leases.current
-    ticket = ex.call("acquire", h.token_id, 0, p.claimant, lease.key, 30, 0, None, p.secret)
+    ticket = ex.call("acquire", h.token_id, 0, p.claim(h), lease.key, 30, 0, None, p.secret)
     assert isinstance(ticket.outcome, Grant)
     ex.restart()  # the grant was written, its answer never went out
     h.leases.lost(lease)
     assert p.reserve(h, 10) == "granted"
     p.commit(0, 10)
-    world.token_call("close", h.token_id, 0, p.claimant, p.final_reports(h), p.secret)
+    world.token_call("close", h.token_id, 0, p.claim(h), p.final_reports(h), p.secret)
     p.handles.remove(h)
     world.advance(POLICY.lease_ttl_s + 1.0)
     assert ex.service.scheduler.pool("cap").spent == 10
