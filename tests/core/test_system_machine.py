@@ -61,6 +61,9 @@ class SystemMachine(RuleBasedStateMachine):
         self.slot_bound = CONC.value
         self.expected_use: dict[str, int] = {}  # live tokens, by our own count
         self.owner: dict[str, Process] = {}  # who holds each live token now
+        # Who passed each token on (oldest first): the executor hears of a move only when the
+        # receiver uses the token, so until then it goes by the senders' leases.
+        self.senders: dict[str, list[Process]] = defaultdict(list)
         self.steps = 0
 
     def _fault_due(self) -> bool:
@@ -89,6 +92,7 @@ class SystemMachine(RuleBasedStateMachine):
     def _ended(self, handle: Handle) -> None:
         self.expected_use.pop(handle.token_id, None)
         self.owner.pop(handle.token_id, None)
+        self.senders.pop(handle.token_id, None)
 
     # ------------------------------------------------------------------------------- tokens
 
@@ -147,6 +151,7 @@ class SystemMachine(RuleBasedStateMachine):
                                       handle.expected_use, handle.parent,
                                       (proof, *handle.proofs))
         self.owner[moved.token_id] = receiver
+        self.senders[moved.token_id].append(sender)
 
     @rule(pick=PICK, other=PICK)
     def merge(self, pick: int, other: int) -> None:
@@ -172,6 +177,7 @@ class SystemMachine(RuleBasedStateMachine):
             return
         self.expected_use[handle.token_id] += self.expected_use.pop(other_handle.token_id)
         self.owner.pop(other_handle.token_id)
+        self.senders.pop(other_handle.token_id, None)
         if self.world.executor.service.scheduler is not sched:
             return  # the executor restarted on the way: credit was restored as last saved
         assert math.isclose(sched.credit(handle.token_id), min(
@@ -194,6 +200,7 @@ class SystemMachine(RuleBasedStateMachine):
             return
         use = self.expected_use.pop(handle.token_id)
         self.owner.pop(handle.token_id)
+        self.senders.pop(handle.token_id, None)
         if merged:
             self.expected_use[handle.parent] += use
 
@@ -381,6 +388,8 @@ class SystemMachine(RuleBasedStateMachine):
         executor). A process of the node holds a slot through the pause, renewing with no
         trust left at the broker; then a direct process asks for every slot of the limit."""
         broker = self.world.nodes[node]
+        if broker.dead:
+            return  # nothing to pause: a dead broker renews nothing (its processes went direct)
         here = [p for p in self.world.live_processes() if p.broker is broker]
         if here:
             holder = here[pick % len(here)]
@@ -461,12 +470,24 @@ class SystemMachine(RuleBasedStateMachine):
 
     def _forget_released(self) -> None:
         """Tokens of dead processes (and of processes cut off for longer than a lease lives,
-        which look dead) are released by the executor after their leases expire."""
+        which look dead) are released by the executor after their leases expire. So is a
+        token passed on by a process that then died (or was cut off) before its lease ended,
+        if the receiver held no lease of it through the orphan grace: the executor, which
+        hears of a move only at the receiver's first use, cannot tell it from the sender's
+        own token (``tokens.py``: tokens whose every lease expired are presumed gone)."""
         sched = self.world.executor.service.scheduler
         for token_id, process in list(self.owner.items()):
-            if (process.dead or process.cut_off) and sched.token_key(token_id) is None:
+            if sched.token_key(token_id) is None and (
+                    process.dead or process.cut_off or self._sender_gone(token_id, process)):
                 del self.owner[token_id]
                 del self.expected_use[token_id]
+                self.senders.pop(token_id, None)
+
+    def _sender_gone(self, token_id: str, owner: Process) -> bool:
+        """Whether a process that passed the token on is gone, and its owner holds no lease
+        of it that lives at the executor."""
+        return any(p.dead or p.cut_off for p in self.senders.get(token_id, ())) and not any(
+            lease.active for h in owner.handles if h.token_id == token_id for lease in h.leases)
 
     # ---------------------------------------------------------------------------- fairness
 
