@@ -136,6 +136,15 @@ def table(results: list[Result], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(seconds: float, out: Path) -> list[Result]:
+    """Run every workload, print the table and write it to ``out``; returns the results."""
+    results = run(seconds)
+    text = table(results, seconds)
+    print(text, end="")
+    out.write_text("# Fairness through the whole system\n\n" + text)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__
                                      and __doc__.splitlines()[0])
@@ -143,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"simulate {QUICK_S:g} s per workload instead of {FULL_S:g} s")
     parser.add_argument("--out", type=Path, default=OUT, help="markdown file to write")
     args = parser.parse_args(argv)
-    seconds = QUICK_S if args.quick else FULL_S
-    text = table(run(seconds), seconds)
-    print(text, end="")
-    args.out.write_text("# Fairness through the whole system\n\n" + text)
+    report(QUICK_S if args.quick else FULL_S, args.out)
     return 0
 
 
