@@ -31,9 +31,9 @@ for _path in (ROOT / "tests", ROOT / "tests" / "core"):  # as pytest does for th
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from system_world import World, backlog  # noqa: E402
+from system_world import World, backlog
 
-from bench.check import jain  # noqa: E402
+from bench.check import jain
 
 QUICK_S = 60.0
 FULL_S = 300.0
@@ -122,9 +122,9 @@ def table(results: list[Result], seconds: float) -> str:
     def pct(values: tuple[float, ...]) -> str:
         return " / ".join(f"{value:.1%}" for value in values)
 
+    command = "python -m bench.fairness" + (" --quick" if seconds == QUICK_S else "")
     lines = [
-        f"Simulated {seconds:g} s per workload (`python -m bench.fairness"
-        f"{' --quick' if seconds == QUICK_S else ''}`).",
+        f"Simulated {seconds:g} s per workload (`{command}`).",
         "",
         "| workload | tokens | share | fair share | max relative error | Jain | longest wait |",
         "|---|---|---|---|---:|---:|---:|",
