@@ -19,7 +19,7 @@ from ray_quota import (
     TokenStateError,
 )
 from ray_quota._core.protocol import Report
-from ray_quota._runtime import renewer, rpc
+from ray_quota._runtime import identity, renewer, rpc
 
 Reserve = Callable[..., Reservation]
 
@@ -173,7 +173,7 @@ def test_a_reservation_under_a_lease_that_ended_goes_on_under_a_new_one(
         # The executor ends the lease behind the handle's back, as when it expires.
         totals = lease.totals()
         rpc.call("settle", [Report(token._id, lease.key, totals.returned, totals.used,
-                                   totals.debt, True)])
+                                   totals.debt, True)], identity.SECRET)
         with reserve(token, 5) as reservation:
             assert reservation.amount == 5
         # Refused under the old key (LeaseEndedError), granted under a new one; the old lease
