@@ -181,14 +181,18 @@ class Churn:
                                  claim=(0, f"bp{n}-{i}"))
                 else:
                     core.refused(info.id, key, now)
+        self.broker_renews(core, now)
+        if rng.random() < 0.5:  # the process leaves its token behind, cleanly or not
+            service.close(info.id, 0, f"bp{n}-{i}", [], secret_of(core._holder))
+
+    def broker_renews(self, core: BrokerCore, now: float) -> None:
+        """The broker expires its sub-leases and renews its own leases upstream."""
         core.expire(now)
         reports = core.upstream_reports(now)
         if reports:
-            alive = service.renew(core._holder, reports, secret_of(core._holder))
+            alive = self.service.renew(core._holder, reports, secret_of(core._holder))
             assert not isinstance(alive, Exception)
             core.upstream_renewed(reports, alive, now)
-        if rng.random() < 0.5:  # the process leaves its token behind, cleanly or not
-            service.close(info.id, 0, f"bp{n}-{i}", [], secret_of(core._holder))
 
     def settle_down(self) -> None:
         """The churn stops: the survivors end cleanly, and the clock passes every grace."""
@@ -206,12 +210,7 @@ class Churn:
             service.tick()
             self.drain()
             for core in self.brokers:
-                core.expire(now)
-                reports = core.upstream_reports(now)
-                if reports:
-                    alive = service.renew(core._holder, reports, secret_of(core._holder))
-                    assert not isinstance(alive, Exception)
-                    core.upstream_renewed(reports, alive, now)
+                self.broker_renews(core, now)
             self.watches.sweep(now)
         # A holder's newest lease key of a token still open is kept for HOLDER_MEMORY_S.
         self.clock.advance(HOLDER_MEMORY_S + 1.0)
