@@ -101,19 +101,28 @@ def test_spent_budget_survives_stop_start_and_a_new_cluster_until_reset(
     ray_quota.shutdown()
 
 
-def refusal(handle: Any) -> str:
-    """The error the restarted executor answers with, once it has tried to start."""
+def pid_of(handle: Any) -> int:
+    return int(ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()), timeout=30))
+
+
+def refusal(handle: Any, killed_pid: int) -> str:
+    """The error the restarted executor answers with, once it has tried to start.
+
+    `ray.kill` returns before the process is gone, so an answer from the killed process itself
+    (same pid) means only that the kill has not landed yet."""
     deadline = time.monotonic() + 120
     while True:
+        assert time.monotonic() < deadline, "the executor never finished restarting"
         try:
-            ray.get(handle.calls_served.remote(), timeout=30)
+            pid = pid_of(handle)
         except ray.exceptions.ActorUnavailableError:
-            assert time.monotonic() < deadline, "the executor never finished restarting"
             time.sleep(0.5)  # still restarting
         except ray.exceptions.RayActorError as exc:
             return str(exc)
         else:
-            raise AssertionError("the executor restarted afresh without its state")
+            if pid != killed_pid:
+                raise AssertionError("the executor restarted afresh without its state")
+            time.sleep(0.2)  # the kill has not landed yet
 
 
 def test_a_ray_restart_without_its_state_file_refuses_to_start_afresh(
@@ -124,8 +133,9 @@ def test_a_ray_restart_without_its_state_file_refuses_to_start_afresh(
     handle = ray.get_actor(EXECUTOR_NAME, namespace=NAMESPACE)
     ray.get(handle.close_state.remote())
     forget_state(state_dir, "durable")  # as if Ray restarted it on a node without the file
+    killed_pid = pid_of(handle)
     ray.kill(handle, no_restart=False)  # its process dies; Ray restarts it
-    assert "StateMissingError" in refusal(handle)
+    assert "StateMissingError" in refusal(handle, killed_pid)
     ray_quota.shutdown()  # a deliberate stop: now a fresh start is what is asked for
     info = ray_quota.init(manifest=MANIFEST, environment="durable", metrics_port=None)
     assert info.environment == "durable"
