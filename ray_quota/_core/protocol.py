@@ -141,7 +141,7 @@ class Report(NamedTuple):
             check_units(f"{what}.{name}", total, allow_zero=True)
         if not isinstance(final, bool):
             raise ProtocolError(f"{what}.final must be a bool, not {type(final).__name__}")
-        return value if isinstance(value, cls) else cls(*fields)
+        return cls(*fields)  # always our own type: a subclass could answer fields otherwise
 
 
 class LeaseAnswer(NamedTuple):
@@ -181,7 +181,7 @@ class Adoption(NamedTuple):
             check_id(f"{what}.{name}", text)
         for name, amount in zip(("units", "returned", "used", "debt"), amounts):
             check_units(f"{what}.{name}", amount, allow_zero=True)
-        return value if isinstance(value, cls) else cls(*fields)
+        return cls(*fields)  # always our own type: a subclass could answer fields otherwise
 
 
 # ------------------------------------------------------------------ checks at the receiving edge
@@ -192,7 +192,7 @@ class Adoption(NamedTuple):
 def check_id(what: str, value: object) -> str:
     """A token id, lease key, holder id, claimant or resource name: a string of at most
     :data:`MAX_ID` characters."""
-    if not isinstance(value, str):
+    if type(value) is not str:  # a subclass could compare, hash or split as another id
         raise ProtocolError(f"{what} must be a str, not {type(value).__name__}")
     if len(value) > MAX_ID:
         raise ProtocolError(f"{what} must be at most {MAX_ID} characters long, not {len(value)}")
@@ -260,7 +260,9 @@ def _items(value: object, what: str) -> Sequence[Any]:
 
 def _fields(cls: type[tuple[Any, ...]], value: object, what: str) -> tuple[Any, ...]:
     fields: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
-    if not isinstance(value, tuple) or len(value) != len(fields):
+    # The tuple's own items, read past any override a subclass may have.
+    plain = tuple(tuple.__iter__(value)) if isinstance(value, tuple) else None
+    if plain is None or len(plain) != len(fields):
         raise ProtocolError(f"{what} must be a {cls.__name__} ({', '.join(fields)}), "
                             f"not {type(value).__name__}")
-    return value
+    return plain

@@ -20,9 +20,9 @@ from ray_quota._errors import InvalidAmountError, ProtocolError
 from ray_quota._spec import MAX_UNITS
 
 
-def test_a_report_passes_unchanged_and_a_plain_tuple_becomes_one() -> None:
+def test_a_report_and_a_plain_tuple_become_a_report_of_their_fields() -> None:
     report = Report("t", "p:0", 1, 2, 3, True)
-    assert Report.checked(report) is report
+    assert Report.checked(report) == report and type(Report.checked(report)) is Report
     assert Report.checked(("t", "p:0", 1, 2, 3, False)) == Report("t", "p:0", 1, 2, 3, False)
     assert type(check_reports([("t", "p:0", 0, 0, 0, False)])[0]) is Report
 
