@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS leases (
     token_id TEXT NOT NULL, lease_key TEXT NOT NULL, resource TEXT NOT NULL,
     units INTEGER NOT NULL, returned INTEGER NOT NULL, used INTEGER NOT NULL,
-    debt INTEGER NOT NULL, PRIMARY KEY (token_id, lease_key));
+    debt INTEGER NOT NULL, moved_out INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (token_id, lease_key));
 CREATE TABLE IF NOT EXISTS ended_leases (
     token_id TEXT NOT NULL, lease_key TEXT NOT NULL, debt INTEGER NOT NULL,
     PRIMARY KEY (token_id, lease_key));
@@ -80,6 +81,9 @@ class StateStore:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
             if "holder" in columns:  # written by 0.1, which called the lease key a holder
                 self._db.execute("ALTER TABLE leases RENAME COLUMN holder TO lease_key")
+            if "moved_out" not in columns:  # written before adoptions were stored
+                self._db.execute("ALTER TABLE leases ADD COLUMN moved_out INTEGER NOT NULL "
+                                 "DEFAULT 0")
         except (sqlite3.Error, OSError) as exc:
             raise _unreadable(self.path, exc) from exc
         self._specs: dict[str, ResourceSpec] = {}  # as last written: most writes keep them
@@ -105,7 +109,8 @@ class StateStore:
         tokens = [SavedToken(*row) for row in self._db.execute(
             "SELECT id, resource, expected_use, pass, generation, claimant, label FROM tokens")]
         leases = [SavedLease(*row) for row in self._db.execute(
-            "SELECT token_id, lease_key, resource, units, returned, used, debt FROM leases")]
+            "SELECT token_id, lease_key, resource, units, returned, used, debt, moved_out "
+            "FROM leases")]
         ended = list(self._db.execute(
             "SELECT token_id, lease_key, debt FROM ended_leases ORDER BY rowid"))
         return SavedState(meta["cluster_id"], meta["environment"],
@@ -145,9 +150,9 @@ class StateStore:
             for t in changes.tokens])
         db.executemany("DELETE FROM tokens WHERE id = ?",
                        [(token_id,) for token_id in changes.closed_tokens])
-        db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)", [
+        db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
             (lease.token_id, lease.key, lease.resource, lease.units, lease.returned,
-             lease.used, lease.debt) for lease in changes.leases])
+             lease.used, lease.debt, lease.moved_out) for lease in changes.leases])
         db.executemany("DELETE FROM leases WHERE token_id = ? AND lease_key = ?",
                        changes.dropped_leases)
         # A replaced row gets a new rowid: rowids order the keys by when they ended. The core

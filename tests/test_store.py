@@ -138,3 +138,21 @@ def test_a_lease_key_that_ended_stays_ended_after_a_restart(tmp_path: Path) -> N
     refused = run(acquire(second, token.id, 40, key=f"{H('proc')}:0"))
     assert isinstance(refused, LeaseEndedError)
     assert isinstance(run(acquire(second, token.id, 40, key=f"{H('proc')}:1")), Grant)
+
+
+def test_a_state_file_written_before_adoptions_were_stored_is_read(tmp_path: Path) -> None:
+    import sqlite3
+
+    state = tmp_path / "state.sqlite"
+    first = start(state)
+    token = run(first.open_token("budget", 100, "me", None))
+    assert isinstance(run(acquire(first, token.id, 70, key=f"{H('proc')}:3")), Grant)
+    del first
+    db = sqlite3.connect(state)
+    db.execute("ALTER TABLE leases DROP COLUMN moved_out")
+    db.commit()
+    db.close()
+    saved = StateStore(state).load()
+    assert saved is not None
+    assert [(lease.key, lease.units, lease.moved_out) for lease in saved.leases] == [
+        (f"{H('proc')}:3", 70, 0)]

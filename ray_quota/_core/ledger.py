@@ -39,7 +39,7 @@ class Lease:
     slot_s: float = 0.0
     accrued_at: float | None = None
     # Units adoption moved out of this (a broker's) lease that its holder still counts: its
-    # reports give them back later, and those returns free nothing (not stored either).
+    # reports give them back later, and those returns free nothing.
     moved_out: int = 0
 
     @property
@@ -76,7 +76,7 @@ class Lease:
 
     def saved(self) -> SavedLease:
         return SavedLease(self.token_id, self.key, self.resource, self.units, self.returned,
-                          self.used, self.debt)
+                          self.used, self.debt, self.moved_out)
 
 
 def fresh_debt(reported: int, applied: int, max_debt: int) -> int:

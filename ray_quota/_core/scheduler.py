@@ -348,6 +348,7 @@ class Scheduler:
             # Ended first, so that units freed below are not granted back under this key.
             self._leases.mark_ended(lease_id, lease.debt)
         new_returned, new_used, new_debt = lease.advance_totals(returned, used, debt, cap)
+        self._changes.leases.add(lease_id)  # totals (and moved units) to store, even if absorbed
         new_used, new_returned = lease.absorb_moved(
             new_used, new_returned,
             slots=self._resources[lease.resource].spec.kind is Kind.CONCURRENCY)
@@ -534,7 +535,8 @@ class Scheduler:
             if res is not None:
                 self._leases.add(Lease(saved_lease.token_id, saved_lease.key,
                                        saved_lease.resource, saved_lease.units, expires,
-                                       saved_lease.returned, saved_lease.used, saved_lease.debt))
+                                       saved_lease.returned, saved_lease.used, saved_lease.debt,
+                                       moved_out=saved_lease.moved_out))
                 res.leased += saved_lease.units
         self.drain_changes()
 

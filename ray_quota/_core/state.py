@@ -40,6 +40,9 @@ class SavedLease:
     returned: int
     used: int
     debt: int
+    # Units adoption moved out of a broker's lease that the broker still counts (see
+    # ``Lease.absorb_moved``): forgetting them at a restart would free them twice.
+    moved_out: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -320,3 +320,33 @@ def test_a_process_adopts_its_older_leases_first_so_that_none_is_refused() -> No
                if w.sched.adopt(a.token_id, a.via, a.to_key, a.units, a.returned, a.used,
                                 a.debt)}
     assert adopted == {(token, "p:0"), (token, "p:1")}
+
+
+def test_units_moved_by_an_adoption_stay_moved_across_an_executor_restart(tmp_path: Path) -> None:
+    """The broker lives on and later gives back the adopted process's slot; a restart in
+    between must not forget that the slot moved, or it would be freed while still held."""
+    from ray_quota._store import StateStore
+
+    w = World(concurrency(2))
+    store = StateStore(tmp_path / "state.db")
+    store.start("c", "e")
+    node = Node(w, "b1")
+    token = w.token()
+    p1, p2 = Proc(node, token, "p1"), Proc(node, token, "p2")
+    assert p1.reserve(1) and p2.reserve(1)
+    _adopt(w, p2)
+    store.write(w.sched.drain_changes())
+    saved = store.load()
+    assert saved is not None
+    w.sched = Scheduler({w.spec.name: w.spec}, clock=w.clock, policy=Policy(lease_ttl_s=TTL))
+    w.sched.restore(saved.resources, saved.tokens, saved.leases, 0.0, saved.ended)
+    for _ in range(int(TTL) + 3):  # p2's stale sub-lease expires at the broker
+        w.clock.advance(1.0)
+        p1.renew()
+        _renew_direct(w, p2)
+        node.renew_upstream()
+        w.sched.poll()
+        store.write(w.sched.drain_changes())
+    assert w.status().in_use == 2  # both slots are still held, by p1 and p2
+    other = w.sched.open_token("conn", 1, claimant="q").id
+    assert w.sched.acquire(other, 0, "q", "q:0", 1).outcome is None  # so a third one waits
