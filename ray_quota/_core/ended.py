@@ -2,7 +2,7 @@
 that grows with holders rather than with keys.
 
 A holder mints its lease keys as ``holder:n`` with ``n`` growing (see
-:mod:`ray_quota._core.protocol`), and starts the leases of one token in that order: it moves to a
+:mod:`ray_quota._core.protocol`; a node broker's keys carry a suffix, ``holder:n.digest``), and starts the leases of one token in that order: it moves to a
 new key only once it is done with the last. So for each token and holder it is enough to know
 the highest ``n`` that held a lease: a key at or below it that holds none now ended, or was
 skipped and is as good as ended (a holder that asks under it anyway is told the lease ended, and
@@ -45,6 +45,7 @@ def _parse(key: LeaseKey) -> tuple[Group, int] | None:
     :func:`~ray_quota._core.protocol.holder_of`); None for another form."""
     token_id, lease_key = key
     holder, _, tail = lease_key.rpartition(":")
+    tail = tail.partition(".")[0]  # a broker's key ends with its adoption suffix, ``.digest``
     if not (holder and 0 < len(tail) <= 18 and tail.isascii() and tail.isdigit()):
         return None
     return (token_id, holder), int(tail)

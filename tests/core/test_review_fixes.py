@@ -117,18 +117,22 @@ def small_window(monkeypatch: pytest.MonkeyPatch) -> int:
     return 5
 
 
-def test_an_ended_key_stays_ended_however_many_keys_end_since(small_window: int) -> None:
+@pytest.mark.parametrize("suffix", ["", ".9f86d081884c7d65"], ids=["process", "broker"])
+def test_an_ended_key_stays_ended_however_many_keys_end_since(
+        small_window: int, suffix: str) -> None:
+    """A broker's keys end with its lease's adoption suffix (``holder:n.digest``): they are
+    marked per holder too, not only remembered in the window churn outruns."""
     clock = FakeClock()
     sched = _two_resources(clock)
     token = sched.open_token("cap", 50, claimant="P").id
-    assert isinstance(sched.acquire(token, 0, "P", "P:0", 50).outcome, Grant)
-    sched.settle(token, "P:0", 30, 20, 0)
+    assert isinstance(sched.acquire(token, 0, "P", f"P:0{suffix}", 50).outcome, Grant)
+    sched.settle(token, f"P:0{suffix}", 30, 20, 0)
     clock.advance(11.0)
     sched.poll()  # P was frozen past its lease: P:0 expired
     _churn(sched, 4 * small_window)
     with pytest.raises(LeaseEndedError):
-        sched.acquire(token, 0, "P", "P:0", 60)
-    assert isinstance(sched.acquire(token, 0, "P", "P:1", 40).outcome, Grant)  # a new key is
+        sched.acquire(token, 0, "P", f"P:0{suffix}", 60)
+    assert isinstance(sched.acquire(token, 0, "P", f"P:1{suffix}", 40).outcome, Grant)
 
 
 def test_a_holder_with_no_lease_is_forgotten_after_the_horizon_and_with_its_token(
