@@ -63,7 +63,8 @@ class EndedKeys:
         [True, True, False]
     """
 
-    __slots__ = ("_changes", "_closing", "_idle", "_marks", "_now", "_recent", "_window")
+    __slots__ = ("_changes", "_closing", "_idle", "_late", "_marks", "_now", "_recent",
+                 "_window")
 
     def __init__(self, changes: ChangeLog | None = None, *, window: int) -> None:
         self._window = window
@@ -73,6 +74,7 @@ class EndedKeys:
         self._closing: set[str] = set()  # closed tokens whose marks go once they are idle
         self._changes = changes if changes is not None else ChangeLog()
         self._now = float("-inf")  # the time of the last tick
+        self._late: dict[LeaseKey, int] = {}  # late debt taken under an ended key since restart
 
     # -------------------------------------------------------------------------------- leases
 
@@ -143,6 +145,17 @@ class EndedKeys:
         mark = self._marks.get(key[0], {}).get(parsed[0][1])
         return mark.debt if mark is not None and mark.key == key[1] else None
 
+    def take_late(self, key: LeaseKey, wanted: int, cap: int) -> int:
+        """How much of ``wanted`` debt reported late under the ended ``key`` to charge: at most
+        ``cap`` in all per key. An honest holder's late overuse (it was frozen past its lease)
+        is one commit's, or a few; a holder that no longer owns the token could otherwise add
+        ``cap`` with every report. (Counted in memory: a restart allows one more ``cap``.)"""
+        taken = self._late.get(key, 0)
+        granted = max(0, min(wanted, cap - taken))
+        if granted:
+            self._late[key] = taken + granted
+        return granted
+
     # ------------------------------------------------------------------------------ forgetting
 
     def tick(self, now: float) -> None:
@@ -184,3 +197,4 @@ class EndedKeys:
                 return
         self._changes.ended.pop(key, None)
         self._changes.forgotten.add(key)
+        self._late.pop(key, None)

@@ -177,6 +177,11 @@ class LeaseLedger(Mapping[LeaseKey, Lease]):
         is no longer known)."""
         return self._ended.debt(key)
 
+    def take_late_debt(self, key: LeaseKey, wanted: int, cap: int) -> int:
+        """How much of ``wanted`` late debt under the ended ``key`` to charge (see
+        :meth:`EndedKeys.take_late`)."""
+        return self._ended.take_late(key, wanted, cap)
+
     def is_ended(self, key: LeaseKey) -> bool:
         """Whether ``key`` ended: it is never used for a lease again."""
         return self._ended.covers(key, live=key in self._leases)

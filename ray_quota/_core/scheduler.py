@@ -339,7 +339,8 @@ class Scheduler:
         cap = self._overuse_cap(token_id, lease)
         if lease is None:
             ended_debt = self._leases.ended_debt(lease_id)
-            if ended_debt is not None and (late := fresh_debt(debt, ended_debt, cap)):
+            if ended_debt is not None and (late := self._leases.take_late_debt(
+                    lease_id, fresh_debt(debt, ended_debt, cap), cap)):
                 # Expiry settled the units, not overuse declared since: that is still owed.
                 self._leases.mark_ended(lease_id, ended_debt + late)
                 self.give_back(token_id, key, debt=late)

@@ -354,3 +354,20 @@ def test_units_moved_by_an_adoption_stay_moved_across_an_executor_restart(tmp_pa
     assert w.status().in_use == 2  # both slots are still held, by p1 and p2
     other = w.sched.open_token("conn", 1, claimant="q").id
     assert w.sched.acquire(other, 0, "q", "q:0", 1).outcome is None  # so a third one waits
+
+
+def test_late_debt_under_an_ended_key_is_capped_in_all_not_per_report() -> None:
+    """A holder frozen past its lease may still declare the overuse it committed meanwhile, up
+    to ``max_overuse``; a former owner repeating that report with ever larger totals (it no
+    longer owns the token, but its ended key is its own) adds nothing more (adversary 3, 05)."""
+    clock = FakeClock()
+    sched = _two_resources(clock)  # capacity 100: max_overuse defaults to the limit
+    token = sched.open_token("cap", 50, claimant="P").id
+    assert isinstance(sched.acquire(token, 0, "P", "P:0", 5).outcome, Grant)
+    sched.settle(token, "P:0", 0, 5, 0, final=True)
+    spent = sched.pool("cap").spent
+    sched.settle(token, "P:0", 0, 5, 30, final=True)  # late overuse: charged
+    assert sched.pool("cap").spent == spent + 30
+    for n in range(2, 20):  # and more, report after report
+        sched.settle(token, "P:0", 0, 5, 100 * n, final=True)
+    assert sched.pool("cap").spent == spent + 100
