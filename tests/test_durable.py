@@ -127,6 +127,33 @@ def test_a_failed_write_answers_the_waiter_it_would_have_granted(tmp_path: Path)
     assert in_use(start(state), "solo") == 1
 
 
+def test_a_failed_write_whose_reload_fails_too_serves_nothing_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory then holds changes the file does not: serving on would let the two part ways
+    (a slot freed in memory, still held on disk, freed twice after a restart). Inside Ray the
+    process also ends, so that Ray restarts it from the file (adversary 3, finding 04)."""
+    state = tmp_path / "state.sqlite"
+    executor = start(state)
+    token = run(executor.open_token("conn", 4, "me", None))
+    assert isinstance(run(executor.acquire(token.id, 0, "me", key("a", 0), 1, 0, None, "a")),
+                      Grant)
+    db = failing(executor)
+    db.error = "disk I/O error"
+
+    def unreadable() -> None:
+        raise StateMissingError("cannot read the executor's state file: disk I/O error")
+
+    monkeypatch.setattr(executor._store, "load", unreadable)  # noqa: SLF001
+    with pytest.raises(StateMissingError):
+        run(executor.settle([Report(token.id, key("a", 0), 1, 0, 0, True)], "a"))
+    db.error = None
+    for call in (executor.status(), executor.open_token("conn", 1, "me", None)):
+        with pytest.raises(StateMissingError, match="stopped serving"):
+            run(call)
+    del executor
+    assert in_use(start(state), "conn") == 1  # the file still holds a's slot
+
+
 def test_the_ticker_outlives_a_tick_that_fails(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(executor_module, "TICKER_PAUSE_S", 0.05)

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from typing import Any
+
+import ray
 
 from ray_quota._actors.durable import Marker, Markers, check_expected, default_state_path
 from ray_quota._actors.recall_board import RecallBoard
@@ -37,7 +40,7 @@ from ray_quota._core.protocol import (
 )
 from ray_quota._core.scheduler import Policy, ResourceStatus
 from ray_quota._core.service import ExecutorService
-from ray_quota._errors import ManifestError, QuotaError, StateWriteError
+from ray_quota._errors import ManifestError, QuotaError, StateMissingError, StateWriteError
 from ray_quota._manifest import load_manifest
 from ray_quota._observability.observe import Batch
 from ray_quota._spec import ResourceSpec
@@ -290,7 +293,11 @@ class ExecutorActor:
         """A write failed: go back to the last committed state as a restart would, and answer
         every waiting acquire (their tickets lived in the memory given up) with the failure."""
         logger.error("ray_quota executor: %s; back to the last saved state", failure)
-        saved = self._store.load()
+        try:
+            saved = self._store.load()
+        except StateMissingError as exc:
+            self._give_up(exc)
+            raise
         assert saved is not None  # written when the executor started
         calls, counts = self._service.calls, self._service.counts
         self._service = self._restored(saved)
@@ -302,6 +309,17 @@ class ExecutorActor:
         for future in futures.values():
             if not future.done():
                 future.set_result(dropped)
+
+    def _give_up(self, failure: StateMissingError) -> None:
+        """The file cannot be read back after a failed write: memory holds changes that are not
+        on disk, and serving on would let the two part ways. Serve nothing more; inside Ray, end
+        the process, so that Ray restarts the executor from the file (or it refuses to start,
+        loudly, if the file stays unreadable)."""
+        logger.critical("ray_quota executor: %s; stopping so that a restart reads the file",
+                        failure)
+        self._service = _Stopped(failure)  # type: ignore[assignment]
+        if ray.is_initialized():
+            os._exit(70)  # EX_SOFTWARE; Ray restarts the actor (max_restarts=-1)
 
     def _restored(self, saved: SavedState) -> ExecutorService:
         """A service on this executor's resources that takes up ``saved``; a resource whose
@@ -345,3 +363,16 @@ class ExecutorActor:
         kick.clear()
         self._service.tick()
         self._deliver()
+
+
+class _Stopped:
+    """Stands in for the service of an executor that gave up (see
+    :meth:`ExecutorActor._give_up`): every call raises why."""
+
+    __slots__ = ("_failure",)
+
+    def __init__(self, failure: StateMissingError) -> None:
+        self._failure = failure
+
+    def __getattr__(self, name: str) -> Any:
+        raise StateMissingError(f"the executor stopped serving: {self._failure}")
