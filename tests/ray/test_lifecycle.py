@@ -1,9 +1,15 @@
-"""How a token's life ends with the task or coroutine that holds it: cancellation and retries."""
+"""How a token's life ends with the task, coroutine, actor or driver that holds it: cancellation,
+retries, actors ending, a driver's clean exit, and threads a task starts."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -87,3 +93,108 @@ def test_the_last_failing_attempt_gives_the_token_back(tmp_path: Path) -> None:
             ray.get(spend_then_raise.options(retry_exceptions=False).remote(
                 str(tmp_path / "c"), 1))
         assert parent.describe()[0] == 100
+
+
+# ----------------------------------------------------------------- actors, drivers and threads
+
+
+def tokens_of(name: str) -> int:
+    return next(s.tokens for s in ray_quota.status() if s.name == name)
+
+
+def settles(check: Callable[[], bool], within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@ray_quota.quota("conn", expected_use=30)
+@ray.remote(num_cpus=0)
+class Session:
+    """An actor that holds a token of its own besides the one ``@quota`` gives it."""
+
+    def __init__(self) -> None:
+        self.own = QuotaToken("conn", expected_use=5)
+
+    def use(self) -> None:
+        with ray_quota.current_token("conn").reserve(1) as reservation:
+            reservation.commit(1)
+        self.own.reserve(1)  # left open: the actor's end counts it as unused
+
+    def leave(self) -> None:
+        ray.actor.exit_actor()
+
+
+def test_quota_actors_give_their_expected_use_back_when_they_end() -> None:
+    with QuotaToken("conn", expected_use=100) as parent:
+        baseline = tokens_of("conn")
+        actors = [Session.remote() for _ in range(3)]
+        ray.get([actor.use.remote() for actor in actors])
+        assert parent.describe()[0] == 10
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actors[0].leave.remote())  # exit_actor()
+        del actors  # the other two: their handles dropped
+        assert settles(lambda: parent.describe()[0] == 100)
+        assert settles(lambda: (tokens_of("conn"), in_use("conn")) == (baseline, 0))
+
+
+DRIVER = """
+import sys
+import ray, ray_quota
+ray.init(address=sys.argv[1])
+token = ray_quota.QuotaToken("budget", expected_use=100)
+child = token.split(40)                 # never used: released with its parent's process
+reservation = token.reserve(100)
+reservation.commit(10)                  # 90 go back (or stay spare in this process's lease)
+open_one = token.reserve(5)             # left open: a clean exit counts it as unused
+print("reserved", flush=True)
+sys.exit(0)
+"""
+
+
+def test_a_driver_that_exits_cleanly_is_charged_what_it_committed_and_its_tokens_go() -> None:
+    available = next(s.available for s in ray_quota.status() if s.name == "budget")
+    tokens = tokens_of("budget")
+    address = ray.get_runtime_context().gcs_address
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", DRIVER, address], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "reserved" in done.stdout
+    # At once (no lease had to expire): charged 10, and both tokens are gone.
+    assert settles(lambda: tokens_of("budget") == tokens, within_s=3.0)
+    assert next(s.available for s in ray_quota.status() if s.name == "budget") == available - 10
+
+
+def split_from_a_thread() -> tuple[tuple[int, str | None], int]:
+    """Start a ``@quota`` task from a thread of this task; return (its expected use and label,
+    my expected use)."""
+    with ThreadPoolExecutor(2) as threads:
+        child_use = threads.submit(lambda: ray.get(child_use_of.remote())).result()
+        mine = threads.submit(lambda: ray_quota.current_token("tok").describe()[0]).result()
+    return child_use, mine
+
+
+@ray_quota.quota("tok", expected_use=7)
+@ray.remote(num_cpus=0)
+def child_use_of() -> tuple[int, str | None]:
+    token = ray_quota.current_token("tok")
+    return token.expected_use, token.label  # a split inherits its parent's label
+
+
+@ray_quota.quota("tok", expected_use=50)
+@ray.remote(num_cpus=0)
+def starts_threads() -> tuple[tuple[int, str | None], int]:
+    return split_from_a_thread()
+
+
+def test_threads_a_task_starts_see_its_token_and_split_from_it() -> None:
+    with QuotaToken("tok", expected_use=100, label="team-t") as parent:
+        baseline = tokens_of("tok")
+        # A split of the task's token, not a fresh one of its own (which has no label).
+        assert ray.get(starts_threads.remote()) == ((7, "team-t"), 50)
+        assert parent.describe()[0] == 100
+        assert tokens_of("tok") == baseline
