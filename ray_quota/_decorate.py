@@ -61,6 +61,9 @@ def quota(resource: str, expected_use: int, *, label: str | None = None) -> Call
         if isinstance(target, QuotaRemoteFunction | QuotaActorClass):
             return target._with(spec)
         if isinstance(target, RemoteFunction):
+            if inspect.isasyncgenfunction(target._function):
+                raise TypeError("Ray runs async generators only as actor methods: put "
+                                "@ray_quota.quota on the actor class")
             return QuotaRemoteFunction(target, (spec,))
         if isinstance(target, ActorClass):
             return QuotaActorClass(target, (spec,))
@@ -169,8 +172,9 @@ Call = tuple[dict[str, QuotaToken], Retries]
 
 
 def _run_with_tokens(fn: Callable[..., Any], accepts_token: bool) -> Callable[..., Any]:
-    """``fn`` as the task body, run by :class:`_Attempt`; a generator (plain or async) stays
-    one, in scope for each step of its iteration, and gives back once it finishes or closes."""
+    """``fn`` as the task body, run by :class:`_Attempt`; a generator stays one, in scope for
+    each step of its iteration, and gives back once it finishes or is closed (its consumer
+    dropped the stream)."""
 
     def body(call: Call, *args: Any, **kwargs: Any) -> Any:
         attempt = _Attempt(call)
@@ -202,32 +206,7 @@ def _run_with_tokens(fn: Callable[..., Any], accepts_token: bool) -> Callable[..
                 steps.close()  # its own clean-up runs in scope too
             attempt.end()
 
-    async def async_generator_body(call: Call, *args: Any, **kwargs: Any) -> Any:
-        attempt = _Attempt(call)
-        steps = fn(*args, **attempt.bind(accepts_token, kwargs))
-        try:
-            while True:
-                with attempt.scope():
-                    try:
-                        value = await steps.__anext__()
-                    except StopAsyncIteration:
-                        return
-                yield value
-        except BaseException as error:
-            attempt.failed(error)
-            raise
-        finally:
-            with attempt.scope():
-                await steps.aclose()
-            attempt.end()
-
-    wrapper: Callable[..., Any]
-    if inspect.isasyncgenfunction(fn):
-        wrapper = async_generator_body
-    elif inspect.isgeneratorfunction(fn):
-        wrapper = generator_body
-    else:
-        wrapper = body
+    wrapper = generator_body if inspect.isgeneratorfunction(fn) else body
     # Not functools.wraps: Ray would check calls against fn's signature through __wrapped__.
     wrapper.__name__, wrapper.__qualname__ = fn.__name__, fn.__qualname__
     wrapper.__module__, wrapper.__doc__ = fn.__module__, fn.__doc__

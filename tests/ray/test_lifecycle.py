@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -198,3 +198,48 @@ def test_threads_a_task_starts_see_its_token_and_split_from_it() -> None:
         assert ray.get(starts_threads.remote()) == ((7, "team-t"), 50)
         assert parent.describe()[0] == 100
         assert tokens_of("tok") == baseline
+
+
+@ray_quota.quota("tok", expected_use=10)
+@ray.remote(num_cpus=0)
+def endless(marker: str) -> Iterator[int]:
+    """Streams its token's expected use until cancelled; says what it saw when closed."""
+    try:
+        while True:
+            yield ray_quota.current_token().expected_use
+            time.sleep(0.05)
+    finally:
+        Path(marker).write_text(str(ray_quota.current_token().expected_use))
+
+
+@ray_quota.quota("tok", expected_use=20)
+@ray.remote(num_cpus=0)
+class Streamer:
+    async def stream(self, n: int) -> AsyncIterator[int]:
+        for _ in range(n):
+            async with await ray_quota.current_token().reserve_async(1) as reservation:
+                reservation.commit(1)
+            yield ray_quota.current_token().expected_use
+
+
+def test_a_generator_runs_in_scope_and_gives_back_when_its_stream_is_cancelled(
+        tmp_path: Path) -> None:
+    marker = tmp_path / "closed"
+    with QuotaToken("tok", expected_use=100) as parent:
+        stream = endless.remote(str(marker))
+        assert [ray.get(next(stream)) for _ in range(3)] == [10, 10, 10]
+        ray.cancel(stream)  # its finally runs in scope, then the give-back
+        assert settles(lambda: marker.exists() and parent.describe()[0] == 100)
+        assert marker.read_text() == "10"
+        streamer = Streamer.remote()
+        assert [ray.get(ref) for ref in streamer.stream.remote(3)] == [20, 20, 20]
+        del streamer
+        assert settles(lambda: parent.describe()[0] == 100)
+
+
+def test_quota_refuses_an_async_generator_task_which_ray_cannot_run() -> None:
+    async def numbers() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="actor methods"):
+        ray_quota.quota("tok", expected_use=1)(ray.remote(numbers))
