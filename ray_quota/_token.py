@@ -344,11 +344,12 @@ class QuotaToken:
 
     def _leave_for_retry(self) -> None:
         """The task raised and Ray will run it again: give back every unit this handle holds
-        (open reservations count as used in full), but keep the token live, so the retry,
-        which takes the same argument up again, can use it. This handle is used up."""
+        (open reservations count as ``commit(0)``: it could say so), but keep the token live,
+        so the retry, which takes the same argument up again, can use it. This handle is used
+        up."""
         if self._state is not _State.LIVE:
             return
-        reports = self._final_reports()
+        reports = self._final_reports(open_used=False)
         self._state = _State.MOVED
         if reports:
             routing.send("settle", reports)

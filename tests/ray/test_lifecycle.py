@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -243,3 +244,59 @@ def test_quota_refuses_an_async_generator_task_which_ray_cannot_run() -> None:
 
     with pytest.raises(TypeError, match="actor methods"):
         ray_quota.quota("tok", expected_use=1)(ray.remote(numbers))
+
+
+_KEPT: list[Any] = []  # reservations left open on purpose, so that no finaliser commits them
+
+
+@ray_quota.quota("budget", expected_use=50)
+@ray.remote(max_retries=1, retry_exceptions=True)
+def leave_one_open_then_raise(marker: str) -> int:
+    path = Path(marker)
+    tries = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(tries + 1))
+    if tries == 0:
+        _KEPT.append(ray_quota.current_token().reserve(30))
+        raise Flaky("with a reservation open")
+    with ray_quota.current_token().reserve(5) as reservation:
+        reservation.commit(5)
+    return tries
+
+
+def budget_available() -> int:
+    return next(s.available for s in ray_quota.status() if s.name == "budget")
+
+
+def test_an_attempt_that_raises_for_a_retry_counts_its_open_reservation_as_unused(
+        tmp_path: Path) -> None:
+    before = budget_available()
+    with QuotaToken("budget", expected_use=100) as parent:
+        assert ray.get(leave_one_open_then_raise.remote(str(tmp_path / "n"))) == 1
+        assert parent.describe()[0] == 100
+    assert settles(lambda: budget_available() == before - 5, within_s=3.0)
+
+
+@ray.remote(num_cpus=0)
+class PoolWorker:
+    """A Ray Data style pool actor: it takes one child token from a queue when it starts."""
+
+    def __init__(self, children: Any) -> None:
+        self.token = children.get()
+
+    def use(self) -> int:
+        with self.token.reserve(1) as reservation:
+            reservation.commit(1)
+        return self.token.expected_use
+
+
+def test_one_split_per_pool_actor_through_a_queue() -> None:
+    from ray.util.queue import Queue
+
+    with QuotaToken("tok", expected_use=100) as parent:
+        children = Queue()
+        for _ in range(2):
+            children.put(parent.split(30))
+        workers = [PoolWorker.remote(children) for _ in range(2)]
+        assert ray.get([worker.use.remote() for worker in workers]) == [30, 30]
+        del workers
+        assert settles(lambda: parent.describe()[0] == 100)
