@@ -135,7 +135,7 @@ class _Attempt:
     thread of the process), given back when it ends, unless it raised and Ray will run it
     again: then the retry takes them up again."""
 
-    __slots__ = ("tokens", "retries", "retried")
+    __slots__ = ("retried", "retries", "tokens")
 
     def __init__(self, call: tuple[dict[str, QuotaToken], Retries]) -> None:
         self.tokens, self.retries = call

@@ -19,7 +19,7 @@ import atexit
 import itertools
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import ray
 import ray.exceptions
@@ -37,7 +37,8 @@ ACTOR_EXIT_WAIT_S = 3.0
 class _Owned:
     """This process's handles, by the order they were made here (children after parents)."""
 
-    tokens: weakref.WeakValueDictionary[int, QuotaToken] = weakref.WeakValueDictionary()
+    tokens: ClassVar[weakref.WeakValueDictionary[int, QuotaToken]] = (
+        weakref.WeakValueDictionary())
     order = itertools.count()
     lock = threading.Lock()
     hooked = False  # this actor's __ray_shutdown__ ends them

@@ -22,11 +22,10 @@ from typing import Any
 
 import pytest
 import ray
+from conftest import TEST_MANIFEST, forget_state
 
 import ray_quota
 from ray_quota import QuotaToken, current_token, quota
-
-from conftest import TEST_MANIFEST, forget_state
 
 RESOURCE = "conn"
 PARENT_USE = 100
