@@ -26,8 +26,11 @@ def leave_scope(reset: Any) -> None:
     _SCOPE.reset(reset)
 
 
-# An actor's tokens live as long as the actor; its method calls run in other contexts.
+# An actor's tokens live as long as the actor; its method calls run in other contexts. A task's
+# are seen by every thread of its process while it runs (a worker runs one task at a time), so
+# threads the task starts reach them too.
 _ACTOR_SCOPE: dict[str, QuotaToken] = {}
+_TASK_SCOPE: dict[str, QuotaToken] = {}
 
 
 def set_actor_scope(tokens: dict[str, QuotaToken]) -> None:
@@ -36,9 +39,17 @@ def set_actor_scope(tokens: dict[str, QuotaToken]) -> None:
     _ACTOR_SCOPE.update(tokens)
 
 
+def set_task_scope(tokens: dict[str, QuotaToken]) -> None:
+    """Give every thread of this process the running task's tokens (none: the task ended)."""
+    _TASK_SCOPE.clear()
+    _TASK_SCOPE.update(tokens)
+
+
 def _scope() -> dict[str, QuotaToken]:
     scope = _SCOPE.get()
-    return {**_ACTOR_SCOPE, **scope} if _ACTOR_SCOPE else scope
+    if _ACTOR_SCOPE or _TASK_SCOPE:
+        return {**_ACTOR_SCOPE, **_TASK_SCOPE, **scope}
+    return scope
 
 
 def in_scope(resource: str) -> QuotaToken | None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +19,15 @@ from ray._private.ray_constants import DEFAULT_TASK_MAX_RETRIES
 from ray.actor import ActorClass
 from ray.remote_function import RemoteFunction
 
-from ray_quota._context import enter_scope, in_scope, leave_scope, set_actor_scope
+from ray_quota._context import (
+    enter_scope,
+    in_scope,
+    leave_scope,
+    set_actor_scope,
+    set_task_scope,
+)
 from ray_quota._errors import QuotaError
+from ray_quota._runtime import endings
 from ray_quota._token import QuotaToken
 
 
@@ -53,6 +61,9 @@ def quota(resource: str, expected_use: int, *, label: str | None = None) -> Call
         if isinstance(target, QuotaRemoteFunction | QuotaActorClass):
             return target._with(spec)
         if isinstance(target, RemoteFunction):
+            if inspect.isasyncgenfunction(target._function):
+                raise TypeError("Ray runs async generators only as actor methods: put "
+                                "@ray_quota.quota on the actor class")
             return QuotaRemoteFunction(target, (spec,))
         if isinstance(target, ActorClass):
             return QuotaActorClass(target, (spec,))
@@ -77,10 +88,11 @@ def child_tokens(quotas: tuple[QuotaSpec, ...],
 
 
 def give_back(tokens: Iterable[QuotaToken]) -> None:
+    """The task ended and can say so: each token's open reservations count as ``commit(0)``
+    and it goes back to its parent (or is released)."""
     for token in tokens:
         try:
-            if token._state.value == "live":
-                token.return_to_parent()
+            token._end_cleanly()
         except QuotaError as exc:  # the work is done; a lost return only costs credit
             warnings.warn(f"ray_quota: could not return a token: {exc}", stacklevel=2)
 
@@ -118,36 +130,87 @@ def _attempt() -> int | None:
     return number() if callable(number) else None
 
 
-def _run_with_tokens(fn: Callable[..., Any], accepts_token: bool) -> Callable[..., Any]:
-    """``fn`` as the task body: tokens in scope while it runs, given back when it ends, unless
-    it raised and Ray will run it again: then the retry takes them up again."""
+class _Attempt:
+    """One attempt of a quota'd task and its tokens: in scope while its body runs (for every
+    thread of the process), given back when it ends, unless it raised and Ray will run it
+    again: then the retry takes them up again."""
 
-    def bind(tokens: dict[str, QuotaToken], kwargs: dict[str, Any]) -> dict[str, Any]:
-        if accepts_token and "token" not in kwargs and len(tokens) == 1:
-            kwargs["token"] = next(iter(tokens.values()))
+    __slots__ = ("retried", "retries", "tokens")
+
+    def __init__(self, call: tuple[dict[str, QuotaToken], Retries]) -> None:
+        self.tokens, self.retries = call
+        self.retried = False
+        set_task_scope(self.tokens)
+
+    def bind(self, accepts_token: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Fill the body's ``token`` parameter, if it has one and there is one token."""
+        if accepts_token and "token" not in kwargs and len(self.tokens) == 1:
+            kwargs["token"] = next(iter(self.tokens.values()))
         return kwargs
 
-    def body(call: tuple[dict[str, QuotaToken], Retries], *args: Any, **kwargs: Any) -> Any:
-        tokens, retries = call
-        reset = enter_scope(*tokens.values())
-        retried = False
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        reset = enter_scope(*self.tokens.values())
         try:
-            return fn(*args, **bind(tokens, kwargs))
-        except BaseException as error:
-            retried = retries.will_retry(error)
-            raise
+            yield
         finally:
             leave_scope(reset)
-            if retried:
-                for token in tokens.values():
-                    token._leave_for_retry()
-            else:
-                give_back(tokens.values())
 
+    def failed(self, error: BaseException) -> None:
+        self.retried = self.retries.will_retry(error)
+
+    def end(self) -> None:
+        set_task_scope({})
+        if self.retried:
+            for token in self.tokens.values():
+                token._leave_for_retry()
+        else:
+            give_back(self.tokens.values())
+
+
+Call = tuple[dict[str, QuotaToken], Retries]
+
+
+def _run_with_tokens(fn: Callable[..., Any], accepts_token: bool) -> Callable[..., Any]:
+    """``fn`` as the task body, run by :class:`_Attempt`; a generator stays one, in scope for
+    each step of its iteration, and gives back once it finishes or is closed (its consumer
+    dropped the stream)."""
+
+    def body(call: Call, *args: Any, **kwargs: Any) -> Any:
+        attempt = _Attempt(call)
+        try:
+            with attempt.scope():
+                return fn(*args, **attempt.bind(accepts_token, kwargs))
+        except BaseException as error:
+            attempt.failed(error)
+            raise
+        finally:
+            attempt.end()
+
+    def generator_body(call: Call, *args: Any, **kwargs: Any) -> Any:
+        attempt = _Attempt(call)
+        steps = fn(*args, **attempt.bind(accepts_token, kwargs))  # runs nothing yet
+        try:
+            while True:
+                with attempt.scope():
+                    try:
+                        value = next(steps)
+                    except StopIteration as stop:
+                        return stop.value
+                yield value
+        except BaseException as error:
+            attempt.failed(error)
+            raise
+        finally:
+            with attempt.scope():
+                steps.close()  # its own clean-up runs in scope too
+            attempt.end()
+
+    wrapper = generator_body if inspect.isgeneratorfunction(fn) else body
     # Not functools.wraps: Ray would check calls against fn's signature through __wrapped__.
-    body.__name__, body.__qualname__ = fn.__name__, fn.__qualname__
-    body.__module__, body.__doc__ = fn.__module__, fn.__doc__
-    return body
+    wrapper.__name__, wrapper.__qualname__ = fn.__name__, fn.__qualname__
+    wrapper.__module__, wrapper.__doc__ = fn.__module__, fn.__doc__
+    return wrapper
 
 
 class QuotaRemoteFunction:
@@ -196,6 +259,7 @@ class QuotaActorClass:
                              **kwargs: Any) -> None:
                     set_actor_scope(__ray_quota_tokens)
                     super().__init__(*args, **kwargs)
+                    endings.hook_actor()  # its tokens go back when it ends gracefully
 
             Holder.__name__, Holder.__qualname__ = original.__name__, original.__qualname__
             Holder.__module__ = original.__module__

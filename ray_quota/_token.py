@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from ray_quota._runtime import identity, renewer, routing, rpc
+from ray_quota._runtime import endings, identity, renewer, routing, rpc
 from ray_quota._runtime.steps import Abandoned, Sleep, Steps, run, run_async
 from ray_quota._observability import observe as _observe
 from ray_quota._errors import (
@@ -100,6 +100,7 @@ class QuotaToken:
         self._parent: str | None = None  # the token this one was split from
         self._scope: Any = None
         self._proofs: tuple[str, ...] = ()  # from the pickled bytes: they take the token up
+        endings.own(self)  # it ends with this process, if nothing ends it first
 
     # -------------------------------------------------------------------------- properties
 
@@ -326,13 +327,29 @@ class QuotaToken:
         return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
                                  self._parent, reports))
 
+    def _end_cleanly(self) -> bool:
+        """Its holder ended and could still report (the task returned or raised, the actor or
+        the driver exits): open reservations count as ``commit(0)``, and the token goes back to
+        the one it was split from, or is released. Returns whether it merged back."""
+        if self._state is not _State.LIVE:
+            return False
+        self._verify()
+        reports = self._final_reports(open_used=False)
+        self._state = _State.CLOSED
+        if self._parent is None:
+            routing.lease_call("close", self._id, self._generation, self._claimant, reports)
+            return False
+        return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
+                                       self._parent, reports))
+
     def _leave_for_retry(self) -> None:
         """The task raised and Ray will run it again: give back every unit this handle holds
-        (open reservations count as used in full), but keep the token live, so the retry,
-        which takes the same argument up again, can use it. This handle is used up."""
+        (open reservations count as ``commit(0)``: it could say so), but keep the token live,
+        so the retry, which takes the same argument up again, can use it. This handle is used
+        up."""
         if self._state is not _State.LIVE:
             return
-        reports = self._final_reports()
+        reports = self._final_reports(open_used=False)
         self._state = _State.MOVED
         if reports:
             routing.send("settle", reports)
@@ -418,10 +435,11 @@ class QuotaToken:
         with self._lock:
             return self._leases.recall()
 
-    def _final_reports(self) -> list[Report]:
-        """Release every lease of this handle: open reservations count as used in full."""
+    def _final_reports(self, *, open_used: bool = True) -> list[Report]:
+        """Release every lease of this handle: open reservations count as used in full (or,
+        unless ``open_used``, as unused: the holder ended and could say so)."""
         with self._lock:
-            return self._leases.final_reports()
+            return self._leases.final_reports(open_used=open_used)
 
     def _reports(self, now: float) -> list[Report]:
         """The running totals of each lease; retired ones (and all, once moved) final once idle."""

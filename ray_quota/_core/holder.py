@@ -151,10 +151,11 @@ class LocalLease:
         self.spare = 0
         return True
 
-    def release_all(self) -> None:
-        """The lease ends: open reservations count as used in full, spare goes back."""
+    def release_all(self, *, open_used: bool = True) -> None:
+        """The lease ends: open reservations count as used in full (unless ``open_used`` is
+        false: then as unused), spare goes back."""
         if self.reserved:
-            self.settle(self.reserved, self.reserved)
+            self.settle(self.reserved, self.reserved if open_used else 0)
         self.returned += self.spare
         self.spare = 0
 
@@ -300,16 +301,16 @@ class LeaseSet:
             self._retired.append(lease)
             self.current = self._new_lease()
 
-    def final_reports(self) -> list[Report]:
+    def final_reports(self, *, open_used: bool = True) -> list[Report]:
         """End every lease (the token closes, merges or moves): open reservations count as
-        used in full, spare goes back.
+        used in full (unless ``open_used`` is false: then as unused), spare goes back.
 
         A retired lease is reported even if it never became active: a grant whose answer was
         lost made it one at the executor, which gives its units back only on a final report.
         """
         leases, self._retired = list(self), []
         for lease in leases:
-            lease.release_all()
+            lease.release_all(open_used=open_used)
         return [self._report_of(lease, final=True) for lease in leases
                 if lease.active or lease is not self.current]
 

@@ -15,12 +15,16 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
+import ray.exceptions
+
+from ray_quota._errors import NotInitializedError
 
 T = TypeVar("T")
 
@@ -78,13 +82,56 @@ def run(steps: Steps[T]) -> T:
         answer, error = None, None
         try:
             if isinstance(step, Remote):
-                answer = ray.get(step.method.remote(*step.args))
+                answer = _call(step)
             elif isinstance(step, Sleep):
                 time.sleep(step.seconds)
             else:
                 answer = step.fn(*step.args)
         except Exception as exc:  # noqa: BLE001 - the logic decides; thrown in at its yield
             error = exc
+
+
+class _Exit:
+    """A driver on its way out: the thread ending its tokens is the last to call Ray."""
+
+    by: threading.Thread | None = None
+    calls = 0  # threads now waiting for an answer
+    lock = threading.Lock()
+
+
+# A driver's thread waits for an answer in slices this long, so that the exit can have it stop:
+# a thread still inside Ray's wait when Ray disconnects makes the process exit with code 1.
+EXIT_SLICE_S = 0.1
+
+
+def stop_calls(timeout_s: float) -> None:
+    """From now on only this thread calls Ray; wait (at most ``timeout_s``) until the others'
+    calls under way have stopped waiting. For a driver's exit, before Ray disconnects."""
+    _Exit.by = threading.current_thread()
+    deadline = time.monotonic() + timeout_s
+    while _Exit.calls and time.monotonic() < deadline:
+        time.sleep(EXIT_SLICE_S / 4)
+
+
+def _call(step: Remote) -> Any:
+    """Make the call and wait for its answer; in a driver, in slices, stopping at its exit."""
+    if _Exit.by is not None and _Exit.by is not threading.current_thread():
+        raise NotInitializedError("this process is disconnecting from Ray")
+    ref = step.method.remote(*step.args)
+    if ray.get_runtime_context().worker.mode != ray.SCRIPT_MODE:
+        return ray.get(ref)  # a worker's wait also lends its CPU to other tasks: keep it whole
+    with _Exit.lock:
+        _Exit.calls += 1
+    try:
+        while True:
+            try:
+                return ray.get(ref, timeout=EXIT_SLICE_S)
+            except ray.exceptions.GetTimeoutError:
+                if _Exit.by is not None and _Exit.by is not threading.current_thread():
+                    raise NotInitializedError("this process is disconnecting from Ray") from None
+    finally:
+        with _Exit.lock:
+            _Exit.calls -= 1
 
 
 async def run_async(steps: Steps[T]) -> T:
