@@ -13,11 +13,14 @@ import dataclasses
 import math
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
+from hypothesis.internal.conjecture import providers
+from hypothesis.internal.constants_ast import Constants
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
@@ -572,6 +575,18 @@ class SystemMachine(RuleBasedStateMachine):
 
     def _resource_of(self, token_id: str, process: Process) -> str:
         return next(h.resource for h in process.handles if h.token_id == token_id)
+
+
+@pytest.fixture(autouse=True)
+def _draws_independent_of_the_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Hypothesis draws some values from the literals of every project module loaded in the
+    process (``ray_quota``'s, not the tests'), so that a derandomized run explored other
+    examples in the full suite, where more of ``ray_quota`` is imported, than alone. Here it
+    draws from its own constants only, whatever else ran before."""
+    monkeypatch.setattr(providers, "_get_local_constants", Constants)
+    providers.CONSTANTS_CACHE.cache.clear()  # pools of permitted constants, made before
+    yield
+    providers.CONSTANTS_CACHE.cache.clear()
 
 
 MACHINE_SETTINGS = settings(max_examples=200, stateful_step_count=40, deadline=None,
