@@ -106,3 +106,47 @@ def test_a_moved_token_whose_dead_sender_held_its_only_lease_may_be_released(mon
         ("work", {"pick": 6021, "rounds": 2, "share": 0.33408131039500777, "used": "some"}),
         ("work", {"pick": 937061, "rounds": 11, "share": 0.46151719829514126, "used": "some"}),
     ], monkeypatch)
+
+
+def test_renewals_keep_to_the_whole_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model fault, not the system's: steps of 0.2 s from 0.6 s end just short of 2.0 s, and
+    the world then skipped the renewals due at 2.0 s; a broker paused from 2.4 s ("past its
+    trust, before expiry") had its last renewal at 1.0 s and its lease of a process's token
+    expired at 5.0 s, so the executor released the token of a live process."""
+    replay([
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 1, "others": [(20, 3), (34, 4), (31, 7), (30, 8), (24, 10)], "pick": 1978,
+          "weight": 28}),
+        ("work", {"pick": 203, "rounds": 3, "share": 0.3333333333333333, "used": "none"}),
+        ("work", {"pick": 753333, "rounds": 9, "share": 0.18272487844320476, "used": "none"}),
+        ("broker_renewals_pause_past_its_trust", {"node": "a", "pick": 677165}),
+        ("advance", {"seconds": 3.0}),
+        ("broker_renewals_pause_past_its_trust", {"node": "a", "pick": 7360}),
+    ], monkeypatch)
+
+
+def test_a_handle_moved_away_while_its_requests_wait_still_renews(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model fault, not the system's: a token moved away while requests of it waited at the
+    executor; the sender's process stopped renewing that handle (nothing held), the requests
+    were then granted to it, and its lease expired while it held the slots, so the slots were
+    counted twice (4 of 3). The real renewer keeps a handle while a waiting request holds it."""
+    replay([
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 1, "others": [(1, 1), (34, 4), (31, 7), (30, 8), (24, 10)], "pick": 1978,
+          "weight": 28}),
+        ("commit", {"pick": 848, "used": "none"}),
+        ("close", {"pick": 3292}),
+        ("close", {"pick": 2124}),
+        ("broker_renewals_pause_past_its_trust", {"node": "b", "pick": 677165}),
+        ("broker_renewals_pause_past_its_trust", {"node": "a", "pick": 7360}),
+        ("commit", {"pick": 1000000, "used": "over"}),
+        ("move", {"pick": 499, "to": 310555}),
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 5, "others": [(24, 9), (33, 8), (28, 8), (24, 9), (16, 1)], "pick": 704,
+          "weight": 21}),
+        ("freeze", {"pick": 5697, "seconds": 5.0}),
+        ("stale_lease_after_restart", {"pick": 0}),
+        ("work", {"pick": 0, "rounds": 1, "share": 0.08130608602166496, "used": "none"}),
+        ("backlogged_tokens_get_their_shares", {"stream": 0, "weights": [5, 10, 20]}),
+    ], monkeypatch)
