@@ -4,10 +4,13 @@ the steps hypothesis found, with every invariant checked after each step, as hyp
 from __future__ import annotations
 
 import inspect
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 import test_system_machine as machine
+from system_world import LAYOUT, POLICY, QUICK, World
 
 INVARIANTS = [f for _, f in inspect.getmembers(machine.SystemMachine)
               if getattr(f, "hypothesis_stateful_invariant", None)]
@@ -32,11 +35,10 @@ def replay(steps: list[tuple[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPa
     assert checked == (len(steps) + 1) * len(INVARIANTS)  # every step was replayed and checked
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a token moved with a reservation open, its sender's broker dies: the sender adopts and "
-    "ends its lease, the dead broker's own lease of the token expires last, and the executor "
-    "releases the token as an orphan though its receiver (alive, not yet using it) owns it"))
 def test_a_moved_token_outlives_its_senders_dead_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token moved with a reservation open, its sender's broker dies: the sender adopts and
+    ends its lease, the dead broker's own lease of the token expires last. That expiry must
+    not release the token as an orphan: its receiver (alive, not yet using it) owns it."""
     replay([
         ("reject_request_admitted_is_served_in_time",
          {"amount": 1, "others": [(1, 1), (1, 1)], "pick": 757, "weight": 1}),
@@ -150,3 +152,47 @@ def test_a_handle_moved_away_while_its_requests_wait_still_renews(
         ("work", {"pick": 0, "rounds": 1, "share": 0.08130608602166496, "used": "none"}),
         ("backlogged_tokens_get_their_shares", {"stream": 0, "weights": [5, 10, 20]}),
     ], monkeypatch)
+
+
+def test_a_token_moved_on_after_its_lease_was_adopted_is_not_released(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, found by ``--hypothesis-seed=4``: the sender adopted its lease from its dead
+    broker, then passed the token on; its adopted lease ended, and the dead broker's lease
+    expiring after it released the token its receiver owned."""
+    replay([
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 2, "others": [(36, 5), (26, 5), (3, 1), (4, 7), (32, 8)], "pick": 23374,
+          "weight": 38}),
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 8, "others": [(36, 5), (26, 5), (3, 1), (4, 7), (32, 8)], "pick": 26886,
+          "weight": 8}),
+        ("work", {"pick": 186, "rounds": 10, "share": 0.5, "used": "some"}),
+        ("kill_broker", {"node": "a"}),
+        ("work", {"pick": 34139, "rounds": 6, "share": 0.5, "used": "none"}),
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 8, "others": [(32, 8), (30, 2)], "pick": 36323, "weight": 39}),
+        ("move", {"pick": 219, "to": 1599}),
+        ("advance", {"seconds": 7.0}),
+    ], monkeypatch)
+
+
+def test_a_token_whose_adopter_died_is_still_released() -> None:
+    """The other side of the two above: a process takes its lease over from its dead broker,
+    then dies itself; its adopted lease expires and the token is released as an orphan (the
+    broker's lease it adopted from does not keep the token alive)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        world = World(Path(scratch) / "state.sqlite", LAYOUT)
+        process = next(p for p in world.processes if p.broker is not None)
+        info = world.token_call("open_token", QUICK.name, 5, process.claimant, None)
+        handle = process.adopt_handle(info.id, QUICK.name, 0, 5, None)
+        assert process.reserve(handle, 1) == "granted"
+        world.advance(1.0)
+        world.kill_broker(process.broker.name)  # type: ignore[union-attr]
+        process.commit(0, 1)
+        process.renew()  # finds its broker dead: takes its lease over first
+        assert process.broker is None and not handle.leases.current.via
+        process.dead = True
+        sched = world.executor.service.scheduler
+        world.advance(POLICY.lease_ttl_s + POLICY.orphan_grace_s + 1.0)
+        assert sched.token_key(info.id) is None
+        world.executor.store.close()
