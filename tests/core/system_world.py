@@ -202,6 +202,9 @@ class Process:
             elif isinstance(outcome, LeaseEndedError):
                 handle.leases.ended(lease)
             elif isinstance(outcome, ExecutorUnavailableError):
+                # Its broker died while it waited: routing takes the leases over before the
+                # call raises (``routing.leasing``), so the lease is adopted, then retired.
+                self._route()
                 handle.leases.lost(lease)
 
         died = self.broker is not None and self.broker.dead

@@ -176,6 +176,30 @@ def test_a_token_moved_on_after_its_lease_was_adopted_is_not_released(
     ], monkeypatch)
 
 
+def test_a_lease_whose_request_died_with_the_broker_is_adopted_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests waiting at a broker that dies fail in their processes, whose routing takes the
+    leases over before the call raises (the model answered them first, so the lease was
+    retired and settled before it could be adopted). The sender then passes the token on;
+    the dead broker's lease expiring must not release it (``--hypothesis-seed=4``)."""
+    replay([
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 2, "others": [(36, 5), (26, 5), (3, 1), (4, 7), (32, 8)], "pick": 23374,
+          "weight": 38}),
+        ("move", {"pick": 2384, "to": 16442}),
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 8, "others": [(36, 5), (26, 5), (3, 1), (4, 7), (32, 8)], "pick": 26886,
+          "weight": 8}),
+        ("work", {"pick": 186, "rounds": 10, "share": 0.5, "used": "some"}),
+        ("kill_broker", {"node": "a"}),
+        ("work", {"pick": 34139, "rounds": 6, "share": 0.5, "used": "none"}),
+        ("reject_request_admitted_is_served_in_time",
+         {"amount": 8, "others": [(32, 8), (30, 2)], "pick": 36323, "weight": 39}),
+        ("move", {"pick": 219, "to": 1599}),
+        ("work", {"pick": 538, "rounds": 4, "share": 0.18926793578963755, "used": "none"}),
+        ("advance", {"seconds": 7.0}),
+    ], monkeypatch)
+
 def test_a_token_whose_adopter_died_is_still_released() -> None:
     """The other side of the two above: a process takes its lease over from its dead broker,
     then dies itself; its adopted lease expires and the token is released as an orphan (the
