@@ -168,6 +168,14 @@ class SystemMachine(RuleBasedStateMachine):
         # The other's last totals first (the client sends them with the merge, and the
         # executor applies them first): refunds and debt move its credit before it is added.
         process.send("settle", process.final_reports(other_handle))
+        node = process.broker
+        if node is not None:
+            # Through a broker they reach the executor only with the merge, with the spare
+            # the broker keeps of the token; a give-back there moves virtual time, and so
+            # every credit. Have the broker hand both on now (as when recalled), so that the
+            # credit is measured after them.
+            node.recalled(frozenset({other_handle.token_id}))
+            node.send_now({other_handle.token_id})
         sched = self.world.executor.service.scheduler
         before = sched.credit(handle.token_id) + sched.credit(other_handle.token_id)
         try:

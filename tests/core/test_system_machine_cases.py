@@ -200,6 +200,21 @@ def test_a_lease_whose_request_died_with_the_broker_is_adopted_first(
         ("advance", {"seconds": 7.0}),
     ], monkeypatch)
 
+def test_a_merge_through_a_broker_keeps_the_credit_of_both(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model fault, not the system's (``--hypothesis-seed=1``, "merge lost or made credit"):
+    through a broker, the merged-away token's last totals reach the executor only with the
+    merge, and their give-back moves virtual time and so every credit; the model measured
+    the credit before them. The executor's merge adds the two credits as they stand then."""
+    replay([
+        ("kill", {"pick": 2328}),
+        ("open_token", {"expected_use": 34, "pick": 256, "resource": "rate"}),
+        ("split", {"pick": 806, "share": 0.37809204950681974}),
+        ("work", {"pick": 564, "rounds": 6, "share": 0.14217353640019165, "used": "some"}),
+        ("split", {"pick": 135, "share": 0.32828186369000006}),
+        ("merge", {"other": 1489, "pick": 0}),
+    ], monkeypatch)
+
 def test_a_token_whose_adopter_died_is_still_released() -> None:
     """The other side of the two above: a process takes its lease over from its dead broker,
     then dies itself; its adopted lease expires and the token is released as an orphan (the
