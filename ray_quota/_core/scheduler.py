@@ -405,6 +405,7 @@ class Scheduler:
         moved = min(units, source.units)
         source.units -= moved
         source.moved_out += moved
+        source.adopted_from = True
         lease = self._leases.add(Lease(token_id, to_key, source.resource, moved,
                                        self._clock() + self.policy.lease_ttl_s,
                                        returned=returned, used=used))
@@ -578,8 +579,10 @@ class Scheduler:
         self.lease_expiries += 1
         # A token whose every holder stopped renewing belongs to processes that are gone (or
         # cut off for a whole time-to-live): release it after a grace period in which a Ray
-        # retry of its task may take it up, or it would count as live for ever.
-        if not self._leases.has_leases(lease.token_id):
+        # retry of its task may take it up, or it would count as live for ever. A broker's
+        # lease that a process took over from is no such sign: that process renews (or ends)
+        # its own lease of the token, and the token may have moved on from it meanwhile.
+        if not self._leases.has_leases(lease.token_id) and not lease.adopted_from:
             self._tokens.orphaned(lease.token_id, now + self.policy.orphan_grace_s)
         res.dispatch(now)
 

@@ -102,7 +102,7 @@ class Node:
         except QuotaError:
             return
         if self.core.settle(reports, self.world.clock.now):
-            self._send_now({report.token_id for report in reports})
+            self.send_now({report.token_id for report in reports})
 
     def renew(self, holder: str, reports: list[Report], secret: str) -> Renewed:
         """A process's renewal; raises :class:`AccessDeniedError` if ``secret`` does not
@@ -113,7 +113,7 @@ class Node:
         urgent = self.core.settle(reports, now)
         alive = self.core.renew(reports, now)
         if urgent:
-            self._send_now({report.token_id for report in reports})
+            self.send_now({report.token_id for report in reports})
         return alive
 
     def ending(self, method: str, ending: str, reports: list[Report], secret: str,
@@ -156,7 +156,8 @@ class Node:
         for answer in pending.values():
             answer(ExecutorUnavailableError("the node's broker died"))
 
-    def _send_now(self, token_ids: set[str]) -> None:
+    def send_now(self, token_ids: set[str]) -> None:
+        """Send the running totals of the tokens' leases upstream now."""
         reports = [r for token_id in token_ids for r in self.core.report_of(token_id)]
         if reports:
             self.world.send("settle", reports, self.secret)

@@ -26,7 +26,7 @@ from system_executor import CAP, CONC, EPS, POLICY, QUICK, RATE, SPECS, Crashed,
 
 from ray_quota._core.credentials import add_proofs, holder_id, make_claim
 from ray_quota._core.holder import LeaseSet, LocalLease
-from ray_quota._core.protocol import Grant, Renewed, Report, prefetch_cap
+from ray_quota._core.protocol import RENEW_INTERVAL_S, Grant, Renewed, Report, prefetch_cap
 from ray_quota._errors import ExecutorUnavailableError, LeaseEndedError, QuotaError
 from ray_quota._spec import Kind, ResourceSpec
 
@@ -202,6 +202,9 @@ class Process:
             elif isinstance(outcome, LeaseEndedError):
                 handle.leases.ended(lease)
             elif isinstance(outcome, ExecutorUnavailableError):
+                # Its broker died while it waited: routing takes the leases over before the
+                # call raises (``routing.leasing``), so the lease is adopted, then retired.
+                self._route()
                 handle.leases.lost(lease)
 
         died = self.broker is not None and self.broker.dead
@@ -260,7 +263,9 @@ class Process:
                 return  # the next renewal reports the same totals again
         for handle in self.handles:
             handle.leases.renewed(alive, now)
-        self.handles = [h for h in self.handles if h.live or h.leases.reserved
+        # As the renewer's weak set: a handle stays while anything can still reach it (a
+        # request of it waiting, moved away or not, holds it, and its grant renews a lease).
+        self.handles = [h for h in self.handles if h.live or h.waiting or h.leases.reserved
                         or any(lease.active and not lease.final for lease in h.leases)]
 
     def recalled(self, token_ids: frozenset[str]) -> None:
@@ -290,6 +295,7 @@ class World:
         self.policy = POLICY
         self.specs = dict(SPECS)  # the limits in force
         self.incarnations = itertools.count()
+        self.renewals = 0  # renewal rounds so far (brokers', then processes')
         self.executor = Executor(self.clock, path)
         self.executor.recall = self.recall_holder
         self.records = Records()
@@ -375,12 +381,14 @@ class World:
         reservations, plus the spare that live processes and brokers hold to serve later."""
         return consumed(self.records, resource) + self._spare(resource)
 
-    def advance(self, seconds: float, *, renew_every: float = 1.0) -> None:
+    def advance(self, seconds: float) -> None:
         """Let ``seconds`` pass: the executor ticks at its wake-ups, brokers and processes
-        renew on time."""
+        renew on time (every ``RENEW_INTERVAL_S``, on the whole second)."""
         end = self.clock.now + seconds
-        next_renewal = math.floor(self.clock.now / renew_every + 1) * renew_every
         while True:
+            # Counted, not found from the clock: sums of steps such as 0.2 fall short of the
+            # whole second (0.6 + 7 x 0.2 < 2.0), and rounding from there skipped a renewal.
+            next_renewal = (self.renewals + 1) * RENEW_INTERVAL_S
             wake = min(self.executor.service.next_wakeup(), next_renewal)
             if wake > end:
                 break
@@ -388,7 +396,7 @@ class World:
             self._snapshot()
             self._tick()
             if self.clock.now >= next_renewal - EPS:
-                next_renewal += renew_every
+                self.renewals += 1
                 for node in list(self.nodes.values()):
                     if not node.dead:
                         node.renew_upstream()
