@@ -82,7 +82,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         # Lease keys: a process uses one key per token until that lease ends, then a new one.
         self.epoch: dict[tuple[str, str], int] = defaultdict(int)
         self.ended: set[tuple[str, str]] = set()
-        self.orphans: dict[str, float] = {}  # token whose leases all expired -> release time
+        self.orphans: dict[str, float] = {}  # token whose leases all expired -> earliest release
+        self.born: dict[str, float] = {}  # token -> when it was opened
 
     # ------------------------------------------------------------------ helpers
 
@@ -178,9 +179,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.collect()
         released = orphans_due(self.orphans, expired, self.now, set(self.live),
                                lambda t: any(key[0] == t for key in self.leases),
-                               lambda t: bool(self.waiting_of(t)))
+                               lambda t: bool(self.waiting_of(t)),
+                               lambda t: self.sched.token_key(t) is None, self.born)
         for token in released:
-            event("token released after its leases expired")
+            event("token released, unused for a grace")
             del self.live[token]
             self.closed.append(token)
 
@@ -196,6 +198,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         token = self.sched.open_token(resource, expected_use, claimant=ME).id
         assert token not in self.live and token not in self.closed
         self.live[token] = resource
+        self.born[token] = self.now
         self.expected_use[token] = expected_use
 
     def _acquire(self, index: int, process: str, share: int, prefetch: int,
@@ -300,6 +303,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         new = self.sched.split(token, 0, ME, child).id
         self.live[new] = self.live[token]
+        self.born[new] = self.now
         self.expected_use[new] = child
         self.expected_use[token] = eu - child
         after = self.sched.credit(token) + self.sched.credit(new)
