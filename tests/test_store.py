@@ -138,3 +138,17 @@ def test_a_lease_key_that_ended_stays_ended_after_a_restart(tmp_path: Path) -> N
     refused = run(acquire(second, token.id, 40, key=f"{H('proc')}:0"))
     assert isinstance(refused, LeaseEndedError)
     assert isinstance(run(acquire(second, token.id, 40, key=f"{H('proc')}:1")), Grant)
+
+
+def test_a_split_childs_parent_survives_a_restart(tmp_path: Path) -> None:
+    """Stored, so that a child released as an orphan (or merged back) after a restart gives its
+    share back to its parent rather than being closed."""
+    state = tmp_path / "state.sqlite"
+    first = start(state)
+    parent = run(first.open_token("budget", 100, "me", None)).id
+    child = run(first.split(parent, 0, "me", 40))[0].id
+    del first
+
+    second = start(state)
+    assert run(second.merge_back(child, 0, "me", parent, [], SECRET)) is True
+    assert run(second.describe(parent, 0, "me"))[0] == 100
