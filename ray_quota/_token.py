@@ -25,7 +25,6 @@ from ray_quota._errors import (
     ExecutorUnavailableError,
     ForgedTokenError,
     LeaseEndedError,
-    QuotaError,
     IncompatibleTokensError,
     QuotaTerminated,
     TokenClosedError,
@@ -437,15 +436,15 @@ class QuotaToken:
 
     def _take_up_if_idle(self, now: float) -> None:
         """A handle moved here and unused for a renewal interval: take the token up (its
-        sender stops naming it then), so that it is released if this process dies unused."""
+        sender stops naming it then), so that it is released if this process dies unused.
+        Without waiting for the answer: the renewal it comes with must not be held up."""
         received = self._received_at
         if received is None or now - received < RENEW_INTERVAL_S \
                 or self._state is not _State.LIVE:
             return
-        try:
-            self.describe()
-        except QuotaError:
-            self._received_at = None  # refused (moved on, closed): nothing to take up
+        self._received_at = None
+        if self._cluster == rpc.info().cluster_id:  # (a token of another cluster is refused)
+            rpc.send("describe", self._id, self._generation, self._claimant)
 
     def _renewed(self, alive: Renewed, sent_at: float) -> None:
         with self._lock:

@@ -1,8 +1,9 @@
 """Tokens whose holder ended holding nothing (issue 14; issue 18 item 3), on the real session
 cluster: a ``@quota`` child cancelled or crashed before it reserved gives its expected use back
 to its parent once the orphan grace passed; a token of a dead process that never reserved is
-released; and a token argument that waits in Ray's queue longer than the grace, its task unable
-to start, is kept, because its sender names it until the task takes it up."""
+released, as is a token argument whose task took it up and died unused; and a token argument
+that waits in Ray's queue longer than the grace, its task unable to start, is kept, because its
+sender names it until the task takes it up."""
 
 from __future__ import annotations
 
@@ -79,6 +80,12 @@ def open_and_die() -> None:
     os._exit(1)
 
 
+@ray.remote(max_retries=0)
+def hold_then_die(token: QuotaToken) -> None:
+    time.sleep(2.5)  # more than a renewal interval: this process takes the token up
+    os._exit(1)
+
+
 @ray.remote
 def use(token: QuotaToken) -> int:
     with token.reserve(1) as reservation:
@@ -114,6 +121,14 @@ def test_quota_children_cancelled_before_they_started_give_their_shares_back() -
 def test_a_never_reserved_token_of_a_dead_process_is_released() -> None:
     with pytest.raises(ray.exceptions.WorkerCrashedError):
         ray.get(open_and_die.remote())
+    assert wait_for(lambda: live_tokens("tok") == 0, GRACE_S + 8.0)
+
+
+def test_a_token_argument_whose_task_died_without_using_it_is_released() -> None:
+    token = QuotaToken("tok", expected_use=5)
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        ray.get(hold_then_die.remote(token))
+    # Its sender stopped naming it once the task took it up; nobody names it now.
     assert wait_for(lambda: live_tokens("tok") == 0, GRACE_S + 8.0)
 
 
