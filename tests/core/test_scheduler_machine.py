@@ -84,6 +84,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.ended: set[tuple[str, str]] = set()
         self.orphans: dict[str, float] = {}  # token whose leases all expired -> earliest release
         self.born: dict[str, float] = {}  # token -> when it was opened
+        self.parents: dict[str, str] = {}  # split child -> the token it was split from
 
     # ------------------------------------------------------------------ helpers
 
@@ -185,6 +186,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             event("token released, unused for a grace")
             del self.live[token]
             self.closed.append(token)
+            # A split child's expected use goes back to its parent, if that is live.
+            parent = self.parents.pop(token, None)
+            if parent in self.live:
+                self.expected_use[parent] += self.expected_use[token]
 
     # -------------------------------------------------------------------- rules
 
@@ -306,6 +311,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.born[new] = self.now
         self.expected_use[new] = child
         self.expected_use[token] = eu - child
+        self.parents[new] = token
         after = self.sched.credit(token) + self.sched.credit(new)
         assert after == pytest.approx(before, abs=1e-6 * (1 + abs(before)))
 
