@@ -27,7 +27,7 @@ from ray_quota._context import (
     set_task_scope,
 )
 from ray_quota._errors import QuotaError
-from ray_quota._runtime import endings
+from ray_quota._runtime import endings, renewer
 from ray_quota._token import QuotaToken
 
 
@@ -240,8 +240,11 @@ class QuotaRemoteFunction:
 
     def remote(self, *args: Any, token: QuotaToken | None = None, **kwargs: Any) -> Any:
         """Submit the task with its tokens; returns Ray's ObjectRef, as the original does."""
-        call = (child_tokens(self._quotas, token), self._retries)
-        return self._remote.remote(call, *args, **kwargs)
+        tokens = child_tokens(self._quotas, token)
+        ref = self._remote.remote((tokens, self._retries), *args, **kwargs)
+        if isinstance(ref, ray.ObjectRef):  # named until the task ends (see the renewer)
+            renewer.until_done([child._id for child in tokens.values()], ref)
+        return ref
 
 
 class QuotaActorClass:

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS resources (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, pool REAL NOT NULL, vtime REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, resource TEXT NOT NULL, expected_use INTEGER NOT NULL,
-    pass REAL NOT NULL, generation INTEGER NOT NULL, claimant TEXT, label TEXT);
+    pass REAL NOT NULL, generation INTEGER NOT NULL, claimant TEXT, label TEXT, parent TEXT);
 CREATE TABLE IF NOT EXISTS leases (
     token_id TEXT NOT NULL, lease_key TEXT NOT NULL, resource TEXT NOT NULL,
     units INTEGER NOT NULL, returned INTEGER NOT NULL, used INTEGER NOT NULL,
@@ -84,6 +84,8 @@ class StateStore:
             if "moved_out" not in columns:  # written before adoptions were stored
                 self._db.execute("ALTER TABLE leases ADD COLUMN moved_out INTEGER NOT NULL "
                                  "DEFAULT 0")
+            if "parent" not in {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}:
+                self._db.execute("ALTER TABLE tokens ADD COLUMN parent TEXT")  # an older file
         except (sqlite3.Error, OSError) as exc:
             raise _unreadable(self.path, exc) from exc
         self._specs: dict[str, ResourceSpec] = {}  # as last written: most writes keep them
@@ -107,7 +109,8 @@ class StateStore:
                      for spec, pool, vtime in self._db.execute(
                          "SELECT spec, pool, vtime FROM resources")]
         tokens = [SavedToken(*row) for row in self._db.execute(
-            "SELECT id, resource, expected_use, pass, generation, claimant, label FROM tokens")]
+            "SELECT id, resource, expected_use, pass, generation, claimant, label, parent "
+            "FROM tokens")]
         leases = [SavedLease(*row) for row in self._db.execute(
             "SELECT token_id, lease_key, resource, units, returned, used, debt, moved_out "
             "FROM leases")]
@@ -145,9 +148,9 @@ class StateStore:
             (r.spec.name, _spec_to_json(r.spec), r.pool, r.vtime) for r in changed_specs])
         db.executemany("UPDATE resources SET pool = ?, vtime = ? WHERE name = ?", [
             (r.pool, r.vtime, r.spec.name) for r in changes.resources])
-        db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)", [
-            (t.id, t.resource, t.expected_use, t.pass_, t.generation, t.claimant, t.label)
-            for t in changes.tokens])
+        db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+            (t.id, t.resource, t.expected_use, t.pass_, t.generation, t.claimant, t.label,
+             t.parent) for t in changes.tokens])
         db.executemany("DELETE FROM tokens WHERE id = ?",
                        [(token_id,) for token_id in changes.closed_tokens])
         db.executemany("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [

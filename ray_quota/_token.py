@@ -34,6 +34,7 @@ from ray_quota._errors import (
 from ray_quota._core.credentials import add_proofs, claim_value
 from ray_quota._core.holder import LeaseSet, LocalLease, capped_use
 from ray_quota._core.protocol import (
+    RENEW_INTERVAL_S,
     Adoption,
     Grant,
     Renewed,
@@ -69,7 +70,7 @@ class QuotaToken:
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
                  "_expected_use", "_leases", "_lock", "_state", "_verified", "_parent",
-                 "_scope", "_claimant", "_proofs", "__weakref__")
+                 "_scope", "_claimant", "_proofs", "_received_at", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
         check_units("expected_use", expected_use)
@@ -101,6 +102,8 @@ class QuotaToken:
         self._scope: Any = None
         self._proofs: tuple[str, ...] = ()  # from the pickled bytes: they take the token up
         endings.own(self)  # it ends with this process, if nothing ends it first
+        self._received_at: float | None = None  # moved here then, and not used since
+        renewer.track(self)  # from the start: renewals name it while it holds no lease
 
     # -------------------------------------------------------------------------- properties
 
@@ -392,6 +395,8 @@ class QuotaToken:
         """
         self._usable()
         self._state = _State.MOVED  # the renewer gives this handle's spare units back
+        # Named by this process until taken up: it may wait in Ray's queue for long.
+        renewer.sent(self._id, self._generation + 1)
         proofs = (claim_value(identity.CLAIM_KEY, self._id, self._generation),
                   *self._proofs)[:MAX_PROOFS]
         return (_rebuild, (self._id, self._spec, self._environment, self._cluster,
@@ -409,6 +414,7 @@ class QuotaToken:
             raise TokenClosedError("this token was closed or merged into another token")
 
     def _verify(self) -> None:
+        self._received_at = None  # a call follows, which takes a moved token up
         if not self._verified:
             if self._cluster != rpc.info().cluster_id:
                 rpc.reset()  # our cached view may predate a new executor
@@ -445,6 +451,18 @@ class QuotaToken:
         """The running totals of each lease; retired ones (and all, once moved) final once idle."""
         with self._lock:
             return self._leases.reports(now, live=self._state is _State.LIVE)
+
+    def _take_up_if_idle(self, now: float) -> None:
+        """A handle moved here and unused for a renewal interval: take the token up (its
+        sender stops naming it then), so that it is released if this process dies unused.
+        Without waiting for the answer: the renewal it comes with must not be held up."""
+        received = self._received_at
+        if received is None or now - received < RENEW_INTERVAL_S \
+                or self._state is not _State.LIVE:
+            return
+        self._received_at = None
+        if self._cluster == rpc.info().cluster_id:  # (a token of another cluster is refused)
+            rpc.send("describe", self._id, self._generation, self._claimant)
 
     def _renewed(self, alive: Renewed, sent_at: float) -> None:
         with self._lock:
@@ -501,6 +519,7 @@ def _rebuild(token_id: str, spec: ResourceSpec, environment: str, cluster: str, 
     # the proofs from the bytes. Kept for every later call, so threads of the same task use it.
     token._proofs = tuple(proofs)
     token._claimant = identity.claimant(token._proofs)
+    token._received_at = time.monotonic()
     return token
 
 

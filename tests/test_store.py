@@ -156,3 +156,15 @@ def test_a_state_file_written_before_adoptions_were_stored_is_read(tmp_path: Pat
     assert saved is not None
     assert [(lease.key, lease.units, lease.moved_out) for lease in saved.leases] == [
         (f"{H('proc')}:3", 70, 0)]
+def test_a_split_childs_parent_survives_a_restart(tmp_path: Path) -> None:
+    """Stored, so that a child released as an orphan (or merged back) after a restart gives its
+    share back to its parent rather than being closed."""
+    state = tmp_path / "state.sqlite"
+    first = start(state)
+    parent = run(first.open_token("budget", 100, "me", None)).id
+    child = run(first.split(parent, 0, "me", 40))[0].id
+    del first
+
+    second = start(state)
+    assert run(second.merge_back(child, 0, "me", parent, [], SECRET)) is True
+    assert run(second.describe(parent, 0, "me"))[0] == 100

@@ -35,7 +35,16 @@ from dataclasses import dataclass, field
 from ray_quota._core.credentials import adoption_suffix, new_secret
 from ray_quota._core.holder import LocalLease
 from ray_quota._core.ledger import TOMBSTONES
-from ray_quota._core.protocol import Grant, LeaseAnswer, Renewed, Report, holder_of
+from ray_quota._core.protocol import (
+    NAMED,
+    Grant,
+    LeaseAnswer,
+    Renewed,
+    Report,
+    holder_of,
+    name_key,
+    read_name,
+)
 from ray_quota._spec import Kind
 
 
@@ -125,6 +134,11 @@ class BrokerCore:
         # (a lost final report would leave the lease to expire at the executor, which then
         # charges what it held and may release the token of a process that is still alive).
         self._unanswered: list[Report] = []
+        # Tokens its processes named (see protocol.name_key), by token id and the generation a
+        # sent one waits for: named upstream under the broker's own keys at its next renewal,
+        # and whether the executor's answer to the last one kept each name.
+        self._names: dict[tuple[str, int | None], None] = {}
+        self._kept: dict[tuple[str, int | None], bool] = {}
         self.local_grants = 0  # requests served without the executor
         self.forwarded = 0  # requests passed on to the executor
         self.expiries = 0
@@ -284,6 +298,12 @@ class BrokerCore:
         """
         alive: Renewed = {}
         for report in reports:
+            is_name, sent = read_name(report)
+            if is_name:  # passed on upstream; answered as the executor last answered it
+                self._names[(report.token_id, sent)] = None
+                if self._kept.get((report.token_id, sent), True):
+                    alive[(report.token_id, report.key)] = NAMED
+                continue
             sub = self._subs.get((report.token_id, report.key))
             if report.final or sub is None:
                 continue
@@ -309,7 +329,8 @@ class BrokerCore:
     def upstream_reports(self, now: float) -> list[Report]:
         """The broker's own renewal: totals of every upstream lease. Spare goes back unless it
         is in use and nobody waits; a lease with no sub-leases left is settled as final, and
-        one the executor ended is not renewed. Final totals that late debt grew go again."""
+        one the executor ended is not renewed. Final totals that late debt grew go again, and
+        the tokens its processes named since the last renewal are named, once each."""
         reports, self._owed, self._unanswered = self._owed + self._unanswered, [], []
         for up in [*self._ups.values(), *self._retired]:
             lease = up.lease
@@ -327,6 +348,9 @@ class BrokerCore:
                 lease.report(now, keep_spare=not up.retired)
             reports.append(_report(up, final=final))
         self._unanswered = [report for report in reports if report.final]
+        reports += [Report(token_id, name_key(self._holder, sent), 0, 0, 0, False)
+                    for token_id, sent in self._names]
+        self._names = {}
         return reports
 
     def report_of(self, token_id: str) -> list[Report]:
@@ -375,6 +399,8 @@ class BrokerCore:
         ``sent_at``. Only leases the renewal reported are judged by it: one first granted while
         it was out is not in the answer, and is not gone."""
         self._unanswered = [report for report in self._unanswered if report not in reports]
+        self._kept = {(report.token_id, sent): (report.token_id, report.key) in alive
+                      for report in reports for is_name, sent in [read_name(report)] if is_name}
         reported = {(report.token_id, report.key) for report in reports if not report.final}
         for up in [*self._ups.values(), *self._retired]:
             if (up.token_id, up.lease.key) not in reported or up.lease.final:

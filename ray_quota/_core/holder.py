@@ -16,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ray_quota._core.protocol import TRUST, Adoption, Grant, Renewed, Report
+from ray_quota._core.protocol import (
+    TRUST,
+    Adoption,
+    Grant,
+    Renewed,
+    Report,
+    holder_of,
+    name_key,
+)
 from ray_quota._errors import InvalidAmountError
 from ray_quota._spec import Kind, ResourceSpec
 
@@ -221,7 +229,8 @@ class LeaseSet:
         new_key: mints a lease key never used before (``holder:n``).
     """
 
-    __slots__ = ("token_id", "kind", "max_prefetch", "_new_key", "current", "_retired")
+    __slots__ = ("token_id", "kind", "max_prefetch", "_new_key", "current", "_retired",
+                 "_renewing")
 
     def __init__(self, token_id: str, kind: Kind, *, max_prefetch: int,
                  new_key: Callable[[], str]) -> None:
@@ -231,6 +240,9 @@ class LeaseSet:
         self._new_key = new_key
         self.current = self._new_lease()
         self._retired: list[LocalLease] = []  # earlier leases still to settle as final
+        # The current lease as the last renewal reported it, or None: only that one is judged
+        # by its answer (a lease first granted while the renewal was out is not in it).
+        self._renewing: LocalLease | None = None
 
     def __iter__(self) -> Iterator[LocalLease]:
         """The current lease, then the retired ones."""
@@ -321,13 +333,17 @@ class LeaseSet:
 
         Retired leases are settled as final once idle. Unless ``live`` (the token moved to
         another process), the current lease keeps no spare, and is settled as final once idle.
+        A live token that keeps no lease at the executor by this renewal is *named* (see
+        :func:`~ray_quota._core.protocol.name_key`), so that the executor keeps it.
         """
         reports = []
         current = self.current
+        self._renewing = None
         if current.active:
             current.report(now, keep_spare=live)
             if live or current.reserved:
                 reports.append(self._report_of(current, final=False))
+                self._renewing = current
             else:  # moved away and idle: this lease is done
                 current.release_all()
                 reports.append(self._report_of(current, final=True))
@@ -338,13 +354,16 @@ class LeaseSet:
             reports.append(self._report_of(lease, final=final))
             if final:
                 self._retired.remove(lease)
+        if live and all(report.final for report in reports):  # no lease left to keep it
+            reports.append(Report(self.token_id, name_key(holder_of(self.current.key)), 0, 0, 0,
+                                  False))
         return reports
 
     def renewed(self, alive: Renewed, sent_at: float) -> None:
         """Apply the answer to a renewal sent at ``sent_at``."""
         lease = self.current
-        if not lease.active:
-            return
+        if lease is not self._renewing:
+            return  # not reported by that renewal (first granted while it was out, say)
         answer = alive.get((self.token_id, lease.key))
         if answer is None:
             # The executor (or broker) no longer knows this lease (it expired): start afresh.

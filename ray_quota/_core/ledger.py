@@ -41,10 +41,6 @@ class Lease:
     # Units adoption moved out of this (a broker's) lease that its holder still counts: its
     # reports give them back later, and those returns free nothing.
     moved_out: int = 0
-    # A process took its share of this (a broker's) lease over directly: that process now
-    # answers for the token itself, so this lease's expiry does not say its owners are gone
-    # (not stored either).
-    adopted_from: bool = False
 
     @property
     def ident(self) -> LeaseKey:

@@ -154,6 +154,39 @@ class LeaseAnswer(NamedTuple):
 # The answer to a renewal: per live lease (token id, key). A lease missing from it has ended.
 Renewed = dict[tuple[str, str], LeaseAnswer]
 
+# ------------------------------------------------------------------------- naming idle tokens
+# A token that holds no lease is kept by the executor only while some renewal *names* it (see
+# ray_quota._core.tokens): a holder names each token it holds idle, and each it sent away
+# (pickled) that nobody has taken up yet, with an all-zero report under a *name key* instead of
+# a lease key. Name keys never hold a lease: ``holder:named`` keeps the token while it lives;
+# ``holder:sent.<g>`` keeps it only until it is taken up at generation ``g`` (the one its bytes
+# carry), after which its receiver names it. The answer keeps a name (:data:`NAMED`) while it
+# still keeps the token; a name missing from it may stop.
+NAMED_SUFFIX = "named"
+SENT_PREFIX = "sent."
+NAMED = LeaseAnswer(contended=False, ttl_s=0.0)  # a name answered: no lease, nothing to trust
+
+
+def name_key(holder: str, sent: int | None = None) -> str:
+    """The key under which ``holder`` names a token it holds idle, or (``sent``) one it sent
+    away at the generation ``sent`` and that is not taken up yet."""
+    return f"{holder}:{NAMED_SUFFIX if sent is None else f'{SENT_PREFIX}{sent}'}"
+
+
+def read_name(report: Report) -> tuple[bool, int | None]:
+    """Whether ``report`` is a name (all zeros, not final, under a name key), and the
+    generation a sent token's name waits for (None: an idle token's)."""
+    if report.returned or report.used or report.debt or report.final:
+        return False, None
+    tail = report.key.rpartition(":")[2]
+    if tail == NAMED_SUFFIX:
+        return True, None
+    digits = tail.removeprefix(SENT_PREFIX)
+    if tail.startswith(SENT_PREFIX) and 0 < len(digits) <= 18 and digits.isascii() \
+            and digits.isdigit():
+        return True, int(digits)
+    return False, None
+
 
 class Adoption(NamedTuple):
     """A process taking over, directly from the executor, its share of a failed broker's lease."""

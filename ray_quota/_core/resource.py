@@ -41,15 +41,20 @@ class Policy:
             the largest single grant the resource allows.
         bypass_factor: how many units, as multiples of a blocked head's request, smaller waiters
             may take before it.
-        orphan_grace_s: how long a token whose every lease expired is kept for a Ray retry of
-            its task to take it up again, before it is released.
+        orphan_grace_s: how long a token that holds nothing (no lease, no waiter) and that no
+            renewal names is kept before it is released (a split child's share back to its
+            live parent). Live processes name what they hold idle and what they sent that was
+            not taken up every renewal interval, and a ``@quota`` task's tokens until it ends,
+            so this needs only to outlast a pause a lease would outlast, and a Ray retry of a
+            crashed task that took a plain token argument up (the retry names it on arrival):
+            one lease time-to-live by default.
     """
 
     credit_factor: float = 1.0
     lease_ttl_s: float = 10.0
     max_lease_fraction: float = PREFETCH_FRACTION
     bypass_factor: float = 1.0
-    orphan_grace_s: float = 60.0
+    orphan_grace_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ class Scheduler:
         self._changes = ChangeLog(resources)
         self._leases = LeaseLedger(self._changes)
         self._leases.tick(now)
-        self._tokens = TokenRegistry(new_id, self._changes)
+        self._tokens = TokenRegistry(new_id, self._changes, grace_s=policy.orphan_grace_s)
         self._resolved: list[Ticket] = []  # since the last poll, appended to by the resources
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
                                           self._resolved)
@@ -107,6 +107,7 @@ class Scheduler:
         check_units("expected_use", expected_use)
         token = self._tokens.open(resource, expected_use, pass_=res.start_pass(),
                                   claimant=claimant, label=label)
+        self._tokens.orphaned(token.id, self._clock())  # until its process names or uses it
         res.tokens += 1
         return TokenInfo(token.id, res.spec, 0)
 
@@ -125,6 +126,7 @@ class Scheduler:
         # Same pass means same credit per unit of weight: credit divides in proportion.
         child = self._tokens.open(token.resource, child_expected_use, pass_=token.pass_,
                                   claimant=claimant, label=token.label, parent=token.id)
+        self._tokens.orphaned(child.id, self._clock())
         res = self._resources[token.resource]
         res.reweigh(token, token.expected_use - child_expected_use)
         res.queue.touch(child)  # it counts as active as its parent did, for its part
@@ -359,6 +361,7 @@ class Scheduler:
             if lease.units:
                 self.give_back(token_id, key, lease.units)
             self._leases.end(lease)
+            self._maybe_orphaned(token_id, self._clock())
 
     def renew_lease(self, token_id: str, key: str) -> bool | None:
         """Extend one lease; None if there is none (it expired), else whether others wait."""
@@ -367,6 +370,16 @@ class Scheduler:
             return None
         self._leases.extend(lease, self._clock() + self.policy.lease_ttl_s)
         return self._resources[lease.resource].queue.waiting > 0
+
+    def named(self, token_id: str, sent: int | None) -> bool:
+        """A renewal names the token (see :func:`~ray_quota._core.protocol.name_key`): keep it,
+        unless it is gone or, for a name of a token sent at generation ``sent``, taken up
+        since. Returns whether the name keeps it (its namer names it again next time)."""
+        token = self._tokens.get(token_id)
+        if token is None or (sent is not None and token.generation >= sent):
+            return False
+        self._tokens.seen(token_id, self._clock())
+        return True
 
     def renew(self, key: str) -> dict[str, bool]:
         """Extend every lease under the lease key ``key``; returns, per token, whether others
@@ -405,7 +418,6 @@ class Scheduler:
         moved = min(units, source.units)
         source.units -= moved
         source.moved_out += moved
-        source.adopted_from = True
         lease = self._leases.add(Lease(token_id, to_key, source.resource, moved,
                                        self._clock() + self.policy.lease_ttl_s,
                                        returned=returned, used=used))
@@ -452,9 +464,7 @@ class Scheduler:
         for lease in self._leases.due(now):
             self._expire(lease, now)
         if self._tokens.has_orphans:
-            for token in self._tokens.orphans_due(now):
-                if not token.waiters and not self._leases.has_leases(token.id):
-                    self._forget(token)
+            self._release_orphans(now)
         self._dispatch_all(now)
         resolved = list(self._resolved)
         self._resolved.clear()
@@ -540,6 +550,8 @@ class Scheduler:
                                        saved_lease.returned, saved_lease.used, saved_lease.debt,
                                        moved_out=saved_lease.moved_out))
                 res.leased += saved_lease.units
+        for token_id in self._tokens:  # orphans are not stored: their grace starts again
+            self._maybe_orphaned(token_id, now)
         self.drain_changes()
 
     # -------------------------------------------------------------------------------- internals
@@ -577,14 +589,30 @@ class Scheduler:
         res.expire(lease, now)
         self._leases.end(lease)
         self.lease_expiries += 1
-        # A token whose every holder stopped renewing belongs to processes that are gone (or
-        # cut off for a whole time-to-live): release it after a grace period in which a Ray
-        # retry of its task may take it up, or it would count as live for ever. A broker's
-        # lease that a process took over from is no such sign: that process renews (or ends)
-        # its own lease of the token, and the token may have moved on from it meanwhile.
-        if not self._leases.has_leases(lease.token_id) and not lease.adopted_from:
-            self._tokens.orphaned(lease.token_id, now + self.policy.orphan_grace_s)
+        # A token whose every holder stopped renewing may belong to processes that are gone (or
+        # cut off for a whole time-to-live): unless a renewal names it, it is released after a
+        # grace, or it would count as live for ever.
+        self._maybe_orphaned(lease.token_id, now)
         res.dispatch(now)
+
+    def _maybe_orphaned(self, token_id: str, now: float) -> None:
+        """The token may hold nothing now: if so, it is an orphan (see :mod:`.tokens`)."""
+        if token_id in self._tokens and not self._leases.has_leases(token_id):
+            self._tokens.orphaned(token_id, now)
+
+    def _release_orphans(self, now: float) -> None:
+        """Release the tokens nothing named for a grace; a split child's share (expected use
+        and credit, or debt) goes back to its parent if that is live, as a merge back would."""
+        for token in self._tokens.orphans_due(now):
+            if self._leases.has_leases(token.id):
+                continue  # held again: the end of its last lease makes it an orphan again
+            if token.waiters:
+                self._tokens.orphaned(token.id, now)  # a wait that fails holds nothing
+            elif (parent := self._tokens.get(token.parent or "")) is not None \
+                    and parent.resource == token.resource and parent is not token:
+                self._absorb(parent, token)
+            else:
+                self._forget(token)
 
 
 def _wait_allowed(spec: ResourceSpec, timeout: float | None) -> tuple[float, bool]:

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from ray_quota._core.credentials import adoption_suffix, check_holder, check_keys
 from ray_quota._core.protocol import (
     IDLE_TICK_S,
+    NAMED,
     Grant,
     LeaseAnswer,
     Renewed,
@@ -52,6 +53,7 @@ from ray_quota._core.protocol import (
     check_timeout,
     check_token_call,
     holder_of,
+    read_name,
 )
 from ray_quota._core.fair_queue import Ticket
 from ray_quota._core.resource import Policy, ResourceStatus
@@ -288,6 +290,8 @@ class ExecutorService:
 
         Answers, per live lease (token id, key), whether others wait and for how long it may be
         trusted; a lease missing from the answer has ended and its holder starts a new one.
+        A report that is a name (see :func:`~ray_quota._core.protocol.name_key`) keeps its
+        token instead, and is answered :data:`NAMED` while it does.
         """
         self.counts["renew"] += 1
         self.calls += 1
@@ -296,13 +300,18 @@ class ExecutorService:
             checked = _owned(check_reports(reports), secret)
         except QuotaError as exc:
             return exc
-        self._settle(checked)
+        names = {report: read_name(report) for report in checked}
+        self._settle([report for report in checked if not names[report][0]])
         alive = {}
         ttl = self._sched.policy.lease_ttl_s
         for report in checked:
-            if report.final:
+            is_name, sent = names[report]
+            if is_name:  # a token held idle, or sent and not taken up yet: keep it
+                if self._sched.named(report.token_id, sent):
+                    alive[(report.token_id, report.key)] = NAMED
+            elif report.final:
                 continue
-            if (contended := self._sched.renew_lease(report.token_id, report.key)) is not None:
+            elif (contended := self._sched.renew_lease(report.token_id, report.key)) is not None:
                 alive[(report.token_id, report.key)] = LeaseAnswer(contended, ttl)
         return alive
 

@@ -29,6 +29,7 @@ class SavedToken:
     generation: int
     claimant: str | None
     label: str | None
+    parent: str | None = None  # the token it was split from
 
 
 @dataclass(frozen=True, slots=True)

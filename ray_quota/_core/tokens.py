@@ -3,9 +3,14 @@
 A token is used by one process at a time. Passing it to another process raises its generation;
 the first use at the new generation takes it up with the proof that the pickled bytes carried (see
 :mod:`~ray_quota._core.credentials`): the claim changes, and from then on the old owner is
-refused. A generation alone takes nothing up. Tokens whose every lease expired belong to processes
-presumed gone: the registry keeps them as orphans for a grace period, in which a Ray retry of
-their task may take them up.
+refused. A generation alone takes nothing up.
+
+A token with no lease and no waiter is held by nobody the executor knows of: its process may hold
+it idle, or have sent it to a task that has not started, or be gone without a word (its last lease
+expired, or it never asked for units). The registry keeps such *orphans* while renewals name them
+(see :func:`~ray_quota._core.protocol.name_key`): a live process names every token it holds idle
+and every token it sent that was not taken up yet. One that nothing named (no call, report or
+name) for a whole grace is released, a split child's share going back to its parent.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ class Token(Flow):
     label: str | None
     generation: int = 0
     taken_with: str | None = None
-    # The token it was split from: the only one a merge back may add it to. Not stored: after
-    # an executor restart a child merging back is simply closed, as if its parent were gone.
+    # The token it was split from: the only one a merge back may add it to, and the one its
+    # share goes back to if it is released as an orphan. Stored, so both survive a restart.
     parent: str | None = None
 
     def saved(self) -> SavedToken:
@@ -47,14 +52,15 @@ class Token(Flow):
         claim = self.claimant if self.taken_with is None or self.claimant is None \
             else f"{self.claimant} {self.taken_with}"
         return SavedToken(self.id, self.resource, self.expected_use, self.pass_, self.generation,
-                          claim, self.label)
+                          claim, self.label, self.parent)
 
     @classmethod
     def from_saved(cls, saved: SavedToken) -> Token:
         claimant, _, taken_with = (saved.claimant or "").partition(" ")
         return cls(id=saved.id, resource=saved.resource, expected_use=saved.expected_use,
                    pass_=saved.pass_, claimant=claimant or None, label=saved.label,
-                   generation=saved.generation, taken_with=taken_with or None)
+                   generation=saved.generation, taken_with=taken_with or None,
+                   parent=saved.parent)
 
 
 class TokenRegistry(Mapping[str, Token]):
@@ -62,7 +68,7 @@ class TokenRegistry(Mapping[str, Token]):
 
     Example:
         >>> from ray_quota._core.credentials import claim_value, make_claim
-        >>> tokens = TokenRegistry(new_id=iter(["t1", "t2"]).__next__)
+        >>> tokens = TokenRegistry(new_id=iter(["t1", "t2"]).__next__, grace_s=10.0)
         >>> token = tokens.open("tok", 5, pass_=0.0, claimant="task:1#k1", label=None)
         >>> proof = claim_value("k1", "t1", 0)      # what the pickled bytes carry
         >>> tokens.live("t1", 1, make_claim("task:2", "k2", [proof])) is token  # taken up
@@ -75,12 +81,18 @@ class TokenRegistry(Mapping[str, Token]):
         False
     """
 
-    __slots__ = ("_changes", "_closed", "_new_id", "_orphans", "_tokens")
+    __slots__ = ("_changes", "_closed", "_grace_s", "_new_id", "_orphans", "_seen", "_tokens")
 
-    def __init__(self, new_id: Callable[[], str], changes: ChangeLog | None = None) -> None:
+    def __init__(self, new_id: Callable[[], str], changes: ChangeLog | None = None, *,
+                 grace_s: float) -> None:
         self._tokens: dict[str, Token] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
-        self._orphans: dict[str, float] = {}  # token id -> when to release it
+        # Orphan id -> when to release it, in about that order (the grace is the same for all;
+        # one named since it became an orphan is queued again at its last name's grace, a little
+        # late if that was before orphans queued after it); and when each orphan was last named.
+        self._orphans: OrderedDict[str, float] = OrderedDict()
+        self._seen: dict[str, float] = {}
+        self._grace_s = grace_s
         self._new_id = new_id
         self._changes = changes if changes is not None else ChangeLog()
 
@@ -168,25 +180,42 @@ class TokenRegistry(Mapping[str, Token]):
     def close(self, token: Token) -> None:
         """Remove the token and remember its id as closed."""
         del self._tokens[token.id]
+        self._orphans.pop(token.id, None)
+        self._seen.pop(token.id, None)
         self._changes.tokens.add(token.id)
         self._closed[token.id] = None
         if len(self._closed) > TOMBSTONES:
             self._closed.popitem(last=False)
 
-    def orphaned(self, token_id: str, release_at: float) -> None:
-        """The token's last lease expired: release it at ``release_at`` unless taken up."""
-        self._orphans[token_id] = release_at
+    def orphaned(self, token_id: str, now: float) -> None:
+        """The token holds nothing now (no lease, no waiter): release it after a grace unless
+        it is named meanwhile."""
+        self._queue(token_id, now + self._grace_s)
 
-    def orphans_due(self, now: float) -> Iterator[Token]:
-        """Orphans whose grace ran out, each forgotten as an orphan as it is yielded; the caller
-        releases those still without lease or waiter."""
-        for token_id, due in list(self._orphans.items()):
-            token = self._tokens.get(token_id)
-            if token is None:
-                del self._orphans[token_id]
-            elif due <= now:
-                del self._orphans[token_id]
-                yield token
+    def seen(self, token_id: str, now: float) -> None:
+        """A renewal named the token at ``now``: if it is an orphan, someone keeps it."""
+        if token_id in self._orphans:
+            self._seen[token_id] = now
+
+    def _queue(self, token_id: str, release_at: float) -> None:
+        self._orphans[token_id] = release_at
+        self._orphans.move_to_end(token_id)
+        self._seen.pop(token_id, None)
+
+    def orphans_due(self, now: float) -> list[Token]:
+        """Orphans nothing named for their whole grace, each forgotten as an orphan; the caller
+        releases those still without lease or waiter. Those named meanwhile get another grace."""
+        due, orphans = [], self._orphans
+        for _ in range(len(orphans)):  # each at most once, though some come back at the end
+            token_id, release_at = next(iter(orphans.items()))
+            if release_at > now:
+                break
+            if token_id in self._seen:
+                self._queue(token_id, self._seen[token_id] + self._grace_s)
+            else:
+                del orphans[token_id]
+                due.append(self._tokens[token_id])
+        return due
 
     @property
     def has_orphans(self) -> bool:
@@ -207,8 +236,7 @@ def check_parent(tokens: Mapping[str, Token], child_id: str, parent_id: str) -> 
 
     Raises:
         IncompatibleTokensError: ``parent_id`` names another token than the child's parent.
-            (A child whose parent is not known, restored after a restart, is merged nowhere:
-            the caller closes it.)
+            (A child whose parent is gone is merged nowhere: the caller closes it.)
     """
     child = tokens.get(child_id)
     if child is not None and child.parent not in (None, parent_id):

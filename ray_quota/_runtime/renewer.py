@@ -1,6 +1,14 @@
 """This process's background work: a renewer thread that reports and renews every token's leases
 once an interval, a watch thread that hears recalls, and a last flush when the process ends.
 
+Each renewal also *names* the tokens this process keeps without a lease (see
+:func:`~ray_quota._core.protocol.name_key`), so that the executor keeps them: every live handle
+it holds idle, and every token it sent away (pickled) that nobody has taken up yet. Ray owns a
+task's arguments by the process that submitted it, so a token on its way to a task that has not
+started (queued for minutes, say) is named by its sender; once taken up, by its receiver. A
+``@quota`` task's tokens are named until the task's result is ready (it ended, whichever way):
+until then a Ray retry may take them up again.
+
 The intervals are read from this module at each use, so a test may change them here.
 """
 
@@ -10,12 +18,19 @@ import atexit
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.exceptions
 
-from ray_quota._core.protocol import RENEW_INTERVAL_S, WATCH_TIMEOUT_S
+from ray_quota._core.protocol import (
+    RENEW_INTERVAL_S,
+    WATCH_TIMEOUT_S,
+    Renewed,
+    Report,
+    name_key,
+)
 from ray_quota._errors import QuotaError
 from ray_quota._observability import observe as _observe
 from ray_quota._runtime import routing, rpc
@@ -36,7 +51,24 @@ def current() -> Renewer | None:
 
 
 def track(token: QuotaToken) -> None:
-    """Have this process's renewer settle and renew the token's leases."""
+    """Have this process's renewer settle and renew the token's leases, and name it while it
+    holds none."""
+    _started().add(token)
+
+
+def sent(token_id: str, generation: int) -> None:
+    """This process pickled the token, whose bytes carry ``generation``: name it until it is
+    taken up there (or, see :func:`until_done`, until a task ends)."""
+    _started().sent(token_id, generation)
+
+
+def until_done(token_ids: Iterable[str], ref: Any) -> None:
+    """The tokens just sent are a task's: name them until ``ref``, its result, is ready."""
+    _started().until_done(token_ids, ref)
+
+
+def _started() -> Renewer:
+    """This process's renewer, started with its watch thread if need be."""
     with _Process.lock:
         renewer = _Process.renewer
         if renewer is None:
@@ -47,7 +79,7 @@ def track(token: QuotaToken) -> None:
             routing.when_broker_fails(renewer.adopt_all)
             atexit.register(flush)
             _flush_when_actor_exits()
-    renewer.add(token)
+    return renewer
 
 
 def flush() -> None:
@@ -66,12 +98,46 @@ class Renewer(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name="ray_quota-renewer", daemon=True)
         self._tokens: weakref.WeakSet[QuotaToken] = weakref.WeakSet()
+        # Tokens sent away and not known to be taken up: id -> [generation, task result or None]
+        self._sent: dict[str, list[Any]] = {}
+        self._sent_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._last = threading.Event()  # the process is ending: flush once more, then stop
         self._done = threading.Event()
 
     def add(self, token: QuotaToken) -> None:
         self._tokens.add(token)
+
+    def sent(self, token_id: str, generation: int) -> None:
+        with self._sent_lock:
+            self._sent[token_id] = [generation, None]
+
+    def until_done(self, token_ids: Iterable[str], ref: Any) -> None:
+        with self._sent_lock:
+            for token_id in token_ids:
+                if (entry := self._sent.get(token_id)) is not None:
+                    entry[1] = ref
+
+    def _names(self) -> list[Report]:
+        """Names of the tokens sent and not taken up; those of tasks that ended are dropped."""
+        with self._sent_lock:
+            refs = [entry[1] for entry in self._sent.values() if entry[1] is not None]
+            done = set(ray.wait(refs, num_returns=len(refs), timeout=0,
+                                fetch_local=False)[0]) if refs else set()
+            for token_id, (_, ref) in list(self._sent.items()):
+                if ref is not None and ref in done:
+                    del self._sent[token_id]
+            return [_name(token_id, entry) for token_id, entry in self._sent.items()]
+
+    def _names_answered(self, names: list[Report], alive: Renewed) -> None:
+        """Stop naming the tokens the answer no longer keeps (taken up, or gone), unless sent
+        again since."""
+        with self._sent_lock:
+            for report in names:
+                entry = self._sent.get(report.token_id)
+                if entry is not None and (report.token_id, report.key) not in alive \
+                        and _name(report.token_id, entry) == report:
+                    del self._sent[report.token_id]
 
     def recall(self, token_ids: set[str]) -> None:
         reports = [report for token in list(self._tokens) if token._id in token_ids
@@ -109,18 +175,30 @@ class Renewer(threading.Thread):
     def flush(self) -> None:
         with self._flush_lock:
             tokens = list(self._tokens)
+            names = self._names()
             observed = _observe.drain()  # metrics travel with the renewal
-            if not tokens and observed is None:
+            if not tokens and not names and observed is None:
                 return
             sent_at = time.monotonic()
+            for token in tokens:
+                token._take_up_if_idle(sent_at)
             reports = [report for token in tokens for report in token._reports(sent_at)]
             try:
-                alive = routing.lease_call("renew", HOLDER, reports, observed)
+                alive = routing.lease_call("renew", HOLDER, reports + names, observed)
             except BaseException:
                 _observe.restore(observed)  # the next renewal carries them
                 raise
             for token in tokens:
                 token._renewed(alive, sent_at)
+            self._names_answered(names, alive)
+
+
+def _name(token_id: str, entry: list[Any]) -> Report:
+    """The name of a token sent at a generation, or of a task's token (kept while the task has
+    not ended, taken up or not: a Ray retry takes it up again)."""
+    generation, ref = entry
+    return Report(token_id, name_key(HOLDER, None if ref is not None else generation), 0, 0, 0,
+                  False)
 
 
 def _watch(renewer: Renewer) -> None:

@@ -76,20 +76,24 @@ class Ledger:
 
 
 def orphans_due(orphans: dict[str, float], expired: set[str], now: float, live: set[str],
-                has_leases: Callable[[str], bool], waits: Callable[[str], bool]) -> list[str]:
-    """Tokens the executor releases at this poll, by its rule: a token whose last lease expired
-    is kept for a grace period (a Ray retry may take it up), then released unless it has a
-    lease or a waiting request again."""
+                has_leases: Callable[[str], bool], waits: Callable[[str], bool],
+                released: Callable[[str], bool], born: dict[str, float]) -> list[str]:
+    """Tokens the executor released at this poll (``released``), each checked against its
+    rule: a token that holds nothing (no lease, no waiting request) is released once unused
+    for a grace period (a Ray retry, or its idle process, may use it again meanwhile). Calls
+    and reports that name it restart that period, and we do not follow them all here, so we
+    check that a release is never too early: never while it holds something, never within a
+    grace of its opening, nor of its last lease expiring."""
     grace = getattr(MACHINE_POLICY, "orphan_grace_s", 0.0)
     for token in expired:
         if token in live and not has_leases(token):
             orphans[token] = now + grace
-    released = []
-    for token, due in list(orphans.items()):
-        if token not in live:
+    gone = sorted(token for token in live if released(token))
+    for token in gone:
+        assert not has_leases(token) and not waits(token), "released while holding"
+        assert born[token] + grace <= now, "released within a grace of its opening"
+        assert orphans.get(token, now) <= now, "released within a grace of its expiry"
+    for token in list(orphans):
+        if token not in live or token in gone:
             del orphans[token]
-        elif due <= now:
-            del orphans[token]
-            if not has_leases(token) and not waits(token):
-                released.append(token)
-    return released
+    return gone

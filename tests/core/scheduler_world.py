@@ -52,13 +52,21 @@ class Env:
         self.sched = Scheduler({s.name: s for s in specs}, clock=self.clock,
                                policy=policy or Policy())
         self.steps = 0  # a broken scheduler must fail a test, never hang it
+        self.opened: list[str] = []  # tokens of the (live) process, to name in its renewals
 
     @property
     def now(self) -> float:
         return self.clock.now
 
     def token(self, resource: str, expected_use: int) -> str:
-        return self.sched.open_token(resource, expected_use, claimant=ME).id
+        self.opened.append(self.sched.open_token(resource, expected_use, claimant=ME).id)
+        return self.opened[-1]
+
+    def keep_alive(self) -> None:
+        """Name every token, as a live process's renewal does for its
+        idle ones: the executor keeps them (see TokenRegistry)."""
+        for token in self.opened:
+            self.sched.named(token, None)
 
     def acquire(self, token: str, amount: int, holder: str = HOLDER, **kw: object) -> Ticket:
         return self.sched.acquire(token, 0, ME, holder, amount, **kw)  # type: ignore[arg-type]
@@ -119,6 +127,7 @@ class Backlog:
 
     def harvest(self) -> None:
         self.env.sched.renew(HOLDER)  # the process is alive: its leases never expire
+        self.env.keep_alive()  # nor its idle tokens
         changed = True
         while changed:
             changed = False

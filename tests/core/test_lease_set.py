@@ -29,7 +29,9 @@ def test_a_new_set_asks_the_executor_under_a_fresh_key() -> None:
     leases = new_set()
     assert leases.current.key == "proc:0"
     assert leases.take(1, now=0.0) is None
-    assert leases.reports(now=1.0, live=True) == []  # nothing the executor knows of yet
+    # Nothing the executor knows of yet: a name only asks it to keep the idle token.
+    assert leases.reports(now=1.0, live=True) == [Report("tok", "proc:named", 0, 0, 0, False)]
+    assert leases.reports(now=1.0, live=False) == []  # moved away: not this process's to keep
 
 
 def test_granted_units_serve_later_reservations_locally() -> None:
@@ -89,8 +91,10 @@ def test_a_lost_answer_retires_the_lease_until_its_reservations_close() -> None:
     # Still reserved: reported, not final.
     assert leases.reports(now=1.0, live=True) == [Report("tok", "proc:0", 0, 0, 0, False)]
     leases.settle(old, 10, used=7)
-    assert leases.reports(now=2.0, live=True) == [Report("tok", "proc:0", 3, 7, 0, True)]
-    assert leases.reports(now=3.0, live=True) == []  # settled once, then forgotten
+    assert leases.reports(now=2.0, live=True) == [Report("tok", "proc:0", 3, 7, 0, True),
+                                                    Report("tok", "proc:named", 0, 0, 0, False)]
+    # Settled once, then forgotten: only the name that keeps the idle token is left.
+    assert leases.reports(now=3.0, live=True) == [Report("tok", "proc:named", 0, 0, 0, False)]
 
 
 def test_losing_an_answer_twice_retires_the_lease_once() -> None:
@@ -119,7 +123,8 @@ def test_an_ended_lease_with_open_reservations_is_reported_until_they_close() ->
     assert leases.current is not old
     assert leases.reports(now=1.0, live=True) == [Report("tok", "proc:0", 0, 0, 0, False)]
     leases.settle(old, 1, used=1)
-    assert leases.reports(now=2.0, live=True) == [Report("tok", "proc:0", 1, 0, 0, True)]
+    assert leases.reports(now=2.0, live=True) == [Report("tok", "proc:0", 1, 0, 0, True),
+                                                    Report("tok", "proc:named", 0, 0, 0, False)]
     assert list(leases) == [leases.current]
 
 
@@ -159,6 +164,7 @@ def test_a_moved_away_tokens_busy_lease_waits_for_its_reservations() -> None:
 def test_a_renewal_answer_extends_trust_from_when_it_was_sent() -> None:
     leases = new_set()
     lease = grant(leases, 1, 30)
+    leases.reports(now=5.0, live=True)
     leases.renewed({("tok", "proc:0"): LeaseAnswer(False, TTL)}, sent_at=5.0)
     assert lease.valid_until == 5.0 + TTL * TRUST
     assert leases.current is lease
@@ -167,8 +173,17 @@ def test_a_renewal_answer_extends_trust_from_when_it_was_sent() -> None:
 def test_a_lease_missing_from_the_renewal_answer_is_replaced() -> None:
     leases = new_set()
     lease = grant(leases, 1, 30)
+    leases.reports(now=1.0, live=True)
     leases.renewed({("tok", "other:0"): LeaseAnswer(False, TTL)}, sent_at=1.0)
     assert leases.current is not lease and leases.current.key == "proc:1"
+
+
+def test_a_renewal_sent_before_the_first_grant_does_not_end_the_lease() -> None:
+    leases = new_set()
+    assert leases.reports(now=0.0, live=True) == [Report("tok", "proc:named", 0, 0, 0, False)]
+    lease = grant(leases, 1, 30)  # granted while that renewal (a name only) was out
+    leases.renewed({}, sent_at=0.0)
+    assert leases.current is lease
 
 
 def test_a_renewal_answer_leaves_a_lease_the_executor_never_knew() -> None:
@@ -181,6 +196,7 @@ def test_a_renewal_answer_leaves_a_lease_the_executor_never_knew() -> None:
 def test_a_contended_renewal_answer_stops_local_service() -> None:
     leases = new_set()
     grant(leases, 1, 30)
+    leases.reports(now=1.0, live=True)
     leases.renewed({("tok", "proc:0"): LeaseAnswer(True, TTL)}, sent_at=1.0)
     assert leases.take(1, now=1.5) is None
 

@@ -234,17 +234,15 @@ def test_structures_return_to_their_baseline_after_a_churn(seed: int,
     during = sizes(churn.service, churn.brokers, churn.watches)
     churn.settle_down()
     after = sizes(churn.service, churn.brokers, churn.watches)
-    # Known, not yet fixed: a token whose process died holding nothing (it never held a lease,
-    # or its last one was settled as final, as a broker does) stays (see the xfail below).
-    # Every token left must hold nothing; they are not counted.
-    sched = churn.service.scheduler
-    left = [sched._tokens[t] for t in sched._tokens]
-    assert not any(token.waiters or sched._leases.has_leases(token.id) for token in left)
-    after["tokens._tokens"] -= len(left)
-    # Virtual time keeps the tokens still open (those left above), and heap entries within a
-    # fixed slack of them: bounded by live tokens, not by the churn.
+    # Tokens whose processes died holding nothing (no lease ever, or the last one settled as
+    # final, as a broker does) went too, once nothing named them for a grace.
+    assert after["tokens._tokens"] == 0
+    # Virtual time keeps no token now, and heap entries within a fixed slack of the tokens it
+    # had when it last pushed one (stale ones are swept at a push): bounded by the live tokens
+    # of the churn, not by the churn's length.
     for name in [n for n in after if ".virtual." in n]:
-        bound = len(left) if name.endswith(("_placed", "_counted")) else 2 * len(left) + STALE_SLACK
+        bound = 0 if name.endswith(("_placed", "_counted")) \
+            else 2 * during["tokens._tokens"] + STALE_SLACK
         assert after.pop(name) <= bound, (name, bound)
     grown = {name: (baseline.get(name, 0), size) for name, size in after.items()
              if name not in TOMBSTONE_KEYS | PER_RESOURCE and size != baseline.get(name, 0)}
@@ -274,10 +272,6 @@ def test_recalls_for_a_holder_that_never_watches_again_are_forgotten() -> None:
     assert watches.watch("gone", "w") == (None, None)  # nothing kept for it
 
 
-@pytest.mark.xfail(strict=True, reason="known, issue 14: a token that holds nothing (never "
-                   "leased, or its last lease settled as final) is not released when its process "
-                   "dies; releasing it needs processes to name their idle tokens in renewals "
-                   "(branch memory-orphans)")
 def test_a_token_never_reserved_is_released_after_its_process_died() -> None:
     clock = FakeClock()
     service = ExecutorService(SPECS, clock=clock,

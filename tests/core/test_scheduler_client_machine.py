@@ -102,6 +102,7 @@ class ClientMachine(RuleBasedStateMachine):
         self.used: dict[str, int] = defaultdict(int)  # units really used, per resource
         self.trusted_until: dict[int, float] = {}  # per LocalLease (by id): its trust horizon
         self.orphans: dict[str, float] = {}
+        self.born: dict[str, float] = {}  # token -> when it was opened
 
     @property
     def now(self) -> float:
@@ -205,9 +206,10 @@ class ClientMachine(RuleBasedStateMachine):
         self.collect()
         released = orphans_due(self.orphans, expired, self.now, set(self.live),
                                lambda t: any(key[0] == t for key in self.mirror),
-                               lambda t: any(p.ticket.token_id == t for p in self.pending))
+                               lambda t: any(p.ticket.token_id == t for p in self.pending),
+                               lambda t: self.sched.token_key(t) is None, self.born)
         for token in released:  # its processes are presumed gone
-            event("client: token released after its leases expired")
+            event("client: token released, unused for a grace")
             del self.live[token]
 
     # ------------------------------------------------------------------------------- rules
@@ -216,7 +218,8 @@ class ClientMachine(RuleBasedStateMachine):
     def some_tokens(self, weights: list[int]) -> None:
         for i, weight in enumerate(weights):
             resource = sorted(SPECS)[i % len(SPECS)]
-            self.live[self.sched.open_token(resource, weight, claimant=ME).id] = resource
+            token = self.sched.open_token(resource, weight, claimant=ME).id
+            self.live[token], self.born[token] = resource, self.now
 
     @precondition(lambda self: self.live)
     @rule(requests=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(PROCS),

@@ -60,6 +60,7 @@ def test_renewing_keeps_a_lease_alive_past_its_ttl() -> None:
     env.acquire(a, 1, holder="alive")
     for t in (4.0, 8.0, 12.0):
         env.clock.set(t)
+        env.keep_alive()  # its process names b, which it holds idle
         env.sched.poll()
         assert env.sched.renew("alive") == {a: False}
     waiting = env.acquire(b, 2)

@@ -82,7 +82,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         # Lease keys: a process uses one key per token until that lease ends, then a new one.
         self.epoch: dict[tuple[str, str], int] = defaultdict(int)
         self.ended: set[tuple[str, str]] = set()
-        self.orphans: dict[str, float] = {}  # token whose leases all expired -> release time
+        self.orphans: dict[str, float] = {}  # token whose leases all expired -> earliest release
+        self.born: dict[str, float] = {}  # token -> when it was opened
+        self.parents: dict[str, str] = {}  # split child -> the token it was split from
 
     # ------------------------------------------------------------------ helpers
 
@@ -178,11 +180,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.collect()
         released = orphans_due(self.orphans, expired, self.now, set(self.live),
                                lambda t: any(key[0] == t for key in self.leases),
-                               lambda t: bool(self.waiting_of(t)))
+                               lambda t: bool(self.waiting_of(t)),
+                               lambda t: self.sched.token_key(t) is None, self.born)
         for token in released:
-            event("token released after its leases expired")
+            event("token released, unused for a grace")
             del self.live[token]
             self.closed.append(token)
+            # A split child's expected use goes back to its parent, if that is live.
+            parent = self.parents.pop(token, None)
+            if parent in self.live:
+                self.expected_use[parent] += self.expected_use[token]
 
     # -------------------------------------------------------------------- rules
 
@@ -196,6 +203,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         token = self.sched.open_token(resource, expected_use, claimant=ME).id
         assert token not in self.live and token not in self.closed
         self.live[token] = resource
+        self.born[token] = self.now
         self.expected_use[token] = expected_use
 
     def _acquire(self, index: int, process: str, share: int, prefetch: int,
@@ -300,8 +308,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         new = self.sched.split(token, 0, ME, child).id
         self.live[new] = self.live[token]
+        self.born[new] = self.now
         self.expected_use[new] = child
         self.expected_use[token] = eu - child
+        self.parents[new] = token
         after = self.sched.credit(token) + self.sched.credit(new)
         assert after == pytest.approx(before, abs=1e-6 * (1 + abs(before)))
 

@@ -234,9 +234,10 @@ def _play(env: Env, tokens: list[str], history: list[tuple[str, int, int]]) -> N
 def test_split_and_merge_conserve_credit(history: list[tuple[str, int, int]],
                                          weights: list[int], child: int,
                                          credit_factor: float) -> None:
-    # Leases never expire here: this is about credit, not about holders going away.
+    # Leases never expire here, nor are idle tokens released: this is about credit, not
+    # about holders going away.
     env = Env(rate(value=20, burst=100),
-              policy=Policy(credit_factor=credit_factor, lease_ttl_s=1e9))
+              policy=Policy(credit_factor=credit_factor, lease_ttl_s=1e9, orphan_grace_s=1e9))
     tokens = [env.token("r", w) for w in weights]
     _play(env, tokens, history)
     parent = tokens[0]

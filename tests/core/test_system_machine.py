@@ -491,8 +491,13 @@ class SystemMachine(RuleBasedStateMachine):
             if sched.token_key(token_id) is None and (
                     process.dead or process.cut_off or self._sender_gone(token_id, process)):
                 del self.owner[token_id]
-                del self.expected_use[token_id]
+                use = self.expected_use.pop(token_id)
                 self.senders.pop(token_id, None)
+                # A released split child's expected use went back to its parent, if live.
+                parent = next((h.parent for p in self.world.processes for h in p.handles
+                               if h.token_id == token_id), None)
+                if parent in self.expected_use and sched.token_key(parent) is not None:
+                    self.expected_use[parent] += use
 
     def _sender_gone(self, token_id: str, owner: Process) -> bool:
         """Whether a process that passed the token on is gone, and its owner holds no lease

@@ -37,8 +37,8 @@ def replay(steps: list[tuple[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPa
 
 def test_a_moved_token_outlives_its_senders_dead_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     """A token moved with a reservation open, its sender's broker dies: the sender adopts and
-    ends its lease, the dead broker's own lease of the token expires last. That expiry must
-    not release the token as an orphan: its receiver (alive, not yet using it) owns it."""
+    ends its lease, the dead broker's own lease of the token expires last; the receiver (alive,
+    not yet using it) names it in its renewals, so the executor keeps it."""
     replay([
         ("reject_request_admitted_is_served_in_time",
          {"amount": 1, "others": [(1, 1), (1, 1)], "pick": 757, "weight": 1}),
