@@ -6,9 +6,8 @@ for the resource is back where it was before (tokens, slots in use, leases) and 
 has its whole expected use back.
 
 An ending that runs no code in the holder (a force-cancelled task, a killed actor) leaves the
-token to the executor, which releases tokens nobody holds and gives a released child's expected
-use back to its parent: the orphan release, built on another branch. Those cases are strict
-expected failures until it lands.
+token to the executor, which releases tokens nobody names and gives a released child's expected
+use back to its parent (the orphan release).
 """
 
 from __future__ import annotations
@@ -31,8 +30,9 @@ RESOURCE = "conn"
 PARENT_USE = 100
 CHILD_USE = 10
 TTL_S = 2.0  # lease time-to-live: a dead holder's slots come back within this
-SETTLE_S = 3 * TTL_S  # how long a case may take to get back to its baseline
-NEEDS_ORPHANS = pytest.mark.xfail(strict=True, reason="needs orphan release (orphans2)")
+# How long a case may take to get back to its baseline: a killed holder's lease expires within
+# a TTL, then its token, which nobody names any more, is released after the orphan grace.
+SETTLE_S = 4 * TTL_S
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def executor(ray_cluster: None, state_dir: Path) -> Iterator[None]:
     ray_quota.shutdown()
     forget_state(state_dir, "test")
     ray_quota.init(manifest=TEST_MANIFEST, environment="test",
-                   policy=ray_quota.Policy(lease_ttl_s=TTL_S), metrics_port=None)
+                   policy=ray_quota.Policy(lease_ttl_s=TTL_S, orphan_grace_s=TTL_S), metrics_port=None)
     yield
     renewer.flush()
     ray_quota.shutdown()
@@ -223,13 +223,10 @@ def wait_for(marker: Path) -> None:
 
 
 def cases() -> Iterator[Any]:
-    """Kind by ending, the kills last: until the orphan release lands, a killed holder's token
-    stays until the executor's older orphan rule releases it (after a minute), which would move
-    a later case's count of tokens away from the baseline it took."""
+    """Kind by ending."""
     for ending in ENDINGS:
         for kind in KINDS:
-            marks = [NEEDS_ORPHANS] if ending == "kill" else []
-            yield pytest.param(kind, ending, marks=marks, id=f"{kind}-{ending}")
+            yield pytest.param(kind, ending, id=f"{kind}-{ending}")
 
 
 @pytest.mark.usefixtures("executor")
