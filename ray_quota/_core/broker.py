@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ray_quota._core.credentials import adoption_suffix, new_secret
+from ray_quota._core.credentials import adoption_suffix, adoption_via, new_secret
 from ray_quota._core.holder import LocalLease
 from ray_quota._core.ledger import TOMBSTONES, fresh_debt
 from ray_quota._core.protocol import Grant, LeaseAnswer, Renewed, Report, holder_of
@@ -223,7 +223,7 @@ class BrokerCore:
         sub = self._sub(up, key, now)
         sub.granted += units
         sub.expires_at = now + self._ttl_s
-        return Grant(units, self._trust_left(up, now), up.lease.contended, via=up.adoption)
+        return Grant(units, self._trust_left(up, now), up.lease.contended, via=_via(up))
 
     def refused(self, token_id: str, key: str, now: float) -> None:
         """The executor answered a forwarded request with an error (or it was withdrawn):
@@ -536,6 +536,15 @@ class BrokerCore:
             del self._ups[up.token_id]
         if up in self._retired:
             self._retired.remove(up)
+
+
+def _via(up: _Up) -> str:
+    """The adoption secret of ``up`` for its processes, bound to the claim the executor last
+    accepted for the token (which the process served now used)."""
+    if up.claim is None:
+        return up.adoption
+    generation, claimant = up.claim
+    return adoption_via(up.adoption, claimant, up.token_id, generation)
 
 
 def _check_resource(up: _Up, resource: str | None) -> None:

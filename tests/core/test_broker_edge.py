@@ -283,3 +283,48 @@ def test_a_reserve_cancelled_while_it_waits_through_a_broker_leaves_nothing_held
         node.service.drain()
     assert (token, key) not in core._subs
     assert node.service.status()[1].in_use == 0
+
+
+# ---------------------------------------------------------- adoption by a former owner (02)
+
+
+def test_a_process_the_token_moved_away_from_cannot_adopt_its_new_owners_units() -> None:
+    """P1 kept the adoption secret of the broker's lease after moving the token to P2 on the
+    same node, and adopted P2's slot while the broker lived: 3 slots held against 2."""
+    from ray_quota._core.broker import BrokerCore, Forward
+    from ray_quota._core.credentials import claim_value
+    from ray_quota._core.protocol import Adoption
+
+    clock = FakeClock(100.0)
+    service = ExecutorService(SPECS, clock=clock, policy=Policy(lease_ttl_s=10.0))
+    broker, p1, p2 = Proc("broker"), Proc("p1"), Proc("p2")
+    core = BrokerCore(holder=broker.holder, ttl_s=10.0)
+    token = str(service.open_token("k", 1, p1.claim, None).id)
+
+    def via_broker(key: str, claim: tuple[int, str]) -> Grant:
+        ask = core.acquire(token, Kind.CONCURRENCY, key, 1, prefetch=0, max_prefetch=0,
+                           now=clock.now, claim=claim)
+        assert isinstance(ask, Forward)
+        ticket = service.acquire(token, *claim, ask.key, ask.amount, ask.prefetch, None,
+                                 broker.secret)
+        assert isinstance(ticket.outcome, Grant)
+        return core.granted(token, key, 1, 0, ticket.outcome, sent_at=clock.now,
+                            now=clock.now, claim=claim)
+
+    p1_key = p1.key()
+    old_via = via_broker(p1_key, (0, p1.claim)).via
+    # P1 moves the token to P2 (the bytes carry P1's proof); P2 takes it up with a slot.
+    p2_claim = make_claim("task:p2", "p2-claimkey-0123456789",
+                          [claim_value("p1-claimkey-0123456789", token, 0)])
+    new_via = via_broker(p2.key(), (1, p2_claim)).via
+    core.settle([Report(token, p1_key, 1, 0, 0, True)], clock.now)  # P1 is done with its slot
+    reports = core.upstream_reports(clock.now)
+    core.upstream_renewed(reports, service.renew(broker.holder, reports, broker.secret),
+                          clock.now)
+    assert old_via is not None and new_via is not None
+    assert service.adopt([Adoption(token, old_via, p1.key(), 2, 0, 0, 0)], p1.secret) == []
+    assert service.status()[1].in_use == 1  # P2's slot, still in the broker's lease
+    # The token's owner still may (its broker died, say).
+    adopted = service.adopt([Adoption(token, new_via, f"{p2.holder}:1", 1, 0, 0, 0)],
+                            p2.secret)
+    assert adopted == [(token, f"{p2.holder}:1")]
