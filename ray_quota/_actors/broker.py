@@ -22,11 +22,12 @@ from typing import Any
 
 from ray_quota._runtime import identity, rpc
 from ray_quota._observability import observe as _observe
-from ray_quota._core.broker import BrokerCore, Forward
+from ray_quota._core.broker import BrokerCore, Forward, Terms
 from ray_quota._core.credentials import check_holder, check_keys
 from ray_quota._errors import (
     ExecutorUnavailableError,
     LeaseEndedError,
+    ProtocolError,
     QuotaError,
     UnknownResourceError,
 )
@@ -89,9 +90,12 @@ class BrokerActor:
         claim = (generation, claimant)
         try:
             answer = core.acquire(token_id, spec.kind, key, amount, prefetch=prefetch,
-                                  max_prefetch=cap, now=time.monotonic(), claim=claim)
+                                  max_prefetch=cap, now=time.monotonic(), claim=claim,
+                                  resource=resource)
         except KeyError:
             return _ended()
+        except ProtocolError as exc:  # not the token's resource: nothing changed
+            return exc
         if not isinstance(answer, Forward):
             return answer
         sent_at = time.monotonic()
@@ -107,11 +111,22 @@ class BrokerActor:
                 # processes let go, its final settlement gives back what the executor counts.
                 core.lost(token_id, answer.key)
             return exc
+        except asyncio.CancelledError:
+            # The caller gave up (a cancelled reserve_async: Ray cancels this call, and the
+            # call upstream with it, which withdraws the request). It may have been granted
+            # first, its answer lost here: as with any lost answer, the request is no longer
+            # out, and the broker's totals of its lease can no longer be trusted.
+            core.refused(token_id, key, time.monotonic())
+            core.lost(token_id, answer.key)
+            raise
         try:
             return core.granted(token_id, key, amount, prefetch, grant, sent_at=sent_at,
-                                now=time.monotonic(), claim=claim)
+                                now=time.monotonic(), claim=claim, resource=resource,
+                                terms=_terms(info, grant.resource))
         except KeyError:
             return _ended()
+        except ProtocolError as exc:
+            return exc
 
     async def settle(self, reports: list[Report], secret: str | None = None) -> None | QuotaError:
         core, _ = await self._ready("settle")
@@ -176,8 +191,13 @@ class BrokerActor:
 
     async def _ending(self, method: str, ending: str, reports: list[Report], secret: str | None,
                       args: tuple[Any, ...]) -> Any:
-        """A token's leases end with the call: apply the process's final totals, settle the
-        broker's leases of the token as final, and make the call with those totals."""
+        """A token's leases end with the call: make it with the broker's totals of the token's
+        leases as the process's final totals leave them; once the executor accepted it, apply
+        those, settle the broker's leases of the token as final and report them.
+
+        The executor checks the caller's claim on the token: a call it refuses changes nothing
+        here either (any process may name any token). One whose answer was lost may have ended
+        the token: it ends here too."""
         core, _ = await self._ready(method)
         try:
             reports = _checked_ending(method, args, reports)
@@ -185,12 +205,18 @@ class BrokerActor:
             return exc
         if (refused := _refused(reports, secret)) is not None:
             return refused
-        core.settle(reports, time.monotonic())
-        upstream = core.release(ending)
+        upstream = core.ending_totals(ending, reports)
         try:
-            return await rpc.call_async(method, *args, upstream, identity.SECRET)
+            answer = await rpc.call_async(method, *args, upstream, identity.SECRET)
+        except ExecutorUnavailableError as exc:
+            answer = exc
         except QuotaError as exc:
             return exc
+        core.settle(reports, time.monotonic())
+        after = [report for report in core.release(ending) if report not in upstream]
+        if after:
+            rpc.send("settle", after, identity.SECRET)
+        return answer
 
     # --------------------------------------------------------------------------- inspection
 
@@ -296,6 +322,14 @@ def _checked_ending(method: str, args: tuple[Any, ...], reports: object) -> list
     elif method == "merge_back":
         check_id("parent_id", args[3])
     return check_reports(reports)
+
+
+def _terms(info: ExecutorInfo, resource: str | None) -> Terms | None:
+    """How the executor's ``resource`` (named in its grant) is leased, if the broker knows it."""
+    spec = info.resources.get(resource) if resource is not None else None
+    if spec is None:
+        return None
+    return Terms(spec.name, spec.kind, prefetch_cap(spec), spec.overuse_cap)
 
 
 def _ended() -> LeaseEndedError:

@@ -28,13 +28,14 @@ the broker's own spare, and every guarantee of a direct lease carries over:
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ray_quota._core.credentials import adoption_suffix, new_secret
+from ray_quota._core.credentials import adoption_suffix, adoption_via, new_secret
 from ray_quota._core.holder import LocalLease
-from ray_quota._core.ledger import TOMBSTONES
+from ray_quota._core.ledger import TOMBSTONES, fresh_debt
 from ray_quota._core.protocol import (
     NAMED,
     Grant,
@@ -45,7 +46,8 @@ from ray_quota._core.protocol import (
     name_key,
     read_name,
 )
-from ray_quota._spec import Kind
+from ray_quota._errors import ProtocolError
+from ray_quota._spec import MAX_UNITS, Kind
 
 
 @dataclass(slots=True, eq=False)
@@ -66,6 +68,17 @@ class _Sub:
         return self.granted - self.returned - self.used
 
 
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """How a token is leased, by its resource as the executor names it in its grants
+    (``Grant.resource``): never by the resource a caller names, which may be another's."""
+
+    resource: str
+    kind: Kind
+    max_prefetch: int
+    max_debt: int  # the resource's max_overuse: the most debt one report adds
+
+
 @dataclass(slots=True, eq=False)
 class _Up:
     """The broker's own lease of one token from the executor, and its sub-leases."""
@@ -81,6 +94,9 @@ class _Up:
     # sub-leases of it, settled as final once they are gone.
     retired: bool = False
     ended: bool = False  # the executor no longer has it: its sub-leases end, it is not renewed
+    # Set by the first grant. Until then the lease's kind is the first caller's word, and
+    # unused: nothing is held, settled or served before a grant.
+    terms: Terms | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +142,10 @@ class BrokerCore:
         self._ups: dict[str, _Up] = {}  # token id -> current upstream lease
         self._retired: list[_Up] = []
         self._subs: dict[tuple[str, str], _Sub] = {}  # (token id, process lease key) -> sub
-        # (token id, process lease key) of an ended sub-lease -> the debt applied for it, and
-        # the upstream lease it was part of (late overuse is owed on that lease)
-        self._ended: OrderedDict[tuple[str, str], tuple[int, LocalLease]] = OrderedDict()
+        # (token id, process lease key) of an ended sub-lease that held units -> the debt
+        # applied for it, the upstream lease it was part of (late overuse is owed on that
+        # lease), and the most debt one report may add
+        self._ended: OrderedDict[tuple[str, str], tuple[int, LocalLease, int]] = OrderedDict()
         self._owed: list[Report] = []  # final upstream totals grown by late debt, to send again
         # Final upstream totals sent with a renewal not yet answered: sent again until one is
         # (a lost final report would leave the lease to expire at the executor, which then
@@ -146,9 +163,10 @@ class BrokerCore:
     # ------------------------------------------------------------------------------- requests
 
     def acquire(self, token_id: str, kind: Kind, key: str, amount: int, *, prefetch: int,
-                max_prefetch: int, now: float, claim: tuple[int, str] | None = None
-                ) -> Grant | Forward:
-        """A process asks for ``amount`` (plus up to ``prefetch``) into its sub-lease ``key``.
+                max_prefetch: int, now: float, claim: tuple[int, str] | None = None,
+                resource: str | None = None) -> Grant | Forward:
+        """A process asks for ``amount`` (plus up to ``prefetch``) into its sub-lease ``key``,
+        of the token's ``resource`` (of that ``kind`` and prefetch cap), by its word.
 
         Served from the broker's spare if the executor says nobody waits, the broker's lease is
         trusted and ``claim`` (generation, claimant) is the one the executor last accepted for
@@ -156,11 +174,16 @@ class BrokerCore:
 
         Raises:
             KeyError: ``key`` is a sub-lease that ended (the caller answers LeaseEndedError).
+            ProtocolError: the executor named another resource for the token; nothing changed.
         """
         if (token_id, key) in self._ended:
             raise KeyError(key)
         sub = self._subs.get((token_id, key))
-        up = sub.up if sub is not None else self._current(token_id, kind, max_prefetch)
+        up = sub.up if sub is not None else self._ups.get(token_id)
+        if up is not None:
+            _check_resource(up, resource)
+        else:
+            up = self._current(token_id, kind, max_prefetch)
         if up.retired:
             raise KeyError(key)
         lease = up.lease
@@ -174,23 +197,37 @@ class BrokerCore:
         return Forward(lease.key, amount, prefetch + lease.prefetch())
 
     def granted(self, token_id: str, key: str, amount: int, prefetch: int, grant: Grant, *,
-                sent_at: float, now: float, claim: tuple[int, str] | None = None) -> Grant:
+                sent_at: float, now: float, claim: tuple[int, str] | None = None,
+                resource: str | None = None, terms: Terms | None = None) -> Grant:
         """The executor granted a forwarded request: the process gets ``amount`` and what it may
-        prefetch; the rest stays with the broker as spare.
+        prefetch; the rest stays with the broker as spare. ``terms`` are those of the resource
+        the grant names (the first grant's lease the token by them); ``resource`` is the one
+        the request named.
 
         Raises:
             KeyError: the broker's lease ended while the request waited; the units were
                 settled with it, so the process must ask again under a new key.
+            ProtocolError: the request named another resource than the grant: its units go
+                straight back upstream.
         """
         sub = self._subs.get((token_id, key))
         if sub is None:  # the token was released while the request was out
             raise KeyError(key)
         sub.pending -= 1
         up = sub.up
+        if terms is not None and up.terms is None:
+            up.terms = terms
+            if not up.lease.active:  # nothing granted yet: lease by the executor's resource
+                up.lease = LocalLease(terms.kind, key=up.lease.key,
+                                      max_prefetch=terms.max_prefetch)
         up.claim = claim
         lease = up.lease
         lease.granted(amount, units=grant.units, sent_at=sent_at, ttl_s=grant.ttl_s,
                       contended=grant.contended, waited_s=grant.waited_s)
+        if terms is not None and resource is not None and resource != terms.resource:
+            lease.settle(amount, 0)
+            self._drop_unused(sub)
+            _check_resource(up, resource)  # raises
         extra = 0 if grant.contended else min(prefetch, lease.spare)
         lease.spare -= extra
         lease.reserved += extra
@@ -200,14 +237,25 @@ class BrokerCore:
         sub = self._sub(up, key, now)
         sub.granted += units
         sub.expires_at = now + self._ttl_s
-        return Grant(units, self._trust_left(up, now), up.lease.contended, via=up.adoption)
+        return Grant(units, self._trust_left(up, now), up.lease.contended, via=_via(up))
 
     def refused(self, token_id: str, key: str, now: float) -> None:
-        """The executor answered a forwarded request with an error: nothing was granted."""
+        """The executor answered a forwarded request with an error (or it was withdrawn):
+        nothing was granted. A sub-lease that never held units goes as if it never was (a
+        process must not keep a foothold in a lease the executor refused it)."""
         sub = self._subs.get((token_id, key))
         if sub is not None:
             sub.pending -= 1
             sub.expires_at = now + self._ttl_s
+            self._drop_unused(sub)
+
+    def _drop_unused(self, sub: _Sub) -> None:
+        """Forget ``sub`` if it never held units and no request for it is out. (An upstream
+        lease never granted holds nothing, and is forgotten at the next renewal once it has no
+        sub-leases.)"""
+        if not sub.granted and not sub.pending:
+            del self._subs[(sub.up.token_id, sub.key)]
+            del sub.up.subs[sub.key]
 
     def lost(self, token_id: str, up_key: str) -> None:
         """The broker's totals for its lease ``up_key`` can no longer be trusted (the executor
@@ -229,27 +277,29 @@ class BrokerCore:
             if sub is None:
                 urgent |= self._late_debt(token_id, key, debt)
                 continue
-            urgent |= self._apply(sub, returned, used, debt)
+            urgent |= self._apply(sub, sub.up.lease, returned, used, debt)
             if final:
                 urgent |= self._end(sub, charge=False)
         return urgent
 
-    def _apply(self, sub: _Sub, returned: int, used: int, debt: int) -> bool:
-        lease = sub.up.lease
+    def _apply(self, sub: _Sub, lease: LocalLease, returned: int, used: int,
+               debt: int) -> bool:
         fresh_used = min(max(0, used - sub.used), sub.held)
         sub.used += fresh_used
         fresh_returned = min(max(0, returned - sub.returned), sub.held)
         sub.returned += fresh_returned
-        fresh_debt = max(0, debt - sub.debt)
-        sub.debt += fresh_debt
+        # As the executor caps a report's debt; and none on a sub-lease that never held units
+        # (a request the executor refused leaves no such foothold, but one may still be out).
+        new_debt = fresh_debt(debt, sub.debt, _max_debt(sub.up)) if sub.granted else 0
+        sub.debt += new_debt
         urgent = False  # units went back upstream (what processes give back is not kept as
         # the broker's spare: see LocalLease.settle), or debt grew
         if fresh_used:
             urgent |= lease.settle(fresh_used, fresh_used)
         if fresh_returned:
             urgent |= lease.settle(fresh_returned, 0)
-        if fresh_debt:
-            urgent |= lease.settle(0, fresh_debt)
+        if new_debt:
+            urgent |= lease.settle(0, new_debt)
         return urgent
 
     def _late_debt(self, token_id: str, key: str, debt: int) -> bool:
@@ -260,11 +310,12 @@ class BrokerCore:
         ended = self._ended.get((token_id, key))
         if ended is None or debt <= ended[0]:
             return False
-        applied, lease = ended
-        self._ended[(token_id, key)] = (debt, lease)
+        applied, lease, max_debt = ended
+        late = fresh_debt(debt, applied, max_debt)
+        self._ended[(token_id, key)] = (applied + late, lease, max_debt)
         if not lease.final:
-            return lease.settle(0, debt - applied)
-        lease.debt += debt - applied
+            return lease.settle(0, late)
+        lease.debt += late
         totals = lease.totals()
         self._owed = [r for r in self._owed if (r.token_id, r.key) != (token_id, lease.key)]
         self._owed.append(Report(token_id, lease.key, totals.returned, totals.used, totals.debt,
@@ -283,9 +334,11 @@ class BrokerCore:
             back = lease.settle(held, used)
         del self._subs[(sub.up.token_id, sub.key)]
         del sub.up.subs[sub.key]
-        self._ended[(sub.up.token_id, sub.key)] = (sub.debt, sub.up.lease)
-        if len(self._ended) > TOMBSTONES:
-            self._ended.popitem(last=False)
+        if sub.granted:  # late debt only on a sub-lease that held units
+            self._ended[(sub.up.token_id, sub.key)] = (sub.debt, sub.up.lease,
+                                                       _max_debt(sub.up))
+            if len(self._ended) > TOMBSTONES:
+                self._ended.popitem(last=False)
         return back
 
     # ------------------------------------------------------------------------------ renewals
@@ -361,6 +414,28 @@ class BrokerCore:
         return owed + [_report(up, final=False) for up in self._ups_of(token_id)
                        if up.lease.active and not up.ended]
 
+    def ending_totals(self, token_id: str, reports: Iterable[Report]) -> list[Report]:
+        """The running totals of the token's upstream leases as they will be once ``reports``
+        (the ending process's final totals) are applied, changing nothing: carried by a call
+        that ends the token (close, merge), so that debt and refunds reach the token before it
+        ends. The executor may refuse that call: the broker applies them and
+        :meth:`release` s the token only once it accepted."""
+        totals = []
+        for up in self._ups_of(token_id):
+            if not up.lease.active or up.ended:
+                continue
+            lease = copy.copy(up.lease)
+            for report_token, key, returned, used, debt, final in reports:
+                if report_token == token_id and (sub := up.subs.get(key)) is not None:
+                    sub = copy.copy(sub)
+                    self._apply(sub, lease, returned, used, debt)
+                    if final and sub.held:
+                        lease.settle(sub.held, 0)  # as _end gives it back
+            sums = lease.totals()
+            totals.append(Report(token_id, lease.key, sums.returned, sums.used, sums.debt,
+                                 False))
+        return totals
+
     def release(self, token_id: str) -> list[Report]:
         """The token ends (closed, merged away), after :meth:`settle` applied the final totals
         of the process that ends it: settle its upstream leases as final, or, while other
@@ -371,9 +446,10 @@ class BrokerCore:
         comes back when it commits. Each ends as a direct lease would (see the module's
         docstring), and the upstream lease is settled as final after the last one.
 
-        The executor may refuse the call that carries these reports, settling nothing: so a
-        lease settled here as final is kept, retired, until the next renewal, which reports it
-        as final again (a report twice changes nothing) and then forgets it.
+        Called once the executor accepted the call that ends the token (a refused one changes
+        nothing here). The reports go after it, and may be lost: so a lease settled here as
+        final is kept, retired, until the next renewal, which reports it as final again (a
+        report twice changes nothing) and then forgets it.
         """
         reports = []
         for up in self._ups_of(token_id):
@@ -486,6 +562,26 @@ class BrokerCore:
             del self._ups[up.token_id]
         if up in self._retired:
             self._retired.remove(up)
+
+
+def _via(up: _Up) -> str:
+    """The adoption secret of ``up`` for its processes, bound to the claim the executor last
+    accepted for the token (which the process served now used)."""
+    if up.claim is None:
+        return up.adoption
+    generation, claimant = up.claim
+    return adoption_via(up.adoption, claimant, up.token_id, generation)
+
+
+def _check_resource(up: _Up, resource: str | None) -> None:
+    """Refuse a request that names another resource than the executor named for the token."""
+    if resource is not None and up.terms is not None and up.terms.resource != resource:
+        raise ProtocolError(f"token {up.token_id!r} is not a token of resource {resource!r}")
+
+
+def _max_debt(up: _Up) -> int:
+    """The most debt one report may add to ``up``: its resource's max_overuse, once known."""
+    return up.terms.max_debt if up.terms is not None else MAX_UNITS
 
 
 def _report(up: _Up, *, final: bool) -> Report:

@@ -146,7 +146,28 @@ class Claim:
 # --------------------------------------------------------------------------------- adoptions
 
 
-def adoption_suffix(adoption_secret: str) -> str:
+def adoption_suffix(adoption: str) -> str:
     """A broker's lease key ends with this, so that processes holding the lease's adoption
-    secret (and nothing else of the broker's) can take their share over when it dies."""
-    return "." + digest(f"adopt|{adoption_secret}")
+    secret (and nothing else of the broker's) can take their share over when it dies.
+    ``adoption`` is that secret, or a via (see :func:`adoption_via`) that carries it."""
+    return "." + digest(f"adopt|{parse_via(adoption)[0]}")
+
+
+def adoption_via(adoption_secret: str, claim: str, token_id: str, generation: int) -> str:
+    """What a broker hands a process with its units (``Grant.via``): its lease's adoption
+    secret, bound to the claim the process uses the token with. It adopts only while that
+    claim is the token's: a process the token moved away from cannot take over, from a
+    broker that still lives, the units of the one it moved to."""
+    return f"{adoption_secret}@{claim_value(Claim(claim).key, token_id, generation)}"
+
+
+def parse_via(via: str) -> tuple[str, str]:
+    """The adoption secret in ``via``, and the claim value it is bound to ('' if none)."""
+    adoption_secret, _, value = via.partition("@")
+    return adoption_secret, value
+
+
+def claims(kept: str | None, value: str) -> bool:
+    """Whether the claim value ``value`` is the one a token keeps (``kept``: its digest, or
+    None for a token anyone may use)."""
+    return kept is None or _same(digest(value), kept)

@@ -108,6 +108,9 @@ class Grant:
     # How long the request waited before the grant, on the granting side's clock: the lease was
     # renewed that much after the request was sent, so its holder may trust it that much longer.
     waited_s: float = 0.0
+    # The resource of the token, as the executor knows it: a broker leases the token by this
+    # resource's kind, never by the one a caller names.
+    resource: str | None = None
 
 
 class Report(NamedTuple):

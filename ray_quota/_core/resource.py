@@ -355,7 +355,8 @@ class Resource:
         self._changes.tokens.add(ticket.token_id)
         self._changes.leases.add(key)
         self._changes.resources.add(self.name)
-        self.resolve(waiter, Grant(units, policy.lease_ttl_s, self.queue.waiting > 0))
+        self.resolve(waiter, Grant(units, policy.lease_ttl_s, self.queue.waiting > 0,
+                                   resource=self.name))
 
     def fail(self, waiter: Waiter, now: float, estimate: Estimate | None = None) -> None:
         """Fail a waiter whose wait ran out (or would): reject or terminate, by enforcement.

@@ -32,6 +32,7 @@ import math
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 
+from ray_quota._core.credentials import claims
 from ray_quota._core.fair_queue import Ticket, Waiter
 from ray_quota._core.ledger import Lease, LeaseLedger, fresh_debt
 from ray_quota._core.pools import Pool
@@ -426,6 +427,11 @@ class Scheduler:
             lease.debt = debt
             self.give_back(token_id, to_key, debt=debt)
         return True
+
+    def claimed_by(self, token_id: str, value: str) -> bool:
+        """Whether the claim value ``value`` is the live token's own (see :func:`claims`)."""
+        token = self._tokens.get(token_id)
+        return token is not None and claims(token.claimant, value)
 
     def lease_key_ending(self, token_id: str, suffix: str) -> str | None:
         """The key of a live lease of the token that ends with ``suffix`` (a broker's lease,

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ray_quota._core.credentials import adoption_suffix, check_holder, check_keys
+from ray_quota._core.credentials import adoption_suffix, check_holder, check_keys, parse_via
 from ray_quota._core.protocol import (
     IDLE_TICK_S,
     NAMED,
@@ -332,6 +332,8 @@ class ExecutorService:
             return exc
         adopted = []
         for entry in checked:
+            if not self._sched.claimed_by(entry.token_id, parse_via(entry.via)[1]):
+                continue  # the via's claim is no longer the token's: it moved away
             # No broker lease of the token has this adoption secret (it ended, or never was):
             # nothing to take over, unless this is a repeated call.
             from_key = self._sched.lease_key_ending(entry.token_id,

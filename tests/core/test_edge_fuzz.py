@@ -31,6 +31,7 @@ from ray_quota._core.service import ExecutorService
 from ray_quota._errors import (
     IncompatibleTokensError,
     InvalidAmountError,
+    LeaseEndedError,
     ProtocolError,
     QuotaError,
 )
@@ -334,6 +335,7 @@ class FakeUpstream:
     def __init__(self, world: World) -> None:
         self.world = world
         self.calls = 0
+        self.refusals = 0  # calls the executor answered with an error
 
     async def call_async(self, method: str, *args: Any, retry: bool = True) -> Any:
         self.calls += 1
@@ -345,6 +347,7 @@ class FakeUpstream:
             answer = answer.outcome
         self.world.service.drain()
         if isinstance(answer, Exception):
+            self.refusals += 1
             raise answer
         return answer
 
@@ -398,6 +401,17 @@ def broker_snapshot(actor: Any) -> Any:
     return ups, subs, dict(core._ended), list(core._owed), len(core._retired)
 
 
+def broker_holdings(actor: Any) -> Any:
+    """The broker's snapshot less what a request the executor refused may touch without
+    changing anything: its sub-lease's expiry, and an upstream lease never granted that
+    holds nothing and has no sub-leases (forgotten at the next renewal)."""
+    ups, subs, ended, owed, retired = broker_snapshot(actor)
+    ups = {token_id: up for token_id, up in ups.items()
+           if actor._core._ups[token_id].lease.active or up[-1]}
+    subs = {key: sub[:-1] for key, sub in subs.items()}
+    return ups, subs, ended, owed, retired
+
+
 BROKER_CALLS = ("acquire", "settle", "renew", "watch", "close", "merge", "merge_back")
 
 
@@ -435,9 +449,15 @@ def test_any_call_to_a_broker_is_served_or_refused_changing_nothing(
     actor = broker(world)
     loop = asyncio.new_event_loop()
     try:
+        # A broker with history: leases of two tokens, which calls naming them could damage.
+        for resource, token_id in (("r", world.mine), ("c", world.budget)):
+            grant = loop.run_until_complete(actor.acquire(resource, token_id, 0, "me",
+                                                          f"{ME}:0", 2, 0, None, ME_S))
+            assert isinstance(grant, Grant), grant
         for name, args in data.draw(st.lists(BROKER_CALLS_DRAWN, min_size=1, max_size=8)):
             before, executor_before = broker_snapshot(actor), snapshot(world.service)
-            calls = actor.upstream.calls
+            holdings, calls = broker_holdings(actor), actor.upstream.calls
+            refusals = actor.upstream.refusals
             try:
                 answer = loop.run_until_complete(getattr(actor, name)(*args))
             except Exception as exc:  # noqa: BLE001
@@ -446,6 +466,12 @@ def test_any_call_to_a_broker_is_served_or_refused_changing_nothing(
                 assert isinstance(answer, QuotaError), f"broker {name}{args!r}: {answer!r}"
                 if actor.upstream.calls == calls:  # refused at the broker's own edge
                     assert broker_snapshot(actor) == before, f"broker {name}{args!r} changed"
+                    assert snapshot(world.service) == executor_before
+                elif (actor.upstream.calls - calls == actor.upstream.refusals - refusals == 1
+                      and not isinstance(answer, LeaseEndedError)):
+                    # Refused by the executor, its one call (a lease it ended is news: the
+                    # broker retires its own): nothing changed at the broker either.
+                    assert broker_holdings(actor) == holdings, f"broker {name}{args!r} changed"
                     assert snapshot(world.service) == executor_before
         world.honest_client_is_served()
     finally:

@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 from fakes import FakeClock
 
-from ray_quota._core.credentials import adoption_suffix, holder_id
+from ray_quota._core.credentials import adoption_suffix, adoption_via, holder_id
 from ray_quota._core.protocol import (
     IDLE_TICK_S,
     Adoption,
@@ -285,7 +285,12 @@ def test_adopt_moves_a_share_of_a_brokers_lease_to_the_process(
     # gives its processes instead of the key.
     broker_key = f"{H('broker')}:0{adoption_suffix('adopt-me')}"
     grant(service, info, broker_key, 10)
-    entry = Adoption(info.id, "adopt-me", f"{PROC}:0", 4, 0, 0, 0)
+    # The broker binds the secret to the claim its process used the token with: only the
+    # token's owner adopts (a process it moved away from does not).
+    stale = Adoption(info.id, adoption_via("adopt-me", "not-me", info.id, 0), f"{PROC}:0", 4,
+                     0, 0, 0)
+    assert service.adopt([stale]) == [] == service.adopt([stale._replace(via="adopt-me")])
+    entry = stale._replace(via=adoption_via("adopt-me", "me", info.id, 0))
     assert service.adopt([entry]) == [(info.id, f"{PROC}:0")]
     assert service.adopt([entry]) == [(info.id, f"{PROC}:0")]  # a repeated call
     assert (held(service, info, broker_key), held(service, info, f"{PROC}:0")) == (6, 4)
