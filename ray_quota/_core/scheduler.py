@@ -166,9 +166,8 @@ class Scheduler:
         self.check_parent(child_id, parent_id)
         child = self._tokens.live(child_id, generation, claimant)
         self._settle_all(finals)
-        parent = self._tokens.get(parent_id)
-        if parent is None or child.parent != parent_id or parent.resource != child.resource \
-                or parent is child:
+        parent = self._tokens.get(child.parent or "")  # parent_id may be gone (check_parent)
+        if parent is None or parent.resource != child.resource or parent is child:
             self._forget(child)
             return False
         self._fail_waiters(child)
@@ -212,6 +211,7 @@ class Scheduler:
         token.pass_ = res.vtime - credit / max(1, token.expected_use)
         self._changes.tokens.add(token.id)
         res.queue.rekey(token)
+        self._tokens.hand_children(other.id, token.id)
         self._forget(other)
 
     def describe(self, token_id: str, generation: int, claimant: str | None) -> tuple[int, float]:

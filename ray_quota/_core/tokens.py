@@ -81,7 +81,8 @@ class TokenRegistry(Mapping[str, Token]):
         False
     """
 
-    __slots__ = ("_changes", "_closed", "_grace_s", "_new_id", "_orphans", "_seen", "_tokens")
+    __slots__ = ("_changes", "_children", "_closed", "_grace_s", "_new_id", "_orphans", "_seen",
+                 "_tokens")
 
     def __init__(self, new_id: Callable[[], str], changes: ChangeLog | None = None, *,
                  grace_s: float) -> None:
@@ -92,6 +93,7 @@ class TokenRegistry(Mapping[str, Token]):
         # late if that was before orphans queued after it); and when each orphan was last named.
         self._orphans: OrderedDict[str, float] = OrderedDict()
         self._seen: dict[str, float] = {}
+        self._children: dict[str, set[str]] = {}  # parent id -> its live children's ids
         self._grace_s = grace_s
         self._new_id = new_id
         self._changes = changes if changes is not None else ChangeLog()
@@ -119,6 +121,19 @@ class TokenRegistry(Mapping[str, Token]):
     def add(self, token: Token) -> None:
         self._tokens[token.id] = token
         self._changes.tokens.add(token.id)
+        if token.parent is not None:
+            self._children.setdefault(token.parent, set()).add(token.id)
+
+    def hand_children(self, from_id: str, to_id: str) -> None:
+        """``from_id`` was absorbed into ``to_id``: its live children's share goes back there
+        now, or a chain of splits would lose the grandchildren's share once the middle link is
+        released."""
+        children = self._children.pop(from_id, set())
+        for child_id in children:
+            self._tokens[child_id].parent = to_id
+            self._changes.tokens.add(child_id)
+        if children:
+            self._children.setdefault(to_id, set()).update(children)
 
     def live(self, token_id: str, generation: int, claimant: str | None) -> Token:
         """The token, if the claim ``claimant`` at ``generation`` may use it; taken up on
@@ -180,6 +195,10 @@ class TokenRegistry(Mapping[str, Token]):
     def close(self, token: Token) -> None:
         """Remove the token and remember its id as closed."""
         del self._tokens[token.id]
+        if token.parent is not None and (siblings := self._children.get(token.parent)):
+            siblings.discard(token.id)
+            if not siblings:
+                del self._children[token.parent]
         self._orphans.pop(token.id, None)
         self._seen.pop(token.id, None)
         self._changes.tokens.add(token.id)
@@ -234,11 +253,15 @@ class TokenRegistry(Mapping[str, Token]):
 def check_parent(tokens: Mapping[str, Token], child_id: str, parent_id: str) -> None:
     """Refuse to merge the child ``child_id`` back into a token it was not split from.
 
+    The merge goes to the child's parent as the executor knows it: the token it was split from,
+    or the token that absorbed that one since (see :meth:`TokenRegistry.hand_children`), so a
+    caller may name the token it split from although that is gone.
+
     Raises:
-        IncompatibleTokensError: ``parent_id`` names another token than the child's parent.
-            (A child whose parent is gone is merged nowhere: the caller closes it.)
+        IncompatibleTokensError: ``parent_id`` names another live token than the child's
+            parent. (A child whose parent is gone is merged nowhere: the caller closes it.)
     """
     child = tokens.get(child_id)
-    if child is not None and child.parent not in (None, parent_id):
+    if child is not None and child.parent not in (None, parent_id) and parent_id in tokens:
         raise IncompatibleTokensError("a token merges back only into the token it was split "
                                       "from")

@@ -170,3 +170,33 @@ def test_names_through_a_broker_keep_a_token_at_the_executor() -> None:
                               clock.now)
         service.tick()
     assert live(service, token)
+
+
+def test_a_chain_of_splits_gives_every_share_back_to_the_root() -> None:
+    """A -> B -> C: B's task dies and B is released into A; C's share then goes back to A too,
+    whether C is released or merged back naming B, which is gone (adversary 4, 02)."""
+    for ending in ("released", "merged back"):
+        clock = FakeClock()
+        service = new_service(clock)
+        a = service.open_token("rate", 1000, "k", None).id
+        b = service.split(a, 0, "k", 500)[0].id
+        c = service.split(b, 0, "k", 200)[0].id
+        run(service, clock, 2 * GRACE, naming=(idle(a), idle(c)))  # nobody names B
+        assert not live(service, b) and service.describe(a, 0, "k")[0] == 800
+        if ending == "released":
+            run(service, clock, 2 * GRACE, naming=(idle(a),))
+        else:
+            assert service.merge_back(c, 0, "k", b, [], SECRET) is True
+        assert not live(service, c)
+        assert service.describe(a, 0, "k")[0] == 1000, ending
+
+
+def test_merge_back_still_refuses_another_live_token_than_the_parent() -> None:
+    clock = FakeClock()
+    service = new_service(clock)
+    a = service.open_token("rate", 100, "k", None).id
+    other = service.open_token("rate", 100, "k", None).id
+    c = service.split(a, 0, "k", 20)[0].id
+    refused = service.merge_back(c, 0, "k", other, [], SECRET)
+    assert type(refused).__name__ == "IncompatibleTokensError"
+    assert service.describe(other, 0, "k")[0] == 100 and live(service, c)
