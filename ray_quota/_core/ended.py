@@ -74,7 +74,8 @@ class EndedKeys:
         self._closing: set[str] = set()  # closed tokens whose marks go once they are idle
         self._changes = changes if changes is not None else ChangeLog()
         self._now = float("-inf")  # the time of the last tick
-        self._late: dict[LeaseKey, int] = {}  # late debt taken under an ended key since restart
+        # Late debt taken since the restart, per (token, holder); per key for other keys.
+        self._late: dict[Group | LeaseKey, int] = {}
 
     # -------------------------------------------------------------------------------- leases
 
@@ -147,13 +148,16 @@ class EndedKeys:
 
     def take_late(self, key: LeaseKey, wanted: int, cap: int) -> int:
         """How much of ``wanted`` debt reported late under the ended ``key`` to charge: at most
-        ``cap`` in all per key. An honest holder's late overuse (it was frozen past its lease)
-        is one commit's, or a few; a holder that no longer owns the token could otherwise add
-        ``cap`` with every report. (Counted in memory: a restart allows one more ``cap``.)"""
-        taken = self._late.get(key, 0)
+        ``cap`` in all per token and holder. An honest holder's late overuse (it was frozen
+        past its lease) is one commit's, or a few; a holder that no longer owns the token could
+        otherwise add ``cap`` with every report, or under every key it ever used. (Counted in
+        memory: a restart allows one more ``cap``.)"""
+        parsed = _parse(key)
+        late_key = parsed[0] if parsed is not None else key
+        taken = self._late.get(late_key, 0)
         granted = max(0, min(wanted, cap - taken))
         if granted:
-            self._late[key] = taken + granted
+            self._late[late_key] = taken + granted
         return granted
 
     # ------------------------------------------------------------------------------ forgetting
@@ -180,6 +184,7 @@ class EndedKeys:
         holders = self._marks[token_id]
         mark = holders.pop(holder)
         self._idle.pop(group, None)
+        self._late.pop(group, None)
         if not holders:
             del self._marks[token_id]
             self._closing.discard(token_id)

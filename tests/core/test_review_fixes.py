@@ -373,3 +373,18 @@ def test_late_debt_under_an_ended_key_is_capped_in_all_not_per_report() -> None:
     for n in range(2, 20):  # and more, report after report
         sched.settle(token, "P:0", 0, 5, 100 * n, final=True)
     assert sched.pool("cap").spent == spent + 100
+
+
+def test_late_debt_is_capped_per_holder_not_per_ended_key() -> None:
+    """A former owner that ended many small leases of the token declares max_overuse under
+    each of its ended keys: charged max_overuse in all (adversary 4, 06)."""
+    clock = FakeClock()
+    sched = _two_resources(clock)
+    token = sched.open_token("cap", 50, claimant="P").id
+    for n in range(5):
+        assert isinstance(sched.acquire(token, 0, "P", f"P:{n}", 1).outcome, Grant)
+        sched.settle(token, f"P:{n}", 0, 1, 0, final=True)
+    spent = sched.pool("cap").spent
+    for n in range(5):
+        sched.settle(token, f"P:{n}", 0, 1, 40, final=True)
+    assert sched.pool("cap").spent == spent + 100
