@@ -299,7 +299,7 @@ class BrokerCore:
         if fresh_returned:
             urgent |= lease.settle(fresh_returned, 0)
         if new_debt:
-            urgent |= lease.settle(0, new_debt)
+            urgent |= _owe(lease, new_debt)
         return urgent
 
     def _late_debt(self, token_id: str, key: str, debt: int) -> bool:
@@ -314,8 +314,8 @@ class BrokerCore:
         late = fresh_debt(debt, applied, max_debt)
         self._ended[(token_id, key)] = (applied + late, lease, max_debt)
         if not lease.final:
-            return lease.settle(0, late)
-        lease.debt += late
+            return _owe(lease, late)
+        lease.debt = min(MAX_UNITS, lease.debt + late)
         totals = lease.totals()
         self._owed = [r for r in self._owed if (r.token_id, r.key) != (token_id, lease.key)]
         self._owed.append(Report(token_id, lease.key, totals.returned, totals.used, totals.debt,
@@ -582,6 +582,15 @@ def _check_resource(up: _Up, resource: str | None) -> None:
 def _max_debt(up: _Up) -> int:
     """The most debt one report may add to ``up``: its resource's max_overuse, once known."""
     return up.terms.max_debt if up.terms is not None else MAX_UNITS
+
+
+def _owe(lease: LocalLease, debt: int) -> bool:
+    """Add ``debt`` to the upstream ``lease``, its running total saturating at MAX_UNITS: the
+    lease sums many sub-leases' debt, each capped per report, and a total past what a report
+    may carry would make the executor refuse the broker's every renewal, for every process of
+    the node. (Debt that large already stops the pool far longer than anyone waits.)"""
+    debt = min(debt, MAX_UNITS - lease.debt)
+    return lease.settle(0, debt) if debt > 0 else False
 
 
 def _report(up: _Up, *, final: bool) -> Report:

@@ -20,12 +20,14 @@ from ray_quota._core.protocol import ExecutorInfo, Grant, Report
 from ray_quota._core.resource import Policy
 from ray_quota._core.service import ExecutorService
 from ray_quota._errors import LeaseEndedError, ProtocolError, QuotaError
-from ray_quota._spec import Enforcement, Kind, ResourceSpec
+from ray_quota._spec import MAX_UNITS, Enforcement, Kind, ResourceSpec
 
 SPECS = {
     "r": ResourceSpec("r", Kind.RATE, value=1000, period_s=1.0, burst=1000),
     "k": ResourceSpec("k", Kind.CONCURRENCY, value=2, enforcement=Enforcement.THROTTLE),
     "c": ResourceSpec("c", Kind.CAPACITY, value=100, enforcement=Enforcement.REJECT),
+    # max_overuse defaults to the limit: two sub-leases' debt together pass MAX_UNITS
+    "big": ResourceSpec("big", Kind.CAPACITY, value=2**51, enforcement=Enforcement.REJECT),
 }
 
 
@@ -328,3 +330,44 @@ def test_a_process_the_token_moved_away_from_cannot_adopt_its_new_owners_units()
     adopted = service.adopt([Adoption(token, new_via, f"{p2.holder}:1", 1, 0, 0, 0)],
                             p2.secret)
     assert adopted == [(token, f"{p2.holder}:1")]
+
+
+# ----------------------------------------------------- debt totals past MAX_UNITS (adv4 09)
+
+
+def _broker_renews(node: Node) -> Any:
+    from ray_quota._runtime import identity
+
+    reports = node.core.upstream_reports(node.clock.now)
+    alive = node.service.renew(identity.HOLDER, reports, identity.SECRET)
+    if not isinstance(alive, QuotaError):
+        node.core.upstream_renewed(reports, alive, node.clock.now)
+    return alive
+
+
+def test_debt_summed_from_sub_leases_never_takes_a_broker_lease_past_max_units(
+        node: Node) -> None:
+    """Each sub-lease's debt is capped per report, but the broker's lease summed two of them
+    past MAX_UNITS: the executor then refused the broker's every renewal, and every process
+    on the node lost its leases."""
+    victim, hostile = Proc("victim"), Proc("hostile")
+    token = node.token("r", victim)
+    assert isinstance(node.call("acquire", "r", token, 0, victim.claim, victim.key(), 5, 0,
+                                None, victim.secret), Grant)
+    own = node.token("big", hostile)
+    keys = [hostile.key(), hostile.key()]
+    for key in keys:
+        assert isinstance(node.call("acquire", "big", own, 0, hostile.claim, key, 1, 0, None,
+                                    hostile.secret), Grant)
+    cap = node.service.scheduler.pool("big").spec.overuse_cap
+    for key in keys:
+        for n in range(1, MAX_UNITS // cap + 1):
+            node.call("settle", [Report(own, key, 0, 1, n * cap, False)], hostile.secret)
+    assert node.core._ups[own].lease.debt == MAX_UNITS  # saturated
+    up_key = node.core._ups[token].lease.key
+    for _ in range(3):
+        node.clock.advance(4.0)
+        assert not isinstance(_broker_renews(node), QuotaError)
+        node.service.tick()
+        node.service.drain()
+    assert node.service.scheduler.held(token, up_key) == 5  # the victim's lease lives on
