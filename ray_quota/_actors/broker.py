@@ -109,7 +109,7 @@ class BrokerActor:
                 # The lease ended, or the answer was lost with whatever it granted: either way
                 # the broker's totals for it can no longer be trusted. Retire it; once its
                 # processes let go, its final settlement gives back what the executor counts.
-                core.lost(token_id, answer.key)
+                core.lost(token_id, answer.key, claim)
             return exc
         except asyncio.CancelledError:
             # The caller gave up (a cancelled reserve_async: Ray cancels this call, and the
@@ -117,7 +117,7 @@ class BrokerActor:
             # first, its answer lost here: as with any lost answer, the request is no longer
             # out, and the broker's totals of its lease can no longer be trusted.
             core.refused(token_id, key, time.monotonic())
-            core.lost(token_id, answer.key)
+            core.lost(token_id, answer.key, claim)
             raise
         try:
             return core.granted(token_id, key, amount, prefetch, grant, sent_at=sent_at,

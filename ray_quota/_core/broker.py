@@ -257,13 +257,19 @@ class BrokerCore:
             del self._subs[(sub.up.token_id, sub.key)]
             del sub.up.subs[sub.key]
 
-    def lost(self, token_id: str, up_key: str) -> None:
+    def lost(self, token_id: str, up_key: str, claim: tuple[int, str] | None) -> None:
         """The broker's totals for its lease ``up_key`` can no longer be trusted (the executor
-        refused it, or an answer with a grant was lost): retire it. It stays renewed while its
-        processes hold sub-leases of it; if the executor no longer has it, the next renewal's
-        answer says so, and they end then."""
+        refused it, or an answer with a grant was lost, of a forward under ``claim``): retire
+        it. It stays renewed while its processes hold sub-leases of it; if the executor no
+        longer has it, the next renewal's answer says so, and they end then.
+
+        Only a forward under the claim the executor last accepted for the token retires it:
+        any process may name any token with a made-up claim, and the executor refuses such a
+        forward, so its lost or withdrawn answer must not end the lease for the token's owner.
+        (Should the executor have granted it after all, to an owner the token moved to, those
+        units stay counted as held upstream until the lease is settled as final.)"""
         up = self._ups.get(token_id)
-        if up is not None and up.lease.key == up_key:
+        if up is not None and up.lease.key == up_key and claim == up.claim:
             self._retire(up)
 
     # ---------------------------------------------------------------------------- settlement

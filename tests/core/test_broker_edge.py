@@ -371,3 +371,46 @@ def test_debt_summed_from_sub_leases_never_takes_a_broker_lease_past_max_units(
         node.service.tick()
         node.service.drain()
     assert node.service.scheduler.held(token, up_key) == 5  # the victim's lease lives on
+
+
+# ----------------------------------------- a stranger's cancelled forward (adv4 05)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "unavailable"])
+def test_a_strangers_lost_forward_does_not_retire_the_owners_broker_lease(
+        node: Node, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Any process that knows a token id asked the broker for it under a made-up claim and
+    cancelled its call while the forward was out (or its answer was lost): the broker retired
+    the owner's lease, whose next reservation then failed with LeaseEndedError."""
+    from ray_quota._actors import broker as broker_module
+    from ray_quota._errors import ExecutorUnavailableError
+
+    victim, hostile = Proc("victim"), Proc("hostile")
+    token = node.token("r", victim)
+    key = victim.key()
+    for _ in range(4):
+        assert isinstance(node.call("acquire", "r", token, 0, victim.claim, key, 10, 5, None,
+                                    victim.secret), Grant)
+    up = node.core._ups[token]
+    real = broker_module.rpc.call_async
+
+    async def upstream(method: str, *args: Any, retry: bool = True) -> Any:
+        if method == "acquire" and args[2] == hostile.claim:
+            if how == "unavailable":
+                raise ExecutorUnavailableError("the answer was lost")
+            await asyncio.sleep(3600)
+        return await real(method, *args, retry=retry)
+
+    monkeypatch.setattr(broker_module.rpc, "call_async", upstream)
+    task = node.loop.create_task(node.broker.acquire("r", token, 0, hostile.claim,
+                                                     hostile.key(), 1, 0, None,
+                                                     hostile.secret))
+    node.loop.run_until_complete(asyncio.sleep(0.01))
+    task.cancel()
+    try:
+        node.loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        pass
+    assert node.core._ups.get(token) is up and not up.retired
+    assert isinstance(node.call("acquire", "r", token, 0, victim.claim, key, 5, 0, None,
+                                victim.secret), Grant)
