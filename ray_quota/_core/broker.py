@@ -100,6 +100,16 @@ class _Up:
 
 
 @dataclass(frozen=True, slots=True)
+class _Ended:
+    """An ended sub-lease that held units, as late debt under it is charged."""
+
+    applied: int  # the debt applied for it, live and late
+    late: int  # of which reported after it ended: at most max_debt in all
+    lease: LocalLease  # the upstream lease it was part of: late overuse is owed on that one
+    max_debt: int  # the resource's max_overuse
+
+
+@dataclass(frozen=True, slots=True)
 class Forward:
     """Ask the executor for ``amount`` plus ``prefetch`` units into the broker's lease ``key``."""
 
@@ -142,10 +152,9 @@ class BrokerCore:
         self._ups: dict[str, _Up] = {}  # token id -> current upstream lease
         self._retired: list[_Up] = []
         self._subs: dict[tuple[str, str], _Sub] = {}  # (token id, process lease key) -> sub
-        # (token id, process lease key) of an ended sub-lease that held units -> the debt
-        # applied for it, the upstream lease it was part of (late overuse is owed on that
-        # lease), and the most debt one report may add
-        self._ended: OrderedDict[tuple[str, str], tuple[int, LocalLease, int]] = OrderedDict()
+        # (token id, process lease key) of an ended sub-lease that held units -> what late
+        # debt is charged against (see _Ended)
+        self._ended: OrderedDict[tuple[str, str], _Ended] = OrderedDict()
         self._owed: list[Report] = []  # final upstream totals grown by late debt, to send again
         # Final upstream totals sent with a renewal not yet answered: sent again until one is
         # (a lost final report would leave the lease to expire at the executor, which then
@@ -314,11 +323,17 @@ class BrokerCore:
         a final report again with the larger debt, which the executor charges (see
         :meth:`Scheduler.settle`)."""
         ended = self._ended.get((token_id, key))
-        if ended is None or debt <= ended[0]:
+        if ended is None:
             return False
-        applied, lease, max_debt = ended
-        late = fresh_debt(debt, applied, max_debt)
-        self._ended[(token_id, key)] = (applied + late, lease, max_debt)
+        # At most max_overuse in all once it ended, as the executor charges late debt under
+        # an ended direct lease (EndedKeys.take_late): a process the token moved away from
+        # could otherwise charge its new owner's lease with every report.
+        late = min(fresh_debt(debt, ended.applied, ended.max_debt), ended.max_debt - ended.late)
+        if late <= 0:
+            return False
+        lease = ended.lease
+        self._ended[(token_id, key)] = _Ended(ended.applied + late, ended.late + late, lease,
+                                              ended.max_debt)
         if not lease.final:
             return _owe(lease, late)
         lease.debt = min(MAX_UNITS, lease.debt + late)
@@ -341,8 +356,8 @@ class BrokerCore:
         del self._subs[(sub.up.token_id, sub.key)]
         del sub.up.subs[sub.key]
         if sub.granted:  # late debt only on a sub-lease that held units
-            self._ended[(sub.up.token_id, sub.key)] = (sub.debt, sub.up.lease,
-                                                       _max_debt(sub.up))
+            self._ended[(sub.up.token_id, sub.key)] = _Ended(sub.debt, 0, sub.up.lease,
+                                                             _max_debt(sub.up))
             if len(self._ended) > TOMBSTONES:
                 self._ended.popitem(last=False)
         return back

@@ -195,7 +195,7 @@ def test_debt_a_report_adds_at_the_broker_is_capped_by_max_overuse(node: Node) -
     assert node.core._subs[(token, key)].debt == 100
     node.call("settle", [Report(token, key, 0, 5, 500, True)], owner.secret)
     node.call("settle", [Report(token, key, 0, 5, 900, False)], owner.secret)  # late
-    assert node.core._ended[(token, key)][0] == 300
+    assert node.core._ended[(token, key)].applied == 300
 
 
 # ----------------------------------------------------------------- refused close (01)
@@ -414,3 +414,24 @@ def test_a_strangers_lost_forward_does_not_retire_the_owners_broker_lease(
     assert node.core._ups.get(token) is up and not up.retired
     assert isinstance(node.call("acquire", "r", token, 0, victim.claim, key, 5, 0, None,
                                 victim.secret), Grant)
+
+
+# ------------------------------------- late debt under an ended sub-lease, in all (adv4 07)
+
+
+def test_late_debt_under_an_ended_sub_lease_is_capped_in_all(node: Node) -> None:
+    """As the executor caps late debt under an ended direct lease: max_overuse in all, however
+    many reports declare more (a former owner could charge the token's lease with each)."""
+    owner = Proc("owner")
+    token = node.token("c", owner)  # max_overuse: 100
+    ended, kept = owner.key(), owner.key()
+    for key in (ended, kept):  # the second keeps the broker's lease alive
+        assert isinstance(node.call("acquire", "c", token, 0, owner.claim, key, 5, 0, None,
+                                    owner.secret), Grant)
+    node.call("settle", [Report(token, ended, 0, 5, 0, True)], owner.secret)
+    lease = node.core._ups[token].lease
+    debt = lease.debt
+    for n in range(1, 9):
+        node.call("settle", [Report(token, ended, 0, 5, 100 * n, False)], owner.secret)
+    assert lease.debt - debt <= 100
+    assert node.core._ended[(token, ended)].late == 100
