@@ -435,3 +435,38 @@ def test_late_debt_under_an_ended_sub_lease_is_capped_in_all(node: Node) -> None
         node.call("settle", [Report(token, ended, 0, 5, 100 * n, False)], owner.secret)
     assert lease.debt - debt <= 100
     assert node.core._ended[(token, ended)].late == 100
+
+
+# ------------------------------------------- a close whose answer was lost (adv4 04)
+
+
+def test_a_strangers_close_during_an_outage_does_not_retire_the_owners_lease(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the executor not answering, a close naming only a victim's token id was taken as
+    accepted: the broker retired the victim's lease. Only the caller's own final totals apply;
+    an owner's close whose answer was lost still ends its own sub-lease."""
+    from ray_quota._actors import broker as broker_module
+    from ray_quota._errors import ExecutorUnavailableError
+
+    victim, hostile = Proc("victim"), Proc("hostile")
+    token = node.token("r", victim)
+    key = victim.key()
+    for _ in range(4):
+        assert isinstance(node.call("acquire", "r", token, 0, victim.claim, key, 10, 5, None,
+                                    victim.secret), Grant)
+    up = node.core._ups[token]
+
+    async def outage(method: str, *args: Any, retry: bool = True) -> Any:
+        raise ExecutorUnavailableError(f"the executor did not answer {method}")
+
+    monkeypatch.setattr(broker_module.rpc, "call_async", outage)
+    answer = node.call("close", token, 0, hostile.claim, [], hostile.secret)
+    assert isinstance(answer, ExecutorUnavailableError)
+    assert node.core._ups.get(token) is up and not up.retired
+    other = victim.key()
+    assert isinstance(node.call("acquire", "r", token, 0, victim.claim, other, 5, 0, None,
+                                victim.secret), Grant)
+    answer = node.call("close", token, 0, victim.claim, [Report(token, key, 0, 40, 0, True)],
+                       victim.secret)
+    assert isinstance(answer, ExecutorUnavailableError)
+    assert (token, key) not in node.core._subs and (token, other) in node.core._subs
