@@ -109,7 +109,7 @@ class BrokerActor:
                 # The lease ended, or the answer was lost with whatever it granted: either way
                 # the broker's totals for it can no longer be trusted. Retire it; once its
                 # processes let go, its final settlement gives back what the executor counts.
-                core.lost(token_id, answer.key)
+                core.lost(token_id, answer.key, claim)
             return exc
         except asyncio.CancelledError:
             # The caller gave up (a cancelled reserve_async: Ray cancels this call, and the
@@ -117,7 +117,7 @@ class BrokerActor:
             # first, its answer lost here: as with any lost answer, the request is no longer
             # out, and the broker's totals of its lease can no longer be trusted.
             core.refused(token_id, key, time.monotonic())
-            core.lost(token_id, answer.key)
+            core.lost(token_id, answer.key, claim)
             raise
         try:
             return core.granted(token_id, key, amount, prefetch, grant, sent_at=sent_at,
@@ -196,8 +196,9 @@ class BrokerActor:
         those, settle the broker's leases of the token as final and report them.
 
         The executor checks the caller's claim on the token: a call it refuses changes nothing
-        here either (any process may name any token). One whose answer was lost may have ended
-        the token: it ends here too."""
+        here either (any process may name any token). One whose answer was lost applies only
+        the caller's own final totals: the token's leases here end once a renewal shows that
+        the executor ended them."""
         core, _ = await self._ready(method)
         try:
             reports = _checked_ending(method, args, reports)
@@ -209,7 +210,12 @@ class BrokerActor:
         try:
             answer = await rpc.call_async(method, *args, upstream, identity.SECRET)
         except ExecutorUnavailableError as exc:
-            answer = exc
+            # The answer was lost: the call may have ended the token, or been refused (any
+            # process may name any token). Only the caller's own final totals apply; the
+            # token's leases end here once a renewal shows the executor ended them.
+            if core.settle(reports, time.monotonic()):
+                self._send_now({ending})
+            return exc
         except QuotaError as exc:
             return exc
         core.settle(reports, time.monotonic())

@@ -100,6 +100,16 @@ class _Up:
 
 
 @dataclass(frozen=True, slots=True)
+class _Ended:
+    """An ended sub-lease that held units, as late debt under it is charged."""
+
+    applied: int  # the debt applied for it, live and late
+    late: int  # of which reported after it ended: at most max_debt in all
+    lease: LocalLease  # the upstream lease it was part of: late overuse is owed on that one
+    max_debt: int  # the resource's max_overuse
+
+
+@dataclass(frozen=True, slots=True)
 class Forward:
     """Ask the executor for ``amount`` plus ``prefetch`` units into the broker's lease ``key``."""
 
@@ -142,10 +152,9 @@ class BrokerCore:
         self._ups: dict[str, _Up] = {}  # token id -> current upstream lease
         self._retired: list[_Up] = []
         self._subs: dict[tuple[str, str], _Sub] = {}  # (token id, process lease key) -> sub
-        # (token id, process lease key) of an ended sub-lease that held units -> the debt
-        # applied for it, the upstream lease it was part of (late overuse is owed on that
-        # lease), and the most debt one report may add
-        self._ended: OrderedDict[tuple[str, str], tuple[int, LocalLease, int]] = OrderedDict()
+        # (token id, process lease key) of an ended sub-lease that held units -> what late
+        # debt is charged against (see _Ended)
+        self._ended: OrderedDict[tuple[str, str], _Ended] = OrderedDict()
         self._owed: list[Report] = []  # final upstream totals grown by late debt, to send again
         # Final upstream totals sent with a renewal not yet answered: sent again until one is
         # (a lost final report would leave the lease to expire at the executor, which then
@@ -257,13 +266,19 @@ class BrokerCore:
             del self._subs[(sub.up.token_id, sub.key)]
             del sub.up.subs[sub.key]
 
-    def lost(self, token_id: str, up_key: str) -> None:
+    def lost(self, token_id: str, up_key: str, claim: tuple[int, str] | None) -> None:
         """The broker's totals for its lease ``up_key`` can no longer be trusted (the executor
-        refused it, or an answer with a grant was lost): retire it. It stays renewed while its
-        processes hold sub-leases of it; if the executor no longer has it, the next renewal's
-        answer says so, and they end then."""
+        refused it, or an answer with a grant was lost, of a forward under ``claim``): retire
+        it. It stays renewed while its processes hold sub-leases of it; if the executor no
+        longer has it, the next renewal's answer says so, and they end then.
+
+        Only a forward under the claim the executor last accepted for the token retires it:
+        any process may name any token with a made-up claim, and the executor refuses such a
+        forward, so its lost or withdrawn answer must not end the lease for the token's owner.
+        (Should the executor have granted it after all, to an owner the token moved to, those
+        units stay counted as held upstream until the lease is settled as final.)"""
         up = self._ups.get(token_id)
-        if up is not None and up.lease.key == up_key:
+        if up is not None and up.lease.key == up_key and claim == up.claim:
             self._retire(up)
 
     # ---------------------------------------------------------------------------- settlement
@@ -299,7 +314,7 @@ class BrokerCore:
         if fresh_returned:
             urgent |= lease.settle(fresh_returned, 0)
         if new_debt:
-            urgent |= lease.settle(0, new_debt)
+            urgent |= _owe(lease, new_debt)
         return urgent
 
     def _late_debt(self, token_id: str, key: str, debt: int) -> bool:
@@ -308,14 +323,20 @@ class BrokerCore:
         a final report again with the larger debt, which the executor charges (see
         :meth:`Scheduler.settle`)."""
         ended = self._ended.get((token_id, key))
-        if ended is None or debt <= ended[0]:
+        if ended is None:
             return False
-        applied, lease, max_debt = ended
-        late = fresh_debt(debt, applied, max_debt)
-        self._ended[(token_id, key)] = (applied + late, lease, max_debt)
+        # At most max_overuse in all once it ended, as the executor charges late debt under
+        # an ended direct lease (EndedKeys.take_late): a process the token moved away from
+        # could otherwise charge its new owner's lease with every report.
+        late = min(fresh_debt(debt, ended.applied, ended.max_debt), ended.max_debt - ended.late)
+        if late <= 0:
+            return False
+        lease = ended.lease
+        self._ended[(token_id, key)] = _Ended(ended.applied + late, ended.late + late, lease,
+                                              ended.max_debt)
         if not lease.final:
-            return lease.settle(0, late)
-        lease.debt += late
+            return _owe(lease, late)
+        lease.debt = min(MAX_UNITS, lease.debt + late)
         totals = lease.totals()
         self._owed = [r for r in self._owed if (r.token_id, r.key) != (token_id, lease.key)]
         self._owed.append(Report(token_id, lease.key, totals.returned, totals.used, totals.debt,
@@ -335,8 +356,8 @@ class BrokerCore:
         del self._subs[(sub.up.token_id, sub.key)]
         del sub.up.subs[sub.key]
         if sub.granted:  # late debt only on a sub-lease that held units
-            self._ended[(sub.up.token_id, sub.key)] = (sub.debt, sub.up.lease,
-                                                       _max_debt(sub.up))
+            self._ended[(sub.up.token_id, sub.key)] = _Ended(sub.debt, 0, sub.up.lease,
+                                                             _max_debt(sub.up))
             if len(self._ended) > TOMBSTONES:
                 self._ended.popitem(last=False)
         return back
@@ -582,6 +603,15 @@ def _check_resource(up: _Up, resource: str | None) -> None:
 def _max_debt(up: _Up) -> int:
     """The most debt one report may add to ``up``: its resource's max_overuse, once known."""
     return up.terms.max_debt if up.terms is not None else MAX_UNITS
+
+
+def _owe(lease: LocalLease, debt: int) -> bool:
+    """Add ``debt`` to the upstream ``lease``, its running total saturating at MAX_UNITS: the
+    lease sums many sub-leases' debt, each capped per report, and a total past what a report
+    may carry would make the executor refuse the broker's every renewal, for every process of
+    the node. (Debt that large already stops the pool far longer than anyone waits.)"""
+    debt = min(debt, MAX_UNITS - lease.debt)
+    return lease.settle(0, debt) if debt > 0 else False
 
 
 def _report(up: _Up, *, final: bool) -> Report:

@@ -89,7 +89,7 @@ class Node:
                 return
             self.core.refused(token_id, key, now)
             if isinstance(outcome, (LeaseEndedError, ExecutorUnavailableError)):
-                self.core.lost(token_id, ask.key)
+                self.core.lost(token_id, ask.key, claim)
             answer(outcome)
 
         world.executor_acquire(upstream, self.secret, token_id, generation, claimant, ask.key,

@@ -500,7 +500,7 @@ def test_a_lost_answer_retires_the_brokers_lease_but_its_processes_keep_their_sl
                             max_prefetch=0, now=w.now, claim=CLAIM)
     assert isinstance(ask, Forward)
     node.core.refused(holder.token_id, "pa:9", w.now)  # ExecutorUnavailableError
-    node.core.lost(holder.token_id, ask.key)
+    node.core.lost(holder.token_id, ask.key, CLAIM)
     rival = Proc(other, w.token(), "pr")
     assert not rival.reserve(2)
     run_until_quiet(w, [node, other], [holder, rival], int(TTL) + 2)

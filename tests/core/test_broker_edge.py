@@ -20,12 +20,14 @@ from ray_quota._core.protocol import ExecutorInfo, Grant, Report
 from ray_quota._core.resource import Policy
 from ray_quota._core.service import ExecutorService
 from ray_quota._errors import LeaseEndedError, ProtocolError, QuotaError
-from ray_quota._spec import Enforcement, Kind, ResourceSpec
+from ray_quota._spec import MAX_UNITS, Enforcement, Kind, ResourceSpec
 
 SPECS = {
     "r": ResourceSpec("r", Kind.RATE, value=1000, period_s=1.0, burst=1000),
     "k": ResourceSpec("k", Kind.CONCURRENCY, value=2, enforcement=Enforcement.THROTTLE),
     "c": ResourceSpec("c", Kind.CAPACITY, value=100, enforcement=Enforcement.REJECT),
+    # max_overuse defaults to the limit: two sub-leases' debt together pass MAX_UNITS
+    "big": ResourceSpec("big", Kind.CAPACITY, value=2**51, enforcement=Enforcement.REJECT),
 }
 
 
@@ -193,7 +195,7 @@ def test_debt_a_report_adds_at_the_broker_is_capped_by_max_overuse(node: Node) -
     assert node.core._subs[(token, key)].debt == 100
     node.call("settle", [Report(token, key, 0, 5, 500, True)], owner.secret)
     node.call("settle", [Report(token, key, 0, 5, 900, False)], owner.secret)  # late
-    assert node.core._ended[(token, key)][0] == 300
+    assert node.core._ended[(token, key)].applied == 300
 
 
 # ----------------------------------------------------------------- refused close (01)
@@ -328,3 +330,143 @@ def test_a_process_the_token_moved_away_from_cannot_adopt_its_new_owners_units()
     adopted = service.adopt([Adoption(token, new_via, f"{p2.holder}:1", 1, 0, 0, 0)],
                             p2.secret)
     assert adopted == [(token, f"{p2.holder}:1")]
+
+
+# ----------------------------------------------------- debt totals past MAX_UNITS (adv4 09)
+
+
+def _broker_renews(node: Node) -> Any:
+    from ray_quota._runtime import identity
+
+    reports = node.core.upstream_reports(node.clock.now)
+    alive = node.service.renew(identity.HOLDER, reports, identity.SECRET)
+    if not isinstance(alive, QuotaError):
+        node.core.upstream_renewed(reports, alive, node.clock.now)
+    return alive
+
+
+def test_debt_summed_from_sub_leases_never_takes_a_broker_lease_past_max_units(
+        node: Node) -> None:
+    """Each sub-lease's debt is capped per report, but the broker's lease summed two of them
+    past MAX_UNITS: the executor then refused the broker's every renewal, and every process
+    on the node lost its leases."""
+    victim, hostile = Proc("victim"), Proc("hostile")
+    token = node.token("r", victim)
+    assert isinstance(node.call("acquire", "r", token, 0, victim.claim, victim.key(), 5, 0,
+                                None, victim.secret), Grant)
+    own = node.token("big", hostile)
+    keys = [hostile.key(), hostile.key()]
+    for key in keys:
+        assert isinstance(node.call("acquire", "big", own, 0, hostile.claim, key, 1, 0, None,
+                                    hostile.secret), Grant)
+    cap = node.service.scheduler.pool("big").spec.overuse_cap
+    for key in keys:
+        for n in range(1, MAX_UNITS // cap + 1):
+            node.call("settle", [Report(own, key, 0, 1, n * cap, False)], hostile.secret)
+    assert node.core._ups[own].lease.debt == MAX_UNITS  # saturated
+    up_key = node.core._ups[token].lease.key
+    for _ in range(3):
+        node.clock.advance(4.0)
+        assert not isinstance(_broker_renews(node), QuotaError)
+        node.service.tick()
+        node.service.drain()
+    assert node.service.scheduler.held(token, up_key) == 5  # the victim's lease lives on
+
+
+# ----------------------------------------- a stranger's cancelled forward (adv4 05)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "unavailable"])
+def test_a_strangers_lost_forward_does_not_retire_the_owners_broker_lease(
+        node: Node, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Any process that knows a token id asked the broker for it under a made-up claim and
+    cancelled its call while the forward was out (or its answer was lost): the broker retired
+    the owner's lease, whose next reservation then failed with LeaseEndedError."""
+    from ray_quota._actors import broker as broker_module
+    from ray_quota._errors import ExecutorUnavailableError
+
+    victim, hostile = Proc("victim"), Proc("hostile")
+    token = node.token("r", victim)
+    key = victim.key()
+    for _ in range(4):
+        assert isinstance(node.call("acquire", "r", token, 0, victim.claim, key, 10, 5, None,
+                                    victim.secret), Grant)
+    up = node.core._ups[token]
+    real = broker_module.rpc.call_async
+
+    async def upstream(method: str, *args: Any, retry: bool = True) -> Any:
+        if method == "acquire" and args[2] == hostile.claim:
+            if how == "unavailable":
+                raise ExecutorUnavailableError("the answer was lost")
+            await asyncio.sleep(3600)
+        return await real(method, *args, retry=retry)
+
+    monkeypatch.setattr(broker_module.rpc, "call_async", upstream)
+    task = node.loop.create_task(node.broker.acquire("r", token, 0, hostile.claim,
+                                                     hostile.key(), 1, 0, None,
+                                                     hostile.secret))
+    node.loop.run_until_complete(asyncio.sleep(0.01))
+    task.cancel()
+    try:
+        node.loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        pass
+    assert node.core._ups.get(token) is up and not up.retired
+    assert isinstance(node.call("acquire", "r", token, 0, victim.claim, key, 5, 0, None,
+                                victim.secret), Grant)
+
+
+# ------------------------------------- late debt under an ended sub-lease, in all (adv4 07)
+
+
+def test_late_debt_under_an_ended_sub_lease_is_capped_in_all(node: Node) -> None:
+    """As the executor caps late debt under an ended direct lease: max_overuse in all, however
+    many reports declare more (a former owner could charge the token's lease with each)."""
+    owner = Proc("owner")
+    token = node.token("c", owner)  # max_overuse: 100
+    ended, kept = owner.key(), owner.key()
+    for key in (ended, kept):  # the second keeps the broker's lease alive
+        assert isinstance(node.call("acquire", "c", token, 0, owner.claim, key, 5, 0, None,
+                                    owner.secret), Grant)
+    node.call("settle", [Report(token, ended, 0, 5, 0, True)], owner.secret)
+    lease = node.core._ups[token].lease
+    debt = lease.debt
+    for n in range(1, 9):
+        node.call("settle", [Report(token, ended, 0, 5, 100 * n, False)], owner.secret)
+    assert lease.debt - debt <= 100
+    assert node.core._ended[(token, ended)].late == 100
+
+
+# ------------------------------------------- a close whose answer was lost (adv4 04)
+
+
+def test_a_strangers_close_during_an_outage_does_not_retire_the_owners_lease(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the executor not answering, a close naming only a victim's token id was taken as
+    accepted: the broker retired the victim's lease. Only the caller's own final totals apply;
+    an owner's close whose answer was lost still ends its own sub-lease."""
+    from ray_quota._actors import broker as broker_module
+    from ray_quota._errors import ExecutorUnavailableError
+
+    victim, hostile = Proc("victim"), Proc("hostile")
+    token = node.token("r", victim)
+    key = victim.key()
+    for _ in range(4):
+        assert isinstance(node.call("acquire", "r", token, 0, victim.claim, key, 10, 5, None,
+                                    victim.secret), Grant)
+    up = node.core._ups[token]
+
+    async def outage(method: str, *args: Any, retry: bool = True) -> Any:
+        raise ExecutorUnavailableError(f"the executor did not answer {method}")
+
+    monkeypatch.setattr(broker_module.rpc, "call_async", outage)
+    answer = node.call("close", token, 0, hostile.claim, [], hostile.secret)
+    assert isinstance(answer, ExecutorUnavailableError)
+    assert node.core._ups.get(token) is up and not up.retired
+    other = victim.key()
+    assert isinstance(node.call("acquire", "r", token, 0, victim.claim, other, 5, 0, None,
+                                victim.secret), Grant)
+    answer = node.call("close", token, 0, victim.claim, [Report(token, key, 0, 40, 0, True)],
+                       victim.secret)
+    assert isinstance(answer, ExecutorUnavailableError)
+    assert (token, key) not in node.core._subs and (token, other) in node.core._subs
