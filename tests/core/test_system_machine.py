@@ -63,6 +63,9 @@ class SystemMachine(RuleBasedStateMachine):
         # slots then held, those slots, falling as they are given back.
         self.slot_bound = CONC.value
         self.expected_use: dict[str, int] = {}  # live tokens, by our own count
+        # Tokens absorbed into another (merged, or released into their parent): their
+        # children's share goes back to the absorbing token (see TokenRegistry.hand_children).
+        self.absorbed_into: dict[str, str] = {}
         self.owner: dict[str, Process] = {}  # who holds each live token now
         # Who passed each token on (oldest first): the executor hears of a move only when the
         # receiver uses the token, so until then it goes by the senders' leases.
@@ -187,6 +190,7 @@ class SystemMachine(RuleBasedStateMachine):
             other_handle.live = True
             return
         self.expected_use[handle.token_id] += self.expected_use.pop(other_handle.token_id)
+        self.absorbed_into[other_handle.token_id] = handle.token_id
         self.owner.pop(other_handle.token_id)
         self.senders.pop(other_handle.token_id, None)
         if self.world.executor.service.scheduler is not sched:
@@ -213,7 +217,9 @@ class SystemMachine(RuleBasedStateMachine):
         self.owner.pop(handle.token_id)
         self.senders.pop(handle.token_id, None)
         if merged:
-            self.expected_use[handle.parent] += use
+            parent = self._live_parent(handle.parent)
+            assert parent is not None, "merged back into no parent"
+            self.expected_use[parent] += use
 
     @rule(pick=PICK)
     def close(self, pick: int) -> None:
@@ -494,10 +500,20 @@ class SystemMachine(RuleBasedStateMachine):
                 use = self.expected_use.pop(token_id)
                 self.senders.pop(token_id, None)
                 # A released split child's expected use went back to its parent, if live.
-                parent = next((h.parent for p in self.world.processes for h in p.handles
-                               if h.token_id == token_id), None)
+                parent = self._live_parent(next((h.parent for p in self.world.processes
+                                                 for h in p.handles if h.token_id == token_id),
+                                                None))
                 if parent in self.expected_use and sched.token_key(parent) is not None:
                     self.expected_use[parent] += use
+                    self.absorbed_into[token_id] = parent
+
+    def _live_parent(self, parent: str | None) -> str | None:
+        """Where a child of ``parent`` gives its share back now: ``parent``, or the token that
+        absorbed it (and so on up)."""
+        while parent is not None and parent not in self.expected_use \
+                and parent in self.absorbed_into:
+            parent = self.absorbed_into[parent]
+        return parent
 
     def _sender_gone(self, token_id: str, owner: Process) -> bool:
         """Whether a process that passed the token on is gone, and its owner holds no lease
