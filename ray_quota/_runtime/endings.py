@@ -11,21 +11,24 @@ When this runs matters. Ray's own ``atexit`` handler disconnects from the cluste
 last registered first, and this module registers its own after importing Ray, so a driver's
 tokens end while the executor can still hear it. An actor runs ``atexit`` handlers only after
 Ray has disconnected, so there the tokens end from Ray's ``__ray_shutdown__`` hook instead.
+``ray.shutdown`` is wrapped so that a driver's threads stop waiting on Ray before it disconnects.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import threading
 import weakref
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import ray
 import ray.exceptions
 
 from ray_quota._errors import ExecutorUnavailableError, QuotaError
-from ray_quota._runtime.steps import stop_calls
+from ray_quota._runtime.steps import resume_calls, stop_calls
 
 if TYPE_CHECKING:
     from ray_quota._token import QuotaToken
@@ -81,6 +84,27 @@ def _at_exit() -> None:
 
 
 atexit.register(_at_exit)  # after Ray's own (imported above), so it runs before Ray disconnects
+
+
+def _quiet_shutdown(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``ray.shutdown`` that first has this process's other threads stop waiting on Ray: a
+    thread that touches Ray after it disconnected ends the whole process with exit code 1."""
+
+    @functools.wraps(original)
+    def shutdown(*args: Any, **kwargs: Any) -> Any:
+        if ray.is_initialized():
+            stop_calls(timeout_s=1.0)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            resume_calls()
+
+    shutdown.__ray_quota__ = True  # type: ignore[attr-defined]
+    return shutdown
+
+
+if not getattr(ray.shutdown, "__ray_quota__", False):
+    ray.shutdown = _quiet_shutdown(ray.shutdown)
 
 
 def hook_actor() -> None:

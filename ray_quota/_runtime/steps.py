@@ -113,12 +113,20 @@ def stop_calls(timeout_s: float) -> None:
         time.sleep(EXIT_SLICE_S / 4)
 
 
+def resume_calls() -> None:
+    """Any thread may call Ray again (after a ``ray.shutdown()`` that :func:`stop_calls`
+    prepared, for a later ``ray.init()``)."""
+    _Exit.by = None
+
+
 def _call(step: Remote) -> Any:
     """Make the call and wait for its answer; in a driver, in slices, stopping at its exit."""
     if _Exit.by is not None and _Exit.by is not threading.current_thread():
         raise NotInitializedError("this process is disconnecting from Ray")
+    if not ray.is_initialized():  # touching the runtime context now would end the process
+        raise NotInitializedError("this process is not connected to Ray (any more)")
     ref = step.method.remote(*step.args)
-    if ray.get_runtime_context().worker.mode != ray.SCRIPT_MODE:
+    if ray._private.worker.global_worker.mode != ray.SCRIPT_MODE:
         return ray.get(ref)  # a worker's wait also lends its CPU to other tasks: keep it whole
     with _Exit.lock:
         _Exit.calls += 1
@@ -127,6 +135,8 @@ def _call(step: Remote) -> Any:
             try:
                 return ray.get(ref, timeout=EXIT_SLICE_S)
             except ray.exceptions.GetTimeoutError:
+                if not ray.is_initialized():  # ray.shutdown() ran meanwhile: stop, quietly
+                    raise NotInitializedError("this process disconnected from Ray") from None
                 if _Exit.by is not None and _Exit.by is not threading.current_thread():
                     raise NotInitializedError("this process is disconnecting from Ray") from None
     finally:
