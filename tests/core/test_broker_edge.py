@@ -8,6 +8,7 @@ Each test drives the real :class:`BrokerActor` without Ray, its calls upstream s
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -274,9 +275,10 @@ def test_a_reserve_cancelled_while_it_waits_through_a_broker_leaves_nothing_held
     # The process dies; the other gives its slot back; the broker renews, long after.
     node.service.settle([Report(theirs, f"{other.holder}:1", 1, 0, 0, True)], other.secret)
     core = node.core
+    start = time.monotonic()  # the broker actor dates its sub-leases by this clock
     for step in range(1, 4):
         node.clock.advance(5.0)
-        now = 10_000.0 * step
+        now = start + 10_000.0 * step
         core.expire(now)
         reports = core.upstream_reports(now)
         core.upstream_renewed(reports, node.service.renew(identity.HOLDER, reports,
