@@ -318,7 +318,7 @@ class ExecutorActor:
         logger.critical("ray_quota executor: %s; stopping so that a restart reads the file",
                         failure)
         self._service = _Stopped(failure)  # type: ignore[assignment]
-        if ray.is_initialized():
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             os._exit(70)  # EX_SOFTWARE; Ray restarts the actor (max_restarts=-1)
 
     def _restored(self, saved: SavedState) -> ExecutorService:
