@@ -25,7 +25,9 @@ def run_scenario(*args: str) -> dict[str, Any]:
     run = subprocess.run([sys.executable, str(SCENARIO), *args], capture_output=True, text=True,
                          check=False, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    result: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    # Ray may print its own lines (a raylet's note on dead workers) after ours.
+    result: dict[str, Any] = json.loads(next(line for line in reversed(run.stdout.splitlines())
+                                             if line.startswith("{")))
     return result
 
 
