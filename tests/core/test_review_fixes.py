@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,19 @@ def _renew_direct(w: World, proc: Proc) -> None:
     assert w.sched.renew_lease(proc.token_id, proc.lease.key) is not None
 
 
+def _outlive_the_sub_lease(w: World, node: Node, p1: Proc, p2: Proc,
+                           after: Callable[[], None] = lambda: None) -> None:
+    """Time passes, everyone renewing (p2 directly, after its adoption), until p2's stale
+    sub-lease has expired at the broker; ``after`` runs after each second."""
+    for _ in range(int(TTL) + 3):
+        w.clock.advance(1.0)
+        p1.renew()
+        _renew_direct(w, p2)
+        node.renew_upstream()
+        w.sched.poll()
+        after()
+
+
 def test_a_broker_that_expires_an_adopted_sub_lease_frees_no_slot_another_process_holds() -> None:
     w = World(concurrency(2))
     node = Node(w, "b1")
@@ -55,12 +69,7 @@ def test_a_broker_that_expires_an_adopted_sub_lease_frees_no_slot_another_proces
     p1, p2 = Proc(node, token, "p1"), Proc(node, token, "p2")
     assert p1.reserve(1) and p2.reserve(1)
     _adopt(w, p2)  # the broker was only out of reach: it lives on, and keeps p2's sub-lease
-    for _ in range(int(TTL) + 3):  # p2's stale sub-lease expires at the broker
-        w.clock.advance(1.0)
-        p1.renew()
-        _renew_direct(w, p2)
-        node.renew_upstream()
-        w.sched.poll()
+    _outlive_the_sub_lease(w, node, p1, p2)
     assert w.status().in_use == 2  # both slots are still held, by p1 and p2
     other = w.sched.open_token("conn", 1, claimant="q").id
     assert w.sched.acquire(other, 0, "q", "q:0", 1).outcome is None  # so a third one waits
@@ -75,12 +84,7 @@ def test_an_adopted_sub_lease_expiring_at_the_broker_clips_no_other_return() -> 
     p1, p2 = Proc(node, token, "p1"), Proc(node, token, "p2")
     assert p1.reserve(100) and p2.reserve(100)
     _adopt(w, p2)
-    for _ in range(int(TTL) + 3):
-        w.clock.advance(1.0)
-        p1.renew()
-        _renew_direct(w, p2)
-        node.renew_upstream()
-        w.sched.poll()
+    _outlive_the_sub_lease(w, node, p1, p2)
     p1.commit(10)  # p1 used 10 of its 100: 90 go back
     p1.close()
     p2.lease.settle(100, 40)  # p2 used 40 of its 100
@@ -346,13 +350,7 @@ def test_units_moved_by_an_adoption_stay_moved_across_an_executor_restart(tmp_pa
     assert saved is not None
     w.sched = Scheduler({w.spec.name: w.spec}, clock=w.clock, policy=Policy(lease_ttl_s=TTL))
     w.sched.restore(saved.resources, saved.tokens, saved.leases, 0.0, saved.ended)
-    for _ in range(int(TTL) + 3):  # p2's stale sub-lease expires at the broker
-        w.clock.advance(1.0)
-        p1.renew()
-        _renew_direct(w, p2)
-        node.renew_upstream()
-        w.sched.poll()
-        store.write(w.sched.drain_changes())
+    _outlive_the_sub_lease(w, node, p1, p2, after=lambda: store.write(w.sched.drain_changes()))
     assert w.status().in_use == 2  # both slots are still held, by p1 and p2
     other = w.sched.open_token("conn", 1, claimant="q").id
     assert w.sched.acquire(other, 0, "q", "q:0", 1).outcome is None  # so a third one waits
