@@ -89,10 +89,11 @@ def child_tokens(quotas: tuple[QuotaSpec, ...],
 
 def give_back(tokens: Iterable[QuotaToken]) -> None:
     """The task ended and can say so: each token's open reservations count as ``commit(0)``
-    and it goes back to its parent (or is released)."""
+    and it goes back to its parent (or is released), without holding the task's end up: the
+    give-backs are queued (see :mod:`ray_quota._runtime.giveback`)."""
     for token in tokens:
         try:
-            token._end_cleanly()
+            token._end_cleanly(wait=False)
         except QuotaError as exc:  # the work is done; a lost return only costs credit
             warnings.warn(f"ray_quota: could not return a token: {exc}", stacklevel=2)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from ray_quota._runtime import endings, identity, renewer, routing, rpc
+from ray_quota._runtime import endings, giveback, identity, renewer, routing, rpc
 from ray_quota._runtime.steps import Abandoned, Sleep, Steps, run, run_async
 from ray_quota._observability import observe as _observe
 from ray_quota._errors import (
@@ -306,13 +306,15 @@ class QuotaToken:
     def close(self) -> None:
         """Release the token: spare units go back and its weight leaves the scheduler.
 
-        Open reservations are charged in full. Closing twice is harmless.
+        Open reservations are charged in full. Closing twice is harmless. Does not wait: the
+        handle is closed at once, and the executor hears of it within moments, and before this
+        process's next call to it (see :mod:`ray_quota._runtime.giveback`).
         """
         if self._state is not _State.LIVE:
             return
         reports = self._final_reports()
         self._state = _State.CLOSED
-        routing.lease_call("close", self._id, self._generation, self._claimant, reports)
+        giveback.queue("close", self._id, self._generation, self._claimant, reports)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
@@ -330,15 +332,24 @@ class QuotaToken:
         return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
                                  self._parent, reports))
 
-    def _end_cleanly(self) -> bool:
+    def _end_cleanly(self, *, wait: bool = True) -> bool:
         """Its holder ended and could still report (the task returned or raised, the actor or
         the driver exits): open reservations count as ``commit(0)``, and the token goes back to
-        the one it was split from, or is released. Returns whether it merged back."""
+        the one it was split from, or is released. Returns whether it merged back; unless
+        ``wait``, queues the give-back instead (see :mod:`ray_quota._runtime.giveback`) and
+        returns False."""
         if self._state is not _State.LIVE:
             return False
         self._verify()
         reports = self._final_reports(open_used=False)
         self._state = _State.CLOSED
+        if not wait:
+            if self._parent is None:
+                giveback.queue("close", self._id, self._generation, self._claimant, reports)
+            else:
+                giveback.queue("merge_back", self._id, self._generation, self._claimant,
+                               self._parent, reports)
+            return False
         if self._parent is None:
             routing.lease_call("close", self._id, self._generation, self._claimant, reports)
             return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,18 @@ def twin(request: pytest.FixtureRequest) -> str:
 def reserve(twin: str) -> Callable[..., Any]:
     """``reserve(token, amount, timeout=None)`` by the test's twin (see :func:`reserve_by`)."""
     return functools.partial(reserve_by, twin)
+
+
+# A task's give-back (its tokens' merge_back or close) is queued and sent without holding the
+# task's end up (ray_quota/_runtime/giveback.py): another process sees it moments later.
+GIVE_BACK_SEEN_S = 5.0
+
+
+def eventually(check: Callable[[], bool], within_s: float = GIVE_BACK_SEEN_S) -> bool:
+    """Whether ``check()`` holds within ``within_s`` (asked every 50 ms)."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

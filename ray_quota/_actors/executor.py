@@ -40,9 +40,16 @@ from ray_quota._core.protocol import (
 )
 from ray_quota._core.scheduler import Policy, ResourceStatus
 from ray_quota._core.service import ExecutorService
-from ray_quota._errors import ManifestError, QuotaError, StateMissingError, StateWriteError
+from ray_quota._errors import (
+    ManifestError,
+    ProtocolError,
+    QuotaError,
+    StateMissingError,
+    StateWriteError,
+)
 from ray_quota._manifest import load_manifest
 from ray_quota._observability.observe import Batch
+from ray_quota._runtime.packed import GIVE_BACKS, pack_answer, unpack_call
 from ray_quota._spec import ResourceSpec
 from ray_quota._store import SavedState, StateStore
 
@@ -98,6 +105,21 @@ class ExecutorActor:
     def calls(self) -> int:
         """Grants, renewals and adoptions served, for tests of the local path."""
         return self._service.calls
+
+    async def call(self, packed: bytes) -> bytes:
+        """Any call below, packed into one argument and answered packed (see
+        :mod:`ray_quota._runtime.packed`): how this process's clients call, for speed."""
+        try:
+            method, args = unpack_call(packed)
+        except Exception as exc:  # noqa: BLE001 - a bad call is answered, never raised
+            return pack_answer(ProtocolError(f"not a packed executor call: {exc}"))
+        if method not in _CALLS:
+            return pack_answer(ProtocolError(f"the executor has no call {method!r}"))
+        try:
+            answer = await getattr(self, method)(*args)
+        except TypeError as exc:  # the wrong arguments (Ray checked them on a direct call)
+            answer = ProtocolError(f"bad arguments to the executor's {method}: {exc}")
+        return pack_answer(answer)
 
     # ---------------------------------------------------------------------------- identity
 
@@ -175,6 +197,25 @@ class ExecutorActor:
             outcome = self._deliver() or ticket.outcome
         self._metrics.acquired(token_id, outcome, time.monotonic() - arrived, waited)
         return outcome
+
+    async def give_back(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Queued give-backs (``close``, ``merge_back``, ``settle``, each with its arguments as
+        its own method takes them), applied in order, written once; see
+        :mod:`ray_quota._runtime.giveback`. Their senders do not wait: a refusal is logged here,
+        and answered too, one per call."""
+        answers: list[Any] = []
+        for method, args in calls:
+            try:
+                if method not in GIVE_BACKS:
+                    raise TypeError(f"{method!r} is not a give-back")
+                answer = getattr(self._service, method)(*args)
+            except TypeError as exc:
+                answer = ProtocolError(f"bad give-back {method!r}: {exc}")
+            if isinstance(answer, QuotaError):
+                logger.warning("ray_quota executor: a queued %s was refused: %s", method, answer)
+            answers.append(answer)
+        failed = self._deliver()
+        return answers if failed is None else [failed] * len(calls)
 
     async def settle(self, reports: list[Report],
                      secret: str | None = None) -> None | QuotaError:
@@ -363,6 +404,12 @@ class ExecutorActor:
         kick.clear()
         self._service.tick()
         self._deliver()
+
+
+# What a packed call may name: the public coroutine methods (not ``call`` itself).
+_CALLS = frozenset(name for name, member in vars(ExecutorActor).items()
+                   if not name.startswith("_") and name != "call"
+                   and asyncio.iscoroutinefunction(member))
 
 
 class _Stopped:

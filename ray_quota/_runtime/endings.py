@@ -28,6 +28,7 @@ import ray
 import ray.exceptions
 
 from ray_quota._errors import ExecutorUnavailableError, QuotaError
+from ray_quota._runtime import giveback
 from ray_quota._runtime.steps import resume_calls, stop_calls
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ def end_all() -> int:
     a parent that is still live); returns how many it ended. Quiet once nobody listens."""
     if not ray.is_initialized():
         return 0
+    giveback.flush()  # the tasks' give-backs first, before their parents end
     with _Owned.lock:
         tokens = [token for _, token in sorted(_Owned.tokens.items(), reverse=True)]
     ended = 0

@@ -33,7 +33,7 @@ from ray_quota._core.protocol import (
 )
 from ray_quota._errors import QuotaError
 from ray_quota._observability import observe as _observe
-from ray_quota._runtime import routing, rpc
+from ray_quota._runtime import giveback, routing, rpc
 from ray_quota._runtime.identity import HOLDER, SECRET
 
 if TYPE_CHECKING:
@@ -173,6 +173,7 @@ class Renewer(threading.Thread):
             self._done.wait(timeout_s)
 
     def flush(self) -> None:
+        giveback.flush()  # before the renewal, which no longer names what they gave back
         with self._flush_lock:
             tokens = list(self._tokens)
             names = self._names()

@@ -81,6 +81,7 @@ def leasing(method: str, *args: Any, resource: str | None = None) -> Steps[Any]:
     if handle is None:
         return (yield from rpc.calling(method, *args, retry=method != "acquire"))
     extra = (resource,) if method == "acquire" else ()
+    rpc.calls_begin()
     try:
         return (yield from _asking_broker(handle, method, (*extra, *args)))
     except ExecutorUnavailableError as error:

@@ -16,6 +16,7 @@ import ray.exceptions
 
 from ray_quota._core.protocol import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
 from ray_quota._errors import ExecutorUnavailableError, NotInitializedError, QuotaError
+from ray_quota._runtime.packed import PACKED_METHOD, pack, unpack_answer
 from ray_quota._runtime.steps import Remote, Sleep, Steps, run, run_async
 
 EXECUTOR = "the ray_quota executor"
@@ -46,6 +47,22 @@ def on_reset(forget: Callable[[], None]) -> None:
     _ON_RESET.append(forget)
 
 
+# What goes out before any call this process makes (queued give-backs, see giveback.py).
+_BEFORE_CALLS: list[Callable[[], None]] = []
+
+
+def before_calls(send: Callable[[], None]) -> None:
+    """Have every call (to the executor or a broker) first call ``send``, which must not wait:
+    what it sends then reaches the actor before the call does."""
+    _BEFORE_CALLS.append(send)
+
+
+def calls_begin() -> None:
+    """Send what must go before a call (see :func:`before_calls`)."""
+    for send in _BEFORE_CALLS:
+        send()
+
+
 def executor() -> Any:
     """The executor actor's handle, found once per process."""
     handle = _Executor.handle
@@ -72,8 +89,10 @@ def info() -> ExecutorInfo:
 # ------------------------------------------------------------------------------ the one path
 
 
-def ask(handle: Any, method: str, args: tuple[Any, ...], *, who: str) -> Steps[Any]:
-    """Call ``handle.method(*args)`` once and return its answer.
+def ask(handle: Any, method: str, args: tuple[Any, ...], *, who: str,
+        packed: bool = False) -> Steps[Any]:
+    """Call ``handle.method(*args)`` once and return its answer; ``packed`` (the executor),
+    as one packed argument and answer (see :mod:`ray_quota._runtime.packed`).
 
     An answer that is a :class:`QuotaError` is raised. A Ray error becomes an
     :class:`ExecutorUnavailableError` caused by it (see :func:`died`): the one place Ray's
@@ -83,7 +102,8 @@ def ask(handle: Any, method: str, args: tuple[Any, ...], *, who: str) -> Steps[A
         # A handle kept from before ray.shutdown(): calling it would start a new local Ray.
         raise NotInitializedError(f"Ray was shut down: {who} cannot answer {method}")
     try:
-        answer = yield Remote(getattr(handle, method), args)
+        answer = yield (Remote(getattr(handle, PACKED_METHOD), (pack(method, args),),
+                               unpack_answer) if packed else Remote(getattr(handle, method), args))
     except ray.exceptions.RayError as exc:
         raise ExecutorUnavailableError(f"{who} did not answer {method}: {exc}") from exc
     if isinstance(answer, QuotaError):
@@ -115,10 +135,11 @@ def retry_delays() -> Iterator[float]:
 
 def calling(method: str, *args: Any, retry: bool = True) -> Steps[Any]:
     """Call the executor; see :func:`call`."""
+    calls_begin()
     delays = retry_delays()
     while True:
         try:
-            return (yield from ask(executor(), method, args, who=EXECUTOR))
+            return (yield from ask(executor(), method, args, who=EXECUTOR, packed=True))
         except ExecutorUnavailableError as error:
             if not died(error):
                 raise
@@ -152,6 +173,10 @@ def send(method: str, *args: Any, to: Callable[[], Any] = executor) -> None:
     if not ray.is_initialized():
         return  # shut down: nobody to tell, and a call would start a new local Ray
     try:
-        getattr(to(), method).remote(*args)
+        handle = to()
+        if handle is _Executor.handle:
+            getattr(handle, PACKED_METHOD).remote(pack(method, args))
+        else:
+            getattr(handle, method).remote(*args)
     except Exception:  # noqa: BLE001 - at interpreter exit or after shutdown there is nobody to tell
         pass

@@ -31,10 +31,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Remote:
-    """Call an actor's method (``handle.method``) with ``args``; the answer is its result."""
+    """Call an actor's method (``handle.method``) with ``args``; the answer is its result,
+    passed through ``decode`` if given (for answers that travel packed)."""
 
     method: Any
     args: tuple[Any, ...]
+    decode: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,18 @@ class Abandoned(Exception):
     def __init__(self, late: Any) -> None:
         super().__init__("the call's caller was cancelled")
         self.late = late
+
+
+class _Decoded:
+    """An awaitable of a call's answer, decoded as its step says (see :class:`Abandoned`)."""
+
+    __slots__ = ("_ref", "_decode")
+
+    def __init__(self, ref: Any, decode: Callable[[Any], Any]) -> None:
+        self._ref, self._decode = ref, decode
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._decode((yield from self._ref.__await__()))
 
 
 def run(steps: Steps[T]) -> T:
@@ -113,6 +127,12 @@ def stop_calls(timeout_s: float) -> None:
         time.sleep(EXIT_SLICE_S / 4)
 
 
+def exiting_elsewhere() -> bool:
+    """Whether another thread is ending this process (see :func:`stop_calls`): this one must
+    not call Ray now."""
+    return _Exit.by is not None and _Exit.by is not threading.current_thread()
+
+
 def resume_calls() -> None:
     """Any thread may call Ray again (after a ``ray.shutdown()`` that :func:`stop_calls`
     prepared, for a later ``ray.init()``)."""
@@ -121,19 +141,21 @@ def resume_calls() -> None:
 
 def _call(step: Remote) -> Any:
     """Make the call and wait for its answer; in a driver, in slices, stopping at its exit."""
-    if _Exit.by is not None and _Exit.by is not threading.current_thread():
+    if exiting_elsewhere():
         raise NotInitializedError("this process is disconnecting from Ray")
     if not ray.is_initialized():  # touching the runtime context now would end the process
         raise NotInitializedError("this process is not connected to Ray (any more)")
     ref = step.method.remote(*step.args)
+    decode = step.decode or _same
     if ray._private.worker.global_worker.mode != ray.SCRIPT_MODE:
-        return ray.get(ref)  # a worker's wait also lends its CPU to other tasks: keep it whole
+        # A worker's wait also lends its CPU to other tasks: keep it whole.
+        return decode(ray.get(ref))
     with _Exit.lock:
         _Exit.calls += 1
     try:
         while True:
             try:
-                return ray.get(ref, timeout=EXIT_SLICE_S)
+                return decode(ray.get(ref, timeout=EXIT_SLICE_S))
             except ray.exceptions.GetTimeoutError:
                 if not ray.is_initialized():  # ray.shutdown() ran meanwhile: stop, quietly
                     raise NotInitializedError("this process disconnected from Ray") from None
@@ -169,12 +191,17 @@ async def _remote(steps: Steps[Any], step: Remote) -> Any:
     """Await one call; if this coroutine is cancelled, cancel the call and tell the logic."""
     ref = step.method.remote(*step.args)
     try:
-        return await ref
+        answer = await ref
     except asyncio.CancelledError:
         # Else the call runs on (an acquire stays queued, and is granted to nobody's use).
         ray.cancel(ref)
         try:
-            steps.throw(Abandoned(ref))
+            steps.throw(Abandoned(ref if step.decode is None else _Decoded(ref, step.decode)))
         except BaseException:  # noqa: BLE001 - whatever the logic did, the cancellation wins
             pass
         raise
+    return answer if step.decode is None else step.decode(answer)
+
+
+def _same(answer: Any) -> Any:
+    return answer
