@@ -25,24 +25,24 @@ MANIFEST = {"environments": {"fanout": {
 PARENT_USE = 1_000_000
 
 
-def plain_body(amount: int) -> int:
-    return amount
+def plain_body(resource: str) -> str:
+    return resource
 
 
-def quota_body(amount: int) -> int:
+def quota_body(resource: str) -> str:
     import ray_quota
 
-    with ray_quota.current_token("tok").reserve(5) as reservation:
+    with ray_quota.current_token(resource).reserve(5) as reservation:
         reservation.commit(3)
-    return amount
+    return resource
 
 
-def fan_out(remote: Any, n: int) -> tuple[float, float]:
+def fan_out(remote: Any, n: int, resource: str) -> tuple[float, float]:
     """Wall time and the submission loop's time, in seconds, for ``n`` tasks."""
     import ray
 
     start = time.perf_counter()
-    refs = [remote.remote(1) for _ in range(n)]
+    refs = [remote.remote(resource) for _ in range(n)]
     submitted = time.perf_counter()
     ray.get(refs)
     return time.perf_counter() - start, submitted - start
@@ -54,21 +54,22 @@ def calls(executor: Any) -> dict[str, int]:
     return dict(ray.get(executor.call_counts.remote()))
 
 
-def measure(n: int) -> dict[str, Any]:
+def measure(n: int, resource: str = "tok") -> dict[str, Any]:
+    """The figures of one run, on ``resource`` of the running executor (far above demand)."""
     import ray
 
     import ray_quota
     from ray_quota._runtime import rpc
 
     plain = ray.remote(num_cpus=0.5)(plain_body)
-    decorated = ray_quota.quota("tok", expected_use=10)(ray.remote(num_cpus=0.5)(quota_body))
+    decorated = ray_quota.quota(resource, expected_use=10)(ray.remote(num_cpus=0.5)(quota_body))
     executor = rpc.executor()
-    with ray_quota.QuotaToken("tok", expected_use=PARENT_USE) as parent:
-        fan_out(plain, 50)  # warm workers, imports and caches on both sides
-        fan_out(decorated, 50)
-        plain_wall, plain_submit = fan_out(plain, n)
+    with ray_quota.QuotaToken(resource, expected_use=PARENT_USE) as parent:
+        fan_out(plain, 50, resource)  # warm workers, imports and caches on both sides
+        fan_out(decorated, 50, resource)
+        plain_wall, plain_submit = fan_out(plain, n, resource)
         before = calls(executor)
-        quota_wall, quota_submit = fan_out(decorated, n)
+        quota_wall, quota_submit = fan_out(decorated, n, resource)
         deadline = time.monotonic() + 30
         while parent.describe()[0] != PARENT_USE and time.monotonic() < deadline:
             time.sleep(0.05)  # the tasks' give-backs, queued at their ends
@@ -76,7 +77,7 @@ def measure(n: int) -> dict[str, Any]:
         by_method = {m: after.get(m, 0) - before.get(m, 0) for m in after}
         by_method = {m: c for m, c in by_method.items() if c and m != "describe"}
         split_p50 = p50_of(lambda: parent.split(1).close(), 200)
-    open_p50 = p50_of(lambda: ray_quota.QuotaToken("tok", expected_use=1).close(), 200)
+    open_p50 = p50_of(lambda: ray_quota.QuotaToken(resource, expected_use=1).close(), 200)
     return {
         "n": n,
         "plain_ms_per_task": plain_wall / n * 1e3,

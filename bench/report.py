@@ -208,6 +208,19 @@ def target_table(doc: dict[str, Any]) -> str:
     return _table(["target (DESIGN §5)", "result", "measured"], lines)
 
 
+def fanout_section(doc: dict[str, Any]) -> str:
+    """Scenario f's table (issue 15), if it ran."""
+    f = doc["results"].get("f")
+    if not f:
+        return ""
+    from bench.fanout import table
+
+    p50 = f["exec_path_p50_ms"]
+    return (f"\n## Fan-out and the executor path (f)\n\n{table(f['fanout'])}\n"
+            f"| executor-path reserve p50 / plain actor call p50 | "
+            f"{f['exec_path_ratio']:.2f} ({' / '.join(f'{v:.2f}' for v in p50.values())} ms) |\n")
+
+
 def markdown(doc: dict[str, Any], charts: list[str]) -> str:
     meta = doc["meta"]
     m = meta["machine"]
@@ -249,6 +262,7 @@ it runs the same number of threads in one process.
 ## ray_quota against each baseline
 
 {ratio_table(doc)}
+{fanout_section(doc)}
 
 ## Charts
 

@@ -75,11 +75,14 @@ class Sizes:
     amount: int = 10  # units per reservation in b2 and c
     hold_s: tuple[float, float] = (0.002, 0.020)
     lead_s: float = 0.1  # from "every worker is prepared" to the common start
+    f_tasks: int = 1000  # fan-out: tasks each way
+    f_exec_samples: int = 1000  # executor path: samples each way
 
 
 FULL = Sizes()
 QUICK = Sizes(workers=4, a_seconds=0.1, b1_seconds=0.3, b2_seconds=0.5, c_seconds=0.6,
-              c_workers_per_tenant=1, d_seconds=0.3, lead_s=0.05)
+              c_workers_per_tenant=1, d_seconds=0.3, lead_s=0.05, f_tasks=50,
+              f_exec_samples=50)
 
 SCENARIOS = {
     "a": "a. one process, reserve+commit of 1 unit (limit far above demand)",
@@ -87,6 +90,7 @@ SCENARIOS = {
     "b2": "b2. {n} processes share one binding rate limit ({rate:,.0f} units/s, burst {burst:,})",
     "c": "c. three tenants weighted 1:2:4 share a binding rate limit ({rate:,.0f} units/s)",
     "d": "d. {n} processes share a concurrency limit of {slots} slots, random holds",
+    "f": "f. fan-out: @quota tasks against plain Ray tasks; executor path against an actor call",
 }
 
 
@@ -101,6 +105,7 @@ def manifest() -> dict[str, Any]:
         "b1-open": rate(OPEN),
         "b2-saturated": rate(SATURATED),
         "c-tenants": rate(SATURATED),
+        "f-open": rate(OPEN),
         "d-slots": {"limit": {"type": "concurrency", "value": SLOTS.slots},
                     "enforcement": "throttle"},
     }}}
@@ -374,6 +379,16 @@ class Bench:
         return rows
 
 
+def scenario_f(sizes: Sizes) -> dict[str, Any]:
+    """Fan-out (bench/fanout.py) and the executor path against a plain actor call
+    (bench/exec_path.py), each in this run."""
+    from bench import exec_path, fanout
+
+    figures = exec_path.measure(sizes.f_exec_samples, resource="a-exec")
+    return {"fanout": fanout.measure(sizes.f_tasks, resource="f-open"),
+            "exec_path_p50_ms": figures, "exec_path_ratio": exec_path.ratio_of(figures)}
+
+
 def _progress(scenario: str, row: dict[str, Any]) -> None:
     keys = ("per_s", "p50_us", "p50_ms", "over_admission", "share_error", "utilisation")
     shown = ", ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float | int))
@@ -471,6 +486,9 @@ def run(sizes: Sizes, out: Path, *, quick: bool,
         if "d" in only:
             print("scenario d (concurrency)", flush=True)
             results["d"] = bench.scenario_d()
+        if "f" in only:
+            print("scenario f (fan-out, executor path)", flush=True)
+            results["f"] = scenario_f(sizes)
         for worker in bench.workers:
             ray.kill(worker)
         if bench._plain is not None:

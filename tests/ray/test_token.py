@@ -216,3 +216,18 @@ async def test_with_reservation_async_commits_what_the_coroutine_used() -> None:
     assert await ray_quota.with_reservation_async(token, 100, call) == 40
     token.close()
     assert by_name("budget").in_use == 40
+
+
+def test_close_does_not_wait_and_the_process_next_call_sees_it() -> None:
+    """Issue 15: a close is queued (giveback.py), not a round trip; the handle is unusable at
+    once, and any later call of this process reaches the executor after it."""
+    from ray_quota._runtime import giveback
+
+    before = by_name("tok").tokens
+    token = QuotaToken("tok", expected_use=10)
+    assert by_name("tok").tokens == before + 1
+    token.close()
+    assert giveback.pending() == 1  # sent within the batch window, not before close returned
+    with pytest.raises(TokenClosedError):
+        token.reserve(1)
+    assert by_name("tok").tokens == before  # status() went after it
