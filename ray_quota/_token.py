@@ -43,7 +43,7 @@ from ray_quota._core.protocol import (
     check_timeout,
     prefetch_cap,
 )
-from ray_quota._spec import ResourceSpec, check_units
+from ray_quota._spec import Kind, ResourceSpec, check_units
 
 
 class _State(enum.Enum):
@@ -388,6 +388,8 @@ class QuotaToken:
         state = getattr(self, "_state", None)
         if state is None or not ray.is_initialized():
             return
+        if state is _State.CLOSED:
+            return  # its close (merge, merge back) carried its final reports already
         try:
             reports = self._final_reports()
             if state is _State.LIVE:
@@ -439,11 +441,15 @@ class QuotaToken:
 
     def _settle(self, lease: LocalLease, amount: int, used: int) -> None:
         """A reservation closed: overuse is charged at once, and under contention spare goes
-        back at once."""
+        back at once. Unused units of an uncontended rate lease go back with the next batch of
+        give-backs (within moments, see :mod:`ray_quota._runtime.giveback`): nobody waits for
+        them, and a task's end then sends them together with its token's give-back."""
         with self._lock:
             report = self._leases.settle(lease, amount, used)
+            batched = self._spec.kind is Kind.RATE and not lease.contended and not report.debt \
+                if report is not None else False
         if report is not None:
-            routing.send("settle", [report])
+            (giveback.queue if batched else routing.send)("settle", [report])
 
     # The renewer's side (see :mod:`ray_quota._runtime.renewer`): the lease set, under the token's lock.
 

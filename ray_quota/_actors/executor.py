@@ -49,7 +49,7 @@ from ray_quota._errors import (
 )
 from ray_quota._manifest import load_manifest
 from ray_quota._observability.observe import Batch
-from ray_quota._runtime.packed import GIVE_BACKS, pack_answer, unpack_call
+from ray_quota._runtime.packed import BATCHED, GIVE_BACKS, pack_answer, unpack_call
 from ray_quota._spec import ResourceSpec
 from ray_quota._store import SavedState, StateStore
 
@@ -204,6 +204,9 @@ class ExecutorActor:
         :mod:`ray_quota._runtime.giveback`. Their senders do not wait: a refusal is logged here,
         and answered too, one per call."""
         answers: list[Any] = []
+        # One call, which served len(calls) operations (counted by method as they run).
+        self._service.counts["give_back"] += 1
+        self._service.counts[BATCHED] += len(calls)
         for method, args in calls:
             try:
                 if method not in GIVE_BACKS:

@@ -13,6 +13,9 @@ without waiting:
   caller's calls to an actor in the order they were made;
 - before each renewal (the renewer flushes them first), and when the process ends its tokens.
 
+A commit's unused units of an uncontended rate lease are queued the same way (``_token``'s
+``_settle``): nobody waits for them, and a task's end then sends them with its give-back.
+
 What no longer surfaces: an error the executor answers to a queued give-back (the token was
 closed elsewhere meanwhile, the executor was unavailable) is logged by the executor, not raised
 to the code that closed the token; and if the process is killed within the batch window, the

@@ -16,6 +16,7 @@ from typing import Any
 
 PACKED_METHOD = "call"  # the executor's method that takes a packed call
 GIVE_BACKS = frozenset({"close", "merge_back", "settle"})  # what its ``give_back`` applies
+BATCHED = "give_back.operations"  # in the executor's call counts: operations that came batched
 
 
 def pack(method: str, args: tuple[Any, ...]) -> bytes:
