@@ -15,7 +15,7 @@ from ray_quota._actors.executor import ExecutorActor
 from ray_quota._core.protocol import ExecutorInfo, TokenInfo
 from ray_quota._errors import ForgedTokenError, ProtocolError, TokenClosedError
 from ray_quota._runtime import giveback, identity, routing, rpc
-from ray_quota._runtime.packed import pack, unpack_answer
+from ray_quota._runtime.packed import pack, unpack_answer, unpack_call
 
 
 def executor(path: Path) -> ExecutorActor:
@@ -81,7 +81,8 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[Any, ...]]]:
     calls: list[tuple[str, tuple[Any, ...]]] = []
     monkeypatch.setattr(giveback.ray, "is_initialized", lambda: True)
     monkeypatch.setattr(routing, "broker", lambda: None)
-    monkeypatch.setattr(giveback.rpc, "send", lambda method, *args: calls.append((method, args)))
+    monkeypatch.setattr(giveback.rpc, "send",
+                        lambda method, *args, **_: calls.append((method, args)))
     monkeypatch.setattr(giveback, "BATCH_WINDOW_S", 60.0)
     giveback.flush()
     calls.clear()
@@ -113,15 +114,28 @@ class FakeHandle:
 
 
 @pytest.mark.parametrize("way", ["executor call", "lease call"])
-def test_any_call_of_the_process_sends_the_queued_give_backs_first(
+def test_any_call_of_the_process_carries_the_queued_give_backs(
         sent: list[tuple[str, tuple[Any, ...]]], monkeypatch: pytest.MonkeyPatch,
         way: str) -> None:
     monkeypatch.setattr(rpc._Executor, "handle", FakeHandle())
     giveback.queue("close", "tok", 0, "claim", [])
     steps = rpc.calling("status") if way == "executor call" else routing.leasing("renew", "h")
-    next(steps)  # the call's step, about to go out: the give-back went before it
+    step = next(steps)  # the call's step, about to go out, with the give-back inside
     steps.close()
-    assert queued(sent) == [("close", ("tok", 0, "claim", [], identity.SECRET))]
+    assert unpack_call(step.args[0])[2] == [("close", ("tok", 0, "claim", [], identity.SECRET))]
+    assert sent == [] and giveback.pending() == 0
+
+
+def test_an_executor_call_applies_the_give_backs_it_carries_first(tmp_path: Path) -> None:
+    async def run() -> None:
+        actor = executor(tmp_path / "state.sqlite")
+        parent = await actor.open_token("tok", 100, "a", None)
+        child, _ = await actor.split(parent.id, 0, "a", 30)
+        carried = [("merge_back", (child.id, 0, "a", parent.id, [], None))]
+        answer = await actor.call(pack("describe", (parent.id, 0, "a"), carried))
+        assert unpack_answer(answer) == (100, 0.0)
+
+    asyncio.run(run())
 
 
 def test_only_give_backs_may_be_queued(sent: list[tuple[str, tuple[Any, ...]]]) -> None:

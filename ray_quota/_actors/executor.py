@@ -110,9 +110,11 @@ class ExecutorActor:
         """Any call below, packed into one argument and answered packed (see
         :mod:`ray_quota._runtime.packed`): how this process's clients call, for speed."""
         try:
-            method, args = unpack_call(packed)
+            method, args, carried = unpack_call(packed)
         except Exception as exc:  # noqa: BLE001 - a bad call is answered, never raised
             return pack_answer(ProtocolError(f"not a packed executor call: {exc}"))
+        if carried:  # queued give-backs of the caller, before its call, as a batch would be
+            self._give_back(carried)
         if method not in _CALLS:
             return pack_answer(ProtocolError(f"the executor has no call {method!r}"))
         try:
@@ -203,10 +205,12 @@ class ExecutorActor:
         its own method takes them), applied in order, written once; see
         :mod:`ray_quota._runtime.giveback`. Their senders do not wait: a refusal is logged here,
         and answered too, one per call."""
+        self._service.counts["give_back"] += 1  # one call, serving len(calls) operations
+        return self._give_back(calls)
+
+    def _give_back(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         answers: list[Any] = []
-        # One call, which served len(calls) operations (counted by method as they run).
-        self._service.counts["give_back"] += 1
-        self._service.counts[BATCHED] += len(calls)
+        self._service.counts[BATCHED] += len(calls)  # (each counted by method as it runs)
         for method, args in calls:
             try:
                 if method not in GIVE_BACKS:

@@ -8,9 +8,9 @@ without waiting:
 
 - within :data:`BATCH_WINDOW_S` of the first one queued, by this module's sender thread, all
   queued so far in one executor call (``give_back``), or at once when :data:`BATCH_MAX` wait;
-- before any call this process makes to the executor (or its node's broker), so that the
-  process's own next call (``status()``, ``describe()``, an ``acquire``) sees them: Ray runs one
-  caller's calls to an actor in the order they were made;
+- inside any call this process makes to the executor, which applies them first (so the
+  process's own next call, ``status()``, ``describe()`` or a task's ``acquire``, sees them, and
+  they cost no call of their own), or before any call to its node's broker;
 - before each renewal (the renewer flushes them first), and when the process ends its tokens.
 
 A commit's unused units of an uncontended rate lease are queued the same way (``_token``'s
@@ -34,7 +34,7 @@ from typing import Any
 import ray
 
 from ray_quota._runtime import identity, routing, rpc
-from ray_quota._runtime.packed import GIVE_BACKS
+from ray_quota._runtime.packed import GIVE_BACKS, Carried
 from ray_quota._runtime.steps import exiting_elsewhere
 
 BATCH_WINDOW_S = 0.02  # gathered this long after the first: at 1,000 tasks/s, ~20 per call
@@ -74,20 +74,31 @@ def pending() -> int:
 
 def flush() -> None:
     """Send every queued give-back now, without waiting for answers (in the order queued)."""
+    batch = take()
+    if batch:
+        try:
+            rpc.send("give_back", batch)
+        except Exception:  # noqa: BLE001 - nobody to tell (shut down): as a lost call
+            pass
+
+
+def take() -> Carried:
+    """The queued give-backs, with this process's secret, for an executor call to carry
+    (applied before the call); sent on at once instead while a broker serves this process."""
     if not _Queue.entries:  # the common case, on every call this process makes: no lock
-        return
+        return []
     if exiting_elsewhere() or not ray.is_initialized():
-        return  # the thread ending this process sends them (or nobody listens any more)
+        return []  # the thread ending this process sends them (or nobody listens any more)
     with _Queue.lock:
         batch, _Queue.entries = _Queue.entries, []
     try:
         if routing.broker() is not None:
             for method, args in batch:  # the broker settles its sub-leases: one by one
                 routing.send(method, *args)
-        else:
-            rpc.send("give_back", [(method, (*args, identity.SECRET)) for method, args in batch])
+            return []
     except Exception:  # noqa: BLE001 - nobody to tell (shut down): as a lost call
-        pass
+        return []
+    return [(method, (*args, identity.SECRET)) for method, args in batch]
 
 
 def _send_soon() -> None:
@@ -102,4 +113,4 @@ def _send_soon() -> None:
             pass
 
 
-rpc.before_calls(flush)
+rpc.before_calls(flush, take)

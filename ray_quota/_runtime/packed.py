@@ -19,13 +19,17 @@ GIVE_BACKS = frozenset({"close", "merge_back", "settle"})  # what its ``give_bac
 BATCHED = "give_back.operations"  # in the executor's call counts: operations that came batched
 
 
-def pack(method: str, args: tuple[Any, ...]) -> bytes:
-    """A call of ``method(*args)`` as bytes."""
-    return pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+Carried = list[tuple[str, tuple[Any, ...]]]  # give-backs, each (method, its arguments)
 
 
-def unpack_call(packed: bytes) -> tuple[str, tuple[Any, ...]]:
-    """The method name and arguments that :func:`pack` packed.
+def pack(method: str, args: tuple[Any, ...], carried: Carried | None = None) -> bytes:
+    """A call of ``method(*args)`` as bytes, with the queued give-backs ``carried`` (applied
+    first: see :mod:`ray_quota._runtime.giveback`)."""
+    return pickle.dumps((method, args, carried or []), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_call(packed: bytes) -> tuple[str, tuple[Any, ...], Carried]:
+    """The method name, arguments and carried give-backs that :func:`pack` packed.
 
     Raises:
         TypeError: ``packed`` is not a packed call.
@@ -33,9 +37,9 @@ def unpack_call(packed: bytes) -> tuple[str, tuple[Any, ...]]:
     if not isinstance(packed, bytes):
         raise TypeError(f"a packed call is bytes, not {type(packed).__name__}")
     call = pickle.loads(packed)
-    if not (isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], str)
-            and isinstance(call[1], tuple)):
-        raise TypeError("a packed call is (method name, argument tuple)")
+    if not (isinstance(call, tuple) and len(call) == 3 and isinstance(call[0], str)
+            and isinstance(call[1], tuple) and isinstance(call[2], list)):
+        raise TypeError("a packed call is (method name, argument tuple, give-back list)")
     return call
 
 

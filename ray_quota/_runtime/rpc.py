@@ -16,7 +16,7 @@ import ray.exceptions
 
 from ray_quota._core.protocol import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
 from ray_quota._errors import ExecutorUnavailableError, NotInitializedError, QuotaError
-from ray_quota._runtime.packed import PACKED_METHOD, pack, unpack_answer
+from ray_quota._runtime.packed import PACKED_METHOD, Carried, pack, unpack_answer
 from ray_quota._runtime.steps import Remote, Sleep, Steps, run, run_async
 
 EXECUTOR = "the ray_quota executor"
@@ -47,20 +47,23 @@ def on_reset(forget: Callable[[], None]) -> None:
     _ON_RESET.append(forget)
 
 
-# What goes out before any call this process makes (queued give-backs, see giveback.py).
-_BEFORE_CALLS: list[Callable[[], None]] = []
+class _Before:
+    """What goes before any call this process makes (queued give-backs, see giveback.py)."""
+
+    send: Callable[[], None] | None = None  # sends them now, without waiting
+    take: Callable[[], Carried] | None = None  # takes them, to carry in an executor call
 
 
-def before_calls(send: Callable[[], None]) -> None:
-    """Have every call (to the executor or a broker) first call ``send``, which must not wait:
-    what it sends then reaches the actor before the call does."""
-    _BEFORE_CALLS.append(send)
+def before_calls(send: Callable[[], None], take: Callable[[], Carried]) -> None:
+    """Have every call first ``send`` (to a broker) or ``take`` (into an executor call, which
+    applies them first) what must reach the actor before it; neither may wait."""
+    _Before.send, _Before.take = send, take
 
 
 def calls_begin() -> None:
     """Send what must go before a call (see :func:`before_calls`)."""
-    for send in _BEFORE_CALLS:
-        send()
+    if _Before.send is not None:
+        _Before.send()
 
 
 def executor() -> Any:
@@ -90,9 +93,10 @@ def info() -> ExecutorInfo:
 
 
 def ask(handle: Any, method: str, args: tuple[Any, ...], *, who: str,
-        packed: bool = False) -> Steps[Any]:
-    """Call ``handle.method(*args)`` once and return its answer; ``packed`` (the executor),
-    as one packed argument and answer (see :mod:`ray_quota._runtime.packed`).
+        carried: Carried | None = None) -> Steps[Any]:
+    """Call ``handle.method(*args)`` once and return its answer; unless ``carried`` is None
+    (the executor), as one packed argument and answer, carrying those give-backs (see
+    :mod:`ray_quota._runtime.packed`).
 
     An answer that is a :class:`QuotaError` is raised. A Ray error becomes an
     :class:`ExecutorUnavailableError` caused by it (see :func:`died`): the one place Ray's
@@ -102,8 +106,9 @@ def ask(handle: Any, method: str, args: tuple[Any, ...], *, who: str,
         # A handle kept from before ray.shutdown(): calling it would start a new local Ray.
         raise NotInitializedError(f"Ray was shut down: {who} cannot answer {method}")
     try:
-        answer = yield (Remote(getattr(handle, PACKED_METHOD), (pack(method, args),),
-                               unpack_answer) if packed else Remote(getattr(handle, method), args))
+        answer = yield (Remote(getattr(handle, method), args) if carried is None else
+                        Remote(getattr(handle, PACKED_METHOD), (pack(method, args, carried),),
+                               unpack_answer))
     except ray.exceptions.RayError as exc:
         raise ExecutorUnavailableError(f"{who} did not answer {method}: {exc}") from exc
     if isinstance(answer, QuotaError):
@@ -135,14 +140,15 @@ def retry_delays() -> Iterator[float]:
 
 def calling(method: str, *args: Any, retry: bool = True) -> Steps[Any]:
     """Call the executor; see :func:`call`."""
-    calls_begin()
+    carried = _Before.take() if _Before.take is not None else []
     delays = retry_delays()
     while True:
         try:
-            return (yield from ask(executor(), method, args, who=EXECUTOR, packed=True))
+            return (yield from ask(executor(), method, args, who=EXECUTOR, carried=carried))
         except ExecutorUnavailableError as error:
             if not died(error):
                 raise
+            carried = []  # went with the first try, or were lost with it, as a send would be
             reset()  # find the restarted executor afresh
             delay = next(delays, None) if retry else None
             if delay is None:
