@@ -213,12 +213,13 @@ def fanout_section(doc: dict[str, Any]) -> str:
     f = doc["results"].get("f")
     if not f:
         return ""
+    from bench.exec_path import PLAIN, RESERVE
     from bench.fanout import table
 
     p50 = f["exec_path_p50_ms"]
     return (f"\n## Fan-out and the executor path (f)\n\n{table(f['fanout'])}\n"
             f"| executor-path reserve p50 / plain actor call p50 | "
-            f"{f['exec_path_ratio']:.2f} ({' / '.join(f'{v:.2f}' for v in p50.values())} ms) |\n")
+            f"{p50[RESERVE]:.2f} / {p50[PLAIN]:.2f} ms = {f['exec_path_ratio']:.2f}x |\n")
 
 
 def markdown(doc: dict[str, Any], charts: list[str]) -> str:
