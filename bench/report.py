@@ -217,7 +217,10 @@ def fanout_section(doc: dict[str, Any]) -> str:
     from bench.fanout import table
 
     p50 = f["exec_path_p50_ms"]
-    return (f"\n## Fan-out and the executor path (f)\n\n{table(f['fanout'])}\n"
+    return (f"\n## f. Fan-out and the executor path (ray_quota only)\n\n"
+            f"@quota tasks against plain Ray tasks; an executor-path reservation against one "
+            f"plain actor call (`python -m bench.fanout`, `python -m bench.exec_path`).\n\n"
+            f"{table(f['fanout'])}\n"
             f"| executor-path reserve p50 / plain actor call p50 | "
             f"{p50[RESERVE]:.2f} / {p50[PLAIN]:.2f} ms = {f['exec_path_ratio']:.2f}x |\n")
 
