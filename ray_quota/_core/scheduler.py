@@ -91,7 +91,8 @@ class Scheduler:
         self._changes = ChangeLog(resources)
         self._leases = LeaseLedger(self._changes)
         self._leases.tick(now)
-        self._tokens = TokenRegistry(new_id, self._changes, grace_s=policy.orphan_grace_s)
+        self._tokens = TokenRegistry(new_id, self._changes, grace_s=policy.orphan_grace_s,
+                                     on_revive=self._revived)
         self._resolved: list[Ticket] = []  # since the last poll, appended to by the resources
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
                                           self._resolved)
@@ -225,7 +226,15 @@ class Scheduler:
         are settled once the caller may use the token (see :meth:`merge`)."""
         token = self._tokens.live(token_id, generation, claimant)
         self._settle_all(finals)
-        self._forget(token)
+        self._forget(token, revivable=True)
+
+    def _revived(self, token: Token) -> None:
+        """A retry took a closed token up again (see :mod:`.tokens`): it counts again, behind
+        the tokens waiting now and with any debt it had, and is released if nobody uses it."""
+        res = self._resources[token.resource]
+        token.pass_ = max(res.start_pass(), token.pass_)
+        res.tokens += 1
+        self._tokens.orphaned(token.id, self._clock())
 
     def credit(self, token_id: str) -> float:
         """The token's credit in units; negative while it carries debt."""
@@ -569,11 +578,11 @@ class Scheduler:
             known = ", ".join(sorted(self._resources)) or "none"
             raise UnknownResourceError(f"no resource {name!r} (known: {known})") from None
 
-    def _forget(self, token: Token) -> None:
+    def _forget(self, token: Token, *, revivable: bool = False) -> None:
         """Close the token: its waiters fail, and the queue moves on without it."""
         res = self._resources[token.resource]
         self._fail_waiters(token)
-        self._tokens.close(token)
+        self._tokens.close(token, revivable=revivable)
         self._leases.token_closed(token.id)
         res.close(token)
         res.dispatch(self._clock())
