@@ -226,7 +226,9 @@ class Scheduler:
         are settled once the caller may use the token (see :meth:`merge`)."""
         token = self._tokens.live(token_id, generation, claimant)
         self._settle_all(finals)
-        self._forget(token, revivable=True)
+        # Revivable by a retry (see :mod:`.tokens`) unless another process still holds units of
+        # it: debt that one reports meanwhile is charged to the pool alone, the token being gone.
+        self._forget(token, revivable=not self._leases.has_leases(token.id))
 
     def _revived(self, token: Token) -> None:
         """A retry took a closed token up again (see :mod:`.tokens`): it counts again, behind
@@ -582,8 +584,10 @@ class Scheduler:
         """Close the token: its waiters fail, and the queue moves on without it."""
         res = self._resources[token.resource]
         self._fail_waiters(token)
-        self._tokens.close(token, revivable=revivable)
-        self._leases.token_closed(token.id)
+        if not self._tokens.close(token, revivable=revivable):
+            # Its ended keys' marks and late-debt counts go with it; a token a retry may
+            # revive keeps them (they go once idle), or each revival would reset the counts.
+            self._leases.token_closed(token.id)
         res.close(token)
         res.dispatch(self._clock())
 

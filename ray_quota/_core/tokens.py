@@ -37,6 +37,10 @@ from ray_quota._errors import (
 )
 
 
+# The waiters of every closed token kept for a revival (never added to: it is in no queue).
+_NO_WAITERS: deque = deque(maxlen=0)
+
+
 @dataclass(slots=True, eq=False, kw_only=True)
 class Token(Flow):
     """A token: its place in its resource's queue, and who owns it: the digest of its owner's
@@ -212,9 +216,10 @@ class TokenRegistry(Mapping[str, Token]):
         return token.taken_with is not None and any(
             claim.took_up(proof) == token.taken_with for proof in claim.proofs)
 
-    def close(self, token: Token, *, revivable: bool = False) -> None:
+    def close(self, token: Token, *, revivable: bool = False) -> bool:
         """Remove the token and remember its id as closed; ``revivable``: a retry of the task
-        that took it up may take it up again (see the module's docstring)."""
+        that took it up may take it up again (see the module's docstring), if it was taken up
+        after a move. Returns whether it may."""
         del self._tokens[token.id]
         if token.parent is not None and (siblings := self._children.get(token.parent)):
             siblings.discard(token.id)
@@ -224,14 +229,17 @@ class TokenRegistry(Mapping[str, Token]):
         self._seen.pop(token.id, None)
         self._changes.tokens.add(token.id)
         revivable = revivable and token.claimant is not None and token.taken_with is not None
-        self._closed[token.id] = replace(token, waiters=deque(), stamp=0) if revivable else None
+        self._closed[token.id] = replace(token, waiters=_NO_WAITERS, stamp=0) if revivable \
+            else None
         if len(self._closed) > TOMBSTONES:
             self._closed.popitem(last=False)
+        return revivable
 
     def _revive(self, closed: Token) -> Token:
         """Take a closed token back in, as it was (a retry proved it may; see :meth:`_checked`)."""
         del self._closed[closed.id]
-        token = replace(closed, waiters=deque(), stamp=0)
+        token = closed  # the object :meth:`check` handed out: the caller may go on with it
+        token.waiters = deque()
         if token.parent not in self._tokens:
             token.parent = None
         self.add(token)

@@ -11,7 +11,7 @@ import pytest
 from fakes import FakeClock
 
 from ray_quota._core.credentials import claim_value, holder_id, make_claim
-from ray_quota._core.protocol import Report
+from ray_quota._core.protocol import Grant, Report
 from ray_quota._core.resource import Policy
 from ray_quota._core.service import ExecutorService
 from ray_quota._errors import AccessDeniedError, TokenClosedError
@@ -39,6 +39,11 @@ def attempt(number: int, proof: str, task: str = "task:1") -> str:
     return make_claim(task, f"key{number}", [proof])
 
 
+def total_expected_use(service: ExecutorService, *ids: str) -> int:
+    return sum(service.describe(token_id, generation, claim)[0]
+               for token_id, generation, claim in ids)
+
+
 def raises(error: type[Exception], result: object) -> bool:
     return isinstance(result, error)
 
@@ -52,9 +57,7 @@ def test_a_retry_takes_up_again_a_token_its_first_attempt_closed() -> None:
     # The retry, in another worker, with the same bytes: the token is back, as it was.
     assert service.describe(child, 1, attempt(2, proof)) == (4, 0.0)
     assert service.scheduler.token_key(child) == ("rate", None)
-    # The first attempt's process lost it (the retry took it up) ...
-    assert raises(Exception, service.describe(child, 1, attempt(1, "")))
-    # ... and the parent did not get the child's share twice: closing takes weight out.
+    # The parent did not get the child's share twice: closing takes weight out.
     assert service.describe(parent, 0, "k")[0] == 6
     assert service.merge_back(child, 1, attempt(2, proof), parent, []) is True
     assert service.describe(parent, 0, "k")[0] == 10
@@ -110,3 +113,85 @@ def test_a_revived_token_keeps_its_debt() -> None:
     assert service.close(child, 1, claim, [Report(child, key, 0, 25, 20, True)], SECRET) is None
     service.describe(child, 1, attempt(2, proof))
     assert service.scheduler.credit(child) < -10
+
+
+def test_a_retry_whose_first_call_splits_revives_the_token_it_splits() -> None:
+    """The split comes out of the revived token (one object, not a copy): nothing is made."""
+    service = new_service()
+    parent, child, proof = sent_child(service)
+    service.describe(child, 1, attempt(1, proof))
+    service.close(child, 1, attempt(1, proof), [])
+    grandchild, left = service.split(child, 1, attempt(2, proof), 3)
+    assert left == 1
+    assert total_expected_use(service, (parent, 0, "k"), (child, 1, attempt(2, proof)),
+                              (grandchild.id, 0, attempt(2, proof))) == 10
+
+
+def test_a_retry_whose_first_call_merges_keeps_the_merged_share() -> None:
+    service = new_service()
+    parent, child, proof = sent_child(service)
+    service.describe(child, 1, attempt(1, proof))
+    service.close(child, 1, attempt(1, proof), [])
+    other = service.open_token("rate", 5, "key2", None).id
+    claim = make_claim("task:1", "key2", [proof])  # the retry's process opened ``other``
+    assert service.merge(child, 1, claim, other, 0, []) is None
+    assert service.describe(child, 1, claim)[0] == 9
+
+
+def test_a_waiting_reservation_of_a_revived_token_fails_when_it_closes_again() -> None:
+    clock = FakeClock()
+    service = ExecutorService(SPECS, clock=clock, policy=Policy(lease_ttl_s=4.0,
+                                                                orphan_grace_s=6.0))
+    _, child, proof = sent_child(service)
+    hog = service.open_token("rate", 10, "h", None).id
+    assert isinstance(service.acquire(hog, 0, "h", holder_id("hog", SECRET) + ":0", 10, 0,
+                                      None, SECRET).outcome, Grant)  # the burst is taken
+    service.describe(child, 1, attempt(1, proof))
+    service.close(child, 1, attempt(1, proof), [])
+    key = holder_id("task:1#2", SECRET) + ":0"
+    ticket = service.acquire(child, 1, attempt(2, proof), key, 5, 0, None, SECRET)
+    assert ticket.outcome is None  # the retry's first call waits
+    service.close(child, 1, attempt(2, proof), [])  # and the retry gives up
+    assert isinstance(ticket.outcome, TokenClosedError)
+    clock.advance(2.0)
+    service.tick()
+    assert isinstance(ticket.outcome, TokenClosedError)  # not granted later
+
+
+def test_a_token_another_process_still_leases_is_closed_for_good() -> None:
+    """Debt that process reports while the token is closed is charged to the pool alone; a
+    revived token would come back without it, so such a token is not revivable."""
+    service = new_service()
+    _, child, proof = sent_child(service)
+    sender_key = holder_id("sender", SECRET) + ":0"
+    assert isinstance(service.acquire(child, 0, "k", sender_key, 2, 0, None, SECRET).outcome,
+                      Grant)  # the sender holds units of it as it sends it
+    service.describe(child, 1, attempt(1, proof))
+    service.close(child, 1, attempt(1, proof), [])
+    assert raises(TokenClosedError, service.describe(child, 1, attempt(2, proof)))
+
+
+def test_close_and_revive_cycles_keep_the_late_debt_cap() -> None:
+    """Late overuse under an ended key is charged at most ``max_overuse`` per token and
+    holder; closing and reviving the token must not start that count again."""
+    specs = {"rate": ResourceSpec("rate", Kind.RATE, 20, period_s=1.0, burst=10,
+                                  max_overuse=5)}
+
+    def late_debt_charged(cycles: int) -> float:
+        service = ExecutorService(specs, clock=FakeClock(),
+                                  policy=Policy(lease_ttl_s=4.0, orphan_grace_s=6.0))
+        _, child, proof = sent_child(service)
+        key = holder_id("sender", SECRET) + ":0"
+        service.acquire(child, 0, "k", key, 2, 0, None, SECRET)
+        service.settle([Report(child, key, 0, 2, 0, True)], SECRET)  # the sender's lease ends
+        service.describe(child, 1, attempt(1, proof))
+        start, debt = service.scheduler.credit(child), 0
+        for n in range(cycles + 1):
+            debt += 100  # the former owner keeps declaring overuse under its ended key
+            service.settle([Report(child, key, 0, 2, debt, True)], SECRET)
+            if n < cycles:
+                service.close(child, 1, attempt(n + 1, proof), [])
+                service.describe(child, 1, attempt(n + 2, proof))  # the retry revives it
+        return start - service.scheduler.credit(child)
+
+    assert late_debt_charged(3) == pytest.approx(late_debt_charged(0))
