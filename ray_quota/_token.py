@@ -68,10 +68,8 @@ class QuotaToken(AsyncTokenOps):
         expected_use: the units one reservation is expected to take; the token's weight.
         label: an optional tag (a team, a job) carried into metrics and inherited by splits.
 
-    Every operation has an asyncio twin for async actors and Ray Serve replicas, which never
-    blocks the event loop: ``await QuotaToken.open_async(...)``, ``reserve_async``,
-    ``split_async``, ``merge_async``, ``return_to_parent_async``, ``close_async``,
-    ``describe_async`` (see :class:`~ray_quota._token_async.AsyncTokenOps`).
+    Each operation has an asyncio twin (``await QuotaToken.open_async(...)``, ``split_async``,
+    ...) that never blocks the event loop; see :mod:`ray_quota._token_async`.
     """
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
