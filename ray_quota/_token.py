@@ -44,6 +44,7 @@ from ray_quota._core.protocol import (
     prefetch_cap,
 )
 from ray_quota._spec import ResourceSpec, check_units
+from ray_quota._token_async import AsyncTokenOps
 
 
 class _State(enum.Enum):
@@ -52,7 +53,7 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class QuotaToken:
+class QuotaToken(AsyncTokenOps):
     """An unforgeable right to consume one resource, weighted by its expected use.
 
     Example:
@@ -66,6 +67,9 @@ class QuotaToken:
         resource: a resource of the executor's environment.
         expected_use: the units one reservation is expected to take; the token's weight.
         label: an optional tag (a team, a job) carried into metrics and inherited by splits.
+
+    Each operation has an asyncio twin (``await QuotaToken.open_async(...)``, ``split_async``,
+    ...) that never blocks the event loop; see :mod:`ray_quota._token_async`.
     """
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
@@ -73,12 +77,17 @@ class QuotaToken:
                  "_scope", "_claimant", "_proofs", "_received_at", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
+        run(self._opening(resource, expected_use, label))
+
+    def _opening(self, resource: str, expected_use: int, label: str | None) -> Steps[None]:
         check_units("expected_use", expected_use)
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be a string, not {type(label).__name__}")
         claimant = identity.claimant()
-        opened: TokenInfo = rpc.call("open_token", resource, expected_use, claimant, label)
-        info = rpc.info()  # after the call, which refreshes a view of a replaced executor
+        opened: TokenInfo = yield from rpc.calling("open_token", resource, expected_use,
+                                                   claimant, label)
+        # After the call, which refreshes a view of a replaced executor.
+        info = yield from rpc.informing()
         self._setup(opened.id, opened.spec, info.environment, info.cluster_id, 0, label,
                     expected_use)
         self._claimant = claimant
@@ -122,10 +131,13 @@ class QuotaToken:
 
     def describe(self) -> tuple[int, float]:
         """Ask the executor for this token's expected use and credit (negative: debt)."""
+        return run(self._describing())
+
+    def _describing(self) -> Steps[tuple[int, float]]:
         self._usable()
-        self._verify()
-        expected_use, credit = rpc.call("describe", self._id, self._generation,
-                                            self._claimant)
+        yield from self._verifying()
+        expected_use, credit = yield from rpc.calling("describe", self._id, self._generation,
+                                                      self._claimant)
         self._expected_use = expected_use
         return expected_use, credit
 
@@ -170,6 +182,7 @@ class QuotaToken:
         which differ only in how they wait (see :mod:`ray_quota._runtime.steps`)."""
         delays = rpc.retry_delays()
         while True:
+            yield from self._verifying()
             lease, sent_at, args = self._acquire_args(amount, timeout)
             try:
                 grant = yield from routing.leasing("acquire", *args, resource=self.resource)
@@ -205,7 +218,6 @@ class QuotaToken:
         return Reservation(self, amount, lease)
 
     def _acquire_args(self, amount: int, timeout: float | None) -> tuple[LocalLease, float, tuple]:
-        self._verify()
         renewer.track(self)
         with self._lock:
             lease = self._leases.current
@@ -260,11 +272,14 @@ class QuotaToken:
             InvalidAmountError: more than this token's expected use (checked by the executor,
                 which knows what children gave back); nothing changes.
         """
+        return run(self._splitting(child_expected_use))
+
+    def _splitting(self, child_expected_use: int) -> Steps[QuotaToken]:
         self._usable()
         check_units("child_expected_use", child_expected_use)
-        self._verify()
-        opened, self._expected_use = rpc.call("split", self._id, self._generation,
-                                                  self._claimant, child_expected_use)
+        yield from self._verifying()
+        opened, self._expected_use = yield from rpc.calling(
+            "split", self._id, self._generation, self._claimant, child_expected_use)
         child = QuotaToken.__new__(QuotaToken)
         child._setup(opened.id, opened.spec, self._environment, self._cluster, 0, self._label,
                      child_expected_use)
@@ -279,6 +294,9 @@ class QuotaToken:
         Raises:
             IncompatibleTokensError: different resources or environments, or ``other is self``.
         """
+        run(self._merging(other))
+
+    def _merging(self, other: QuotaToken) -> Steps[None]:
         if not isinstance(other, QuotaToken):
             raise TypeError(f"can only merge a QuotaToken, not {type(other).__name__}")
         if other is self:
@@ -292,10 +310,10 @@ class QuotaToken:
                 f"{self._environment}/{self.resource}")
         if other._reserved():
             raise TokenStateError("cannot merge a token that has open reservations")
-        self._verify()
-        other._verify()
+        yield from self._verifying()
+        yield from other._verifying()
         # One claim for both: the other's proofs too, in case it was moved here and not yet used.
-        routing.lease_call("merge", self._id, self._generation,
+        yield from routing.leasing("merge", self._id, self._generation,
                            add_proofs(self._claimant, other._proofs), other._id,
                            other._generation, other._final_reports())
         other._state = _State.CLOSED
@@ -308,11 +326,14 @@ class QuotaToken:
 
         Open reservations are charged in full. Closing twice is harmless.
         """
+        run(self._closing())
+
+    def _closing(self) -> Steps[None]:
         if self._state is not _State.LIVE:
             return
         reports = self._final_reports()
         self._state = _State.CLOSED
-        routing.lease_call("close", self._id, self._generation, self._claimant, reports)
+        yield from routing.leasing("close", self._id, self._generation, self._claimant, reports)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
@@ -320,15 +341,18 @@ class QuotaToken:
         If that token is gone, this one is simply released. Either way this handle is used up.
         Returns whether it merged.
         """
+        return run(self._returning())
+
+    def _returning(self) -> Steps[bool]:
         self._usable()
         if self._parent is None:
-            self.close()
+            yield from self._closing()
             return False
-        self._verify()
+        yield from self._verifying()
         reports = self._final_reports()
         self._state = _State.CLOSED
-        return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
-                                 self._parent, reports))
+        return bool((yield from routing.leasing("merge_back", self._id, self._generation,
+                                                self._claimant, self._parent, reports)))
 
     def _end_cleanly(self) -> bool:
         """Its holder ended and could still report (the task returned or raised, the actor or
@@ -414,11 +438,14 @@ class QuotaToken:
             raise TokenClosedError("this token was closed or merged into another token")
 
     def _verify(self) -> None:
+        run(self._verifying())
+
+    def _verifying(self) -> Steps[None]:
         self._received_at = None  # a call follows, which takes a moved token up
         if not self._verified:
-            if self._cluster != rpc.info().cluster_id:
+            if self._cluster != (yield from rpc.informing()).cluster_id:
                 rpc.reset()  # our cached view may predate a new executor
-                if self._cluster != rpc.info().cluster_id:
+                if self._cluster != (yield from rpc.informing()).cluster_id:
                     raise ForgedTokenError("this token was issued by another cluster's executor")
             self._verified = True
 

@@ -56,7 +56,8 @@ class ExecutorActor:
 
     def __init__(self, manifest: dict[str, Any], environment: str, policy: Policy = Policy(),
                  cluster_id: str | None = None, state_path: str | None = None,
-                 metrics_port: int | None = None, brokers: bool = False) -> None:
+                 metrics_port: int | None = None, brokers: bool = False,
+                 ray_metrics: bool | None = None) -> None:
         self._brokers = brokers
         self._manifest = load_manifest(manifest)
         self._environment = environment
@@ -93,6 +94,10 @@ class ExecutorActor:
         self._metrics = ExecutorMetrics(lambda: self._service.scheduler, environment,
                                         self._cluster_id, metrics_port,
                                         calls=lambda: self._service.counts)
+        if ray_metrics is not False:
+            from ray_quota._observability.ray_export import RayExport
+
+            RayExport(self._metrics.metrics.registry, only_if_agent=ray_metrics is None).start()
 
     @property
     def calls(self) -> int:
