@@ -227,7 +227,6 @@ class Metrics:
         per_resource = (
             (WAITERS, "Reservations waiting in the executor's queue.", "waiters"),
             (AVAILABLE, "Units that could be granted now.", "available"),
-            (LIMIT, "The resource's limit value (per period for rate resources).", "limit"),
             # Until provider feedback lowers it (issue 16), the limit in force is the configured one.
             (EFFECTIVE_LIMIT, "The limit in force now, after provider feedback.", "limit"),
             (IN_USE, "Units granted and not yet back (rate: taken from the bucket).", "in_use"),
@@ -240,6 +239,12 @@ class Metrics:
             for status in snap.status:
                 gauge.add_metric((status.name, env), float(getattr(status, attr)))
             yield gauge
+        # The limit carries the resource's kind, so rules can single out capacity budgets.
+        limit = GaugeMetricFamily(LIMIT, "The resource's limit value (per period for rate "
+                                  "resources).", labels=("resource", "environment", "kind"))
+        for status in snap.status:
+            limit.add_metric((status.name, env, status.kind), float(status.limit))
+        yield limit
         expected: dict[tuple[str, str], float] = {}
         for (resource, label), (_, units) in snap.by_label.items():
             key = (resource, self.label(resource, label))
