@@ -54,7 +54,7 @@ def test_finalisers_send_nothing_while_the_interpreter_finalizes(
     sent: list[tuple[object, ...]] = []
     monkeypatch.setattr(_token.routing, "send", lambda *args: sent.append(args))
     monkeypatch.setattr(_token.ray, "is_initialized", lambda: True)
-    token, reservation = bare_handles()
+    token, _ = bare_handles()
     monkeypatch.setattr(_token.QuotaToken, "_final_reports", lambda self: [])
     token._id, token._generation, token._claimant = "token-1", 0, "claimant-1"
     token.__del__(_finalizing=lambda: True)
