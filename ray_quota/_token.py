@@ -397,11 +397,15 @@ class QuotaToken(AsyncTokenOps):
             self._scope = None
         self.close()
 
-    def __del__(self) -> None:
-        state = getattr(self, "_state", None)
-        if state is None or not ray.is_initialized():
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        # At interpreter exit Ray is already down (the executor takes the token back when its
+        # lease expires) and module globals may be None: do nothing, and never print.
+        if _finalizing():
             return
         try:
+            state = getattr(self, "_state", None)
+            if state is None or not ray.is_initialized():
+                return
             reports = self._final_reports()
             if state is _State.LIVE:
                 routing.send("close", self._id, self._generation, self._claimant, reports)
@@ -608,12 +612,14 @@ class Reservation:
     async def __aexit__(self, *exc: object) -> None:
         self.__exit__(*exc)
 
-    def __del__(self) -> None:
-        if getattr(self, "_open", False) and self._token._state is not _State.CLOSED:
-            try:
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        if _finalizing():  # as QuotaToken.__del__: nothing to give back to at exit
+            return
+        try:
+            if getattr(self, "_open", False) and self._token._state is not _State.CLOSED:
                 self.commit(0)
-            except Exception:  # noqa: BLE001 - never raise from a finaliser
-                pass
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
 
     def __repr__(self) -> str:
         return f"Reservation(resource={self._token.resource!r}, amount={self.amount}, " \
