@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-pythons test-slow bench dashboard clean
+.PHONY: setup demo test test-pythons test-slow bench clean
 
 setup: $(STAMP)
 
