@@ -64,6 +64,7 @@ THROTTLED_SECONDS = "ray_quota_throttled_seconds_total"
 WAITERS = "ray_quota_waiters"
 AVAILABLE = "ray_quota_available"
 LIMIT = "ray_quota_limit"
+EFFECTIVE_LIMIT = "ray_quota_effective_limit"
 IN_USE = "ray_quota_in_use"
 LEASED_UNITS = "ray_quota_leased_units"
 LEASES = "ray_quota_leases"
@@ -77,7 +78,7 @@ EXECUTOR_CALLS = "ray_quota_executor_calls_total"
 SERIES = frozenset({
     f"{RESERVE_LATENCY}_bucket", f"{RESERVE_LATENCY}_sum", f"{RESERVE_LATENCY}_count",
     UNITS_RESERVED, UNITS_COMMITTED, UNITS_REFUNDED, UNITS_OVERUSED, REJECTIONS, TERMINATIONS,
-    THROTTLED_SECONDS, WAITERS, AVAILABLE, LIMIT, IN_USE, LEASED_UNITS, LEASES, LIVE_TOKENS,
+    THROTTLED_SECONDS, WAITERS, AVAILABLE, LIMIT, EFFECTIVE_LIMIT, IN_USE, LEASED_UNITS, LEASES, LIVE_TOKENS,
     EXPECTED_USE, LEASE_EXPIRIES, OBSERVATIONS_DROPPED, EXECUTOR_CALLS,
 })
 
@@ -237,6 +238,14 @@ class Metrics:
             for status in snap.status:
                 gauge.add_metric((status.name, env), float(getattr(status, attr)))
             yield gauge
+        gauge = GaugeMetricFamily(EFFECTIVE_LIMIT, "The limit the executor grants against (rate "
+                                  "resources): the manifest's, lowered by the provider's "
+                                  "refusals and probed back up (DESIGN 8).",
+                                  labels=("resource", "environment"))
+        for status in snap.status:
+            if status.effective_limit is not None:
+                gauge.add_metric((status.name, env), status.effective_limit)
+        yield gauge
         expected: dict[tuple[str, str], float] = {}
         for (resource, label), (_, units) in snap.by_label.items():
             key = (resource, self.label(resource, label))
