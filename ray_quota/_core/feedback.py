@@ -41,7 +41,7 @@ class Feedback:
         (True, 825.0)
     """
 
-    __slots__ = ("_cut_at", "_known", "_quiet_from", "_stepped_at", "ceiling", "hold_until",
+    __slots__ = ("_cut_at", "_known", "_quiet_from", "_remaining", "_stepped_at", "ceiling", "hold_until",
                  "interval_s", "limit", "params")
 
     def __init__(self, params: FeedbackSpec, ceiling: int, interval_s: float,
@@ -55,6 +55,7 @@ class Feedback:
         self._cut_at = -math.inf
         self._quiet_from = now  # the last refusal (or the start)
         self._stepped_at = now
+        self._remaining: int | None = None  # what the provider last said remains
 
     @property
     def scale(self) -> float:
@@ -84,9 +85,9 @@ class Feedback:
     def remaining(self, now: float, units: int, reset_s: float | None = None) -> float:
         """The provider says ``units`` remain until its window resets in ``reset_s``: returns
         the most units that may be granted now (the caller caps its pool there). With nothing
-        left, grants are held until the reset; with little left (less than ``1 - decrease`` of
-        the effective limit), the limit backs off by ``margin``, at most once per half
-        interval, before the provider starts refusing.
+        left, grants are held until the reset; with little left (less than ``decrease`` of
+        the effective limit) and less than last said, the limit backs off by ``margin``, at
+        most once per half interval, before the provider starts refusing.
 
         Raises:
             InvalidAmountError: ``units`` is not a whole number from 0, or ``reset_s`` not None
@@ -96,9 +97,13 @@ class Feedback:
         reset = _hold("reset_s", reset_s)
         if units == 0 and reset is not None:
             self.hold_until = max(self.hold_until, now + reset)
-        if units < self.limit * (1 - self.params.decrease):
-            # Most of the provider's window is spent: at this limit it will soon refuse. Back
-            # off by the margin (once per half interval) before it does.
+        falling = self._remaining is not None and units < self._remaining
+        self._remaining = units
+        if falling and units < self.limit * self.params.decrease:
+            # Most of the provider's window is spent and less is left than last time: at this
+            # limit it will soon refuse. Back off by the margin (once per half interval)
+            # before it does. (Little left but more than before is a window refilling after
+            # a refusal: the cut that answered it is enough.)
             self._quiet_from = now
             if now >= self._cut_at + self.interval_s / 2:
                 self._cut(now, 1 - self.params.margin)

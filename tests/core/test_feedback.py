@@ -71,10 +71,13 @@ def test_recovery_is_fast_below_the_last_refusal_and_slow_above_it() -> None:
     assert ctl.limit - before == pytest.approx(10.0, abs=1e-6) or ctl.limit <= 950.0
 
 
-def test_little_remaining_backs_off_by_the_margin_and_none_holds_until_the_reset() -> None:
+def test_little_remaining_and_falling_backs_off_by_the_margin_and_none_holds_until_the_reset(
+        ) -> None:
     ctl = _controller()
     assert ctl.remaining(1.0, 900) == 900.0 and ctl.limit == 1000.0  # plenty left
     ctl.remaining(2.0, 100)
+    assert ctl.limit == 950.0
+    ctl.remaining(3.0, 150)  # little, but refilling: no cut
     assert ctl.limit == 950.0
     ctl.remaining(4.0, 0, reset_s=3.0)
     assert ctl.hold_until == 7.0
