@@ -41,7 +41,7 @@ class Feedback:
         (True, 825.0)
     """
 
-    __slots__ = ("_cut_at", "_known", "_quiet_from", "_remaining", "_stepped_at", "ceiling", "hold_until",
+    __slots__ = ("_cut_at", "_known", "_refusal_cut_at", "_quiet_from", "_remaining", "_stepped_at", "ceiling", "hold_until",
                  "interval_s", "limit", "params")
 
     def __init__(self, params: FeedbackSpec, ceiling: int, interval_s: float,
@@ -52,7 +52,8 @@ class Feedback:
         self.limit = float(ceiling)  # the effective limit
         self.hold_until = -math.inf  # no grants before this
         self._known: float | None = None  # the effective limit when the last cut came
-        self._cut_at = -math.inf
+        self._cut_at = -math.inf  # the last cut
+        self._refusal_cut_at = -math.inf  # the last cut that answered a refusal
         self._quiet_from = now  # the last refusal (or the start)
         self._stepped_at = now
         self._remaining: int | None = None  # what the provider last said remains
@@ -73,9 +74,10 @@ class Feedback:
         if hold is not None:
             self.hold_until = max(self.hold_until, now + hold)
         self._quiet_from = now
-        if now < self._cut_at + self.interval_s / 2:
+        if now < self._refusal_cut_at + self.interval_s / 2:
             return  # a request sent before the last cut: the cut already answered it
         self._cut(now, self.params.decrease)
+        self._refusal_cut_at = now  # (a back-off on what remains does not answer a refusal)
 
     def _cut(self, now: float, factor: float) -> None:
         self._known = self.limit
@@ -105,7 +107,10 @@ class Feedback:
             # before it does. (Little left but more than before is a window refilling after
             # a refusal: the cut that answered it is enough.)
             self._quiet_from = now
-            if now >= self._cut_at + self.interval_s / 2:
+            # Not within an interval of a refusal's cut either: the window still drains of
+            # what was sent before it.
+            if now >= max(self._cut_at + self.interval_s / 2,
+                          self._refusal_cut_at + self.interval_s):
                 self._cut(now, 1 - self.params.margin)
         return float(units)
 

@@ -223,3 +223,11 @@ def test_feedback_on_a_capacity_resource_is_refused() -> None:
     service, _, token = _service(Kind.CAPACITY)
     answer = service.feedback(token, 0, "me", KEY, ProviderSignal(True), secret=SECRET)
     assert isinstance(answer, InvalidAmountError) and "rate" in str(answer)
+
+
+def test_a_back_off_on_what_remains_does_not_swallow_the_next_refusal() -> None:
+    ctl = _controller()
+    ctl.remaining(1.0, 900)
+    ctl.remaining(1.1, 100)  # low and falling: 1000 -> 950
+    ctl.refused(1.2)
+    assert ctl.limit == pytest.approx(665.0)
