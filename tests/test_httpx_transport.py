@@ -1,6 +1,6 @@
 """The httpx transport against the fake provider (a real HTTP server on 127.0.0.1), with a
 recording stand-in for the token: what it reserves, commits and reports. No Ray here; the
-whole path through the executor is tests/ray/test_feedback.py."""
+whole path through the executor is tests/ray/test_openai_feedback.py."""
 
 from __future__ import annotations
 

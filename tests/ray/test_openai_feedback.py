@@ -5,7 +5,6 @@ knows a token's id cannot lower a limit with it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-
 from pathlib import Path
 
 import httpx
