@@ -177,13 +177,15 @@ def report(runs: list[Run], command: str) -> str:
     lines = [f"# Provider feedback (issue 16)", "",
              f"`{command}`: true limit {TRUE_RATE} tokens/s (hidden), manifest {MANIFEST_RATE}, "
              f"{THREADS} threads, {learned.seconds:.0f} s per run.", "",
-             "| run | converged (s) | requests after | refused after | goodput after / true |",
-             "|---|---|---|---|---|"]
+             "| run | converged (s) | requests after | refused after | goodput after / true "
+             "| refused, whole run | goodput, whole run |",
+             "|---|---|---|---|---|---|---|"]
     for run in runs:
         refused, goodput, count = window(run, since)
+        all_refused, all_goodput, _ = window(run, 0.0)
         conv = converged_at(run)
         lines.append(f"| {run.name} | {'-' if conv is None else f'{conv:.1f}'} | {count} | "
-                     f"{refused:.2%} | {goodput:.1%} |")
+                     f"{refused:.2%} | {goodput:.1%} | {all_refused:.2%} | {all_goodput:.1%} |")
     lines += ["", f"'after': from {since:.1f} s (the feedback run's convergence) to the end; "
               "'converged': the effective limit stays within 10 % of the true limit from then on.",
               "", "![effective limit and refusals](feedback.png)", ""]
