@@ -171,10 +171,10 @@ def plot(runs: list[Run], path: Path) -> None:
 
 
 def report(runs: list[Run], command: str) -> str:
-    learned, static = runs
+    learned = runs[0]
     at = converged_at(learned)
     since = at if at is not None else learned.seconds / 2
-    lines = [f"# Provider feedback (issue 16)", "",
+    lines = ["# Provider feedback (issue 16)", "",
              f"`{command}`: true limit {TRUE_RATE} tokens/s (hidden), manifest {MANIFEST_RATE}, "
              f"{THREADS} threads, {learned.seconds:.0f} s per run.", "",
              "| run | converged (s) | requests after | refused after | goodput after / true "

@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+
 import httpx
 
 from ray_quota._context import current_token

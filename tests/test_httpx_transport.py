@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
+from ray_quota._spec import Kind, ResourceSpec
 from ray_quota.httpx import AsyncQuotaTransport, QuotaTransport, estimate_tokens, parse_seconds
 from ray_quota.testing import FakeProvider
-from ray_quota._spec import Kind, ResourceSpec
 
 
 class _Reservation:

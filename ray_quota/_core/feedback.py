@@ -41,8 +41,19 @@ class Feedback:
         (True, 825.0)
     """
 
-    __slots__ = ("_cut_at", "_known", "_refusal_cut_at", "_quiet_from", "_remaining", "_stepped_at", "ceiling", "hold_until",
-                 "interval_s", "limit", "params")
+    __slots__ = (
+        "_cut_at",
+        "_known",
+        "_quiet_from",
+        "_refusal_cut_at",
+        "_remaining",
+        "_stepped_at",
+        "ceiling",
+        "hold_until",
+        "interval_s",
+        "limit",
+        "params",
+    )
 
     def __init__(self, params: FeedbackSpec, ceiling: int, interval_s: float,
                  now: float) -> None:

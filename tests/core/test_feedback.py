@@ -13,7 +13,7 @@ from ray_quota._core.feedback import Feedback, controller_for
 from ray_quota._core.pools import RatePool
 from ray_quota._core.protocol import ProviderSignal
 from ray_quota._core.service import ExecutorService
-from ray_quota._errors import TokenMovedError, InvalidAmountError, ProtocolError, QuotaError
+from ray_quota._errors import InvalidAmountError, ProtocolError, QuotaError, TokenMovedError
 from ray_quota._spec import FeedbackSpec, Kind, ResourceSpec, check_feedback
 
 SECRET = "test-secret"
@@ -164,8 +164,8 @@ def test_the_effective_limit_converges_to_a_hidden_true_limit() -> None:
 
 
 def test_refusals_alone_still_bring_the_limit_down_to_the_true_one() -> None:
-    samples, sent, refused, goodput = _simulate(true_rate=1000.0, manifest=2000, seconds=120.0,
-                                                report_remaining=False)
+    samples, _, _, goodput = _simulate(true_rate=1000.0, manifest=2000, seconds=120.0,
+                                       report_remaining=False)
     late = [limit for t, limit in samples if t >= 60.0]
     assert max(late) <= 1250.0 and goodput >= 0.75 * 1000.0
 

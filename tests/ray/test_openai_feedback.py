@@ -19,8 +19,6 @@ from ray_quota._errors import QuotaError
 from ray_quota.httpx import QuotaTransport
 from ray_quota.testing import FakeProvider
 
-
-
 TRUE_RATE = 300  # tokens per second the fake provider allows; "tok" allows 1000
 
 
