@@ -12,7 +12,10 @@ resource's *effective* limit, which the scheduler grants against:
   to ``margin`` below the limit where the last refusal came, then by ``increase`` of the
   manifest's limit per interval, probing for more, as TCP's congestion control does;
 - a report of what the provider says remains (``remaining`` units until ``reset_s``) caps what
-  may be granted now, and holds grants until the reset when nothing remains.
+  may be granted now, and holds grants until the reset when nothing remains; little left (under
+  ``decrease`` of the effective limit) and less than last said backs the limit off by
+  ``margin`` before the provider refuses: with a provider's window as long as the period, this
+  keeps the limit within a few per cent of the provider's, with no refusal at all once found.
 
 Its parameters are a :class:`~ray_quota._spec.FeedbackSpec`, set per resource in the manifest.
 """
