@@ -37,9 +37,11 @@ from ray_quota._core.protocol import (
     RENEW_INTERVAL_S,
     Adoption,
     Grant,
+    ProviderSignal,
     Renewed,
     Report,
     TokenInfo,
+    check_signal,
     check_timeout,
     prefetch_cap,
 )
@@ -594,6 +596,37 @@ class Reservation:
                            self.amount, charged)
         if too_much is not None:
             raise too_much
+
+    def refused(self, retry_after_s: float | None = None, *, remaining: int | None = None,
+                reset_s: float | None = None) -> None:
+        """Tell the executor that the provider refused this reservation's request (an HTTP
+        429): the resource's effective limit is lowered for everyone and grants wait until
+        ``retry_after_s`` has passed (DESIGN 8). ``remaining`` and ``reset_s``: what the
+        provider says is left in its window, and when that resets, if it says so. Commit
+        as usual afterwards (``commit(0)`` if nothing was used). Does not wait for an answer.
+
+        Raises:
+            InvalidAmountError: a value is not seconds or units from 0 (nothing is sent).
+        """
+        self._tell(ProviderSignal(True, retry_after_s, remaining, reset_s))
+
+    def remaining(self, units: int, reset_s: float | None = None) -> None:
+        """Tell the executor what the provider says is left in its window after this
+        reservation's request (``x-ratelimit-remaining-*``): little left backs the effective
+        limit off before the provider refuses. Does not wait for an answer.
+
+        Raises:
+            InvalidAmountError: a value is not seconds or units from 0 (nothing is sent).
+        """
+        self._tell(ProviderSignal(False, None, units, reset_s))
+
+    def _tell(self, signal: ProviderSignal) -> None:
+        check_signal(signal)
+        token = self._token
+        token._usable()
+        # Straight to the executor, which keeps the limit; a broker would only pass it on.
+        rpc.send("feedback", token._id, token._generation, token._claimant, self._lease.key,
+                 signal, identity.SECRET)
 
     @property
     def committed(self) -> bool:

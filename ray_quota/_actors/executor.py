@@ -34,6 +34,7 @@ from ray_quota._core.protocol import (
     Adoption,
     ExecutorInfo,
     Grant,
+    ProviderSignal,
     Renewed,
     Report,
     TokenInfo,
@@ -180,6 +181,12 @@ class ExecutorActor:
             outcome = self._deliver() or ticket.outcome
         self._metrics.acquired(token_id, outcome, time.monotonic() - arrived, waited)
         return outcome
+
+    async def feedback(self, token_id: str, generation: int, claimant: str, key: str,
+                       signal: ProviderSignal, secret: str | None = None) -> None | QuotaError:
+        """What the provider said of a request reserved under ``key`` (DESIGN 8)."""
+        return self._answer(self._service.feedback(token_id, generation, claimant, key, signal,
+                                                   secret))
 
     async def settle(self, reports: list[Report],
                      secret: str | None = None) -> None | QuotaError:

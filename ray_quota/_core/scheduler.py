@@ -36,7 +36,7 @@ from ray_quota._core.credentials import claims
 from ray_quota._core.fair_queue import Ticket, Waiter
 from ray_quota._core.ledger import Lease, LeaseLedger, fresh_debt
 from ray_quota._core.pools import Pool
-from ray_quota._core.protocol import RECALL_GRACE_S, TokenInfo
+from ray_quota._core.protocol import RECALL_GRACE_S, ProviderSignal, TokenInfo
 from ray_quota._core.resource import Policy, Resource, ResourceStatus
 from ray_quota._core.state import (
     ChangeLog,
@@ -286,6 +286,13 @@ class Scheduler:
         res.admit(Waiter(ticket, token, max(0, int(prefetch)), now + wait_s, self._seq), now,
                   recall_only=recall_only)
         return ticket
+
+    def feedback(self, token_id: str, generation: int, claimant: str | None,
+                 signal: ProviderSignal) -> None:
+        """What the provider said of a request the token reserved for (DESIGN 8): see
+        :meth:`Resource.heed`. Only the token's holder may say it."""
+        token = self._tokens.check(token_id, generation, claimant)
+        self._resources[token.resource].heed(signal, self._clock())
 
     def cancel(self, ticket: Ticket) -> None:
         """Withdraw a waiting ticket (its caller gave up); no effect once resolved."""

@@ -227,8 +227,6 @@ class Metrics:
         per_resource = (
             (WAITERS, "Reservations waiting in the executor's queue.", "waiters"),
             (AVAILABLE, "Units that could be granted now.", "available"),
-            # Until provider feedback lowers it (issue 16), the limit in force is the configured one.
-            (EFFECTIVE_LIMIT, "The limit in force now, after provider feedback.", "limit"),
             (IN_USE, "Units granted and not yet back (rate: taken from the bucket).", "in_use"),
             (LEASED_UNITS, "Units held in processes' leases.", "leased_units"),
             (LEASES, "Leases held by processes.", "leases"),
@@ -245,6 +243,14 @@ class Metrics:
         for status in snap.status:
             limit.add_metric((status.name, env, status.kind), float(status.limit))
         yield limit
+        gauge = GaugeMetricFamily(EFFECTIVE_LIMIT, "The limit the executor grants against: for "
+                                  "a rate resource the manifest's, lowered by the provider's "
+                                  "refusals and probed back up (DESIGN 8); else the limit.",
+                                  labels=("resource", "environment"))
+        for status in snap.status:
+            effective = status.limit if status.effective_limit is None else status.effective_limit
+            gauge.add_metric((status.name, env), float(effective))
+        yield gauge
         expected: dict[tuple[str, str], float] = {}
         for (resource, label), (_, units) in snap.by_label.items():
             key = (resource, self.label(resource, label))
