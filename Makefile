@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench dashboard clean
+.PHONY: setup demo test test-pythons test-slow bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: setup
 test: setup
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+## The core suite on Python 3.11, 3.12 and 3.13 and the whole suite on 3.11 (noxfile.py), each in
+## a fresh virtualenv installed from pyproject.toml. Not part of `make test`: the installs take long.
+test-pythons: setup
+	$(VENV)/bin/nox
 
 ## Every benchmark against its baselines: bench/results.md and bench/*.png (under 10 minutes).
 bench: setup

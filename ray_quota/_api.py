@@ -24,7 +24,7 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
          environment: str = "local", *, apply: bool = False, policy: Policy | None = None,
          address: str | None = None, state_path: str | os.PathLike[str] | None = None,
          metrics_port: int | None = DEFAULT_METRICS_PORT,
-         brokers: bool | None = None) -> ExecutorInfo:
+         brokers: bool | None = None, ray_metrics: bool | None = None) -> ExecutorInfo:
     """Start the cluster's executor, or connect to the one already running.
 
     Starts a local Ray if none is running (or connects to ``address``). Calling it again with the
@@ -40,7 +40,10 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     it on any node, so give one on storage every node sees.
 
     The executor serves the cluster's Prometheus metrics on ``metrics_port`` (0: any free port,
-    None: no endpoint); :func:`metrics_address` says where. Both only apply when it starts.
+    None: no endpoint); :func:`metrics_address` says where. With ``ray_metrics`` it exports the
+    same series through Ray's own metrics pipeline too (``ray.util.metrics``), so a Prometheus
+    that scrapes the Ray cluster has them with no job of ours; None (the default) does so when
+    the executor's node runs Ray's metrics agent. All three only apply when it starts.
 
     With ``brokers``, each node runs a broker actor that takes leases from the executor and
     re-leases them to the node's processes, so the executor's load grows with nodes, not
@@ -52,11 +55,14 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
             running executor's and ``apply`` was not given.
         StateMissingError: the state file is unreadable, or Ray restarted the executor where
             its state is missing (README, "State and durability").
-        TypeError: ``brokers`` is not True, False or None.
+        TypeError: ``brokers`` or ``ray_metrics`` is not True, False or None.
     """
     if brokers is not None and not isinstance(brokers, bool):
         raise TypeError(f"brokers must be True, False or None (on with several nodes), "
                         f"not {brokers!r}")
+    if ray_metrics is not None and not isinstance(ray_metrics, bool):
+        raise TypeError(f"ray_metrics must be True, False or None (on where Ray's metrics "
+                        f"agent runs), not {ray_metrics!r}")
     plain = None
     if manifest is not None:
         loaded = load_manifest(manifest)
@@ -83,7 +89,8 @@ def init(manifest: str | os.PathLike[str] | Mapping[str, Any] | None = None,
             brokers = sum(1 for node in ray.nodes() if node["Alive"]) > 1
         handle = actor.remote(plain, environment, policy or Policy(), None,
                               os.fspath(state_path) if state_path is not None else None,
-                              metrics_port=metrics_port, brokers=brokers)
+                              metrics_port=metrics_port, brokers=brokers,
+                              ray_metrics=ray_metrics)
         _started(handle)
     if plain is not None:
         running, running_env = ray.get(handle.manifest.remote())

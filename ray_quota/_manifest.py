@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     StrictStr,
     ValidationError,
+    model_validator,
 )
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -35,6 +36,7 @@ from ._spec import (
     PERIOD_WORDS,
     Enforcement,
     Environment,
+    FeedbackSpec,
     Kind,
     ResourceSpec,
 )
@@ -129,12 +131,35 @@ class _Concurrency(_Model):
     value: _Count
 
 
+_DEFAULTS = FeedbackSpec()
+_Fraction = Annotated[float, Field(strict=False, gt=0, lt=1, allow_inf_nan=False)]
+_Share = Annotated[float, Field(strict=False, gt=0, le=1, allow_inf_nan=False)]
+
+
+class _Feedback(_Model):
+    """How the effective limit learns from the provider (see :class:`FeedbackSpec`)."""
+
+    decrease: _Fraction = _DEFAULTS.decrease
+    increase: _Share = _DEFAULTS.increase
+    interval: _Duration | None = None  # None: the rate's period
+    floor: _Share = _DEFAULTS.floor
+    margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = _DEFAULTS.margin
+
+
 class _Resource(_Model):
     limit: Annotated[_Rate | _Capacity | _Concurrency, Field(discriminator="type")]
     enforcement: Literal["reject", "throttle", "terminate"] = "throttle"
     unit: Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME)] = "unit"
     wait_limit: _WaitLimit = None
     max_overuse: _Count | None = None  # None: the burst for rate, the limit otherwise
+    feedback: _Feedback | None = None  # None: the defaults
+
+    @model_validator(mode="after")
+    def _feedback_on_rates(self) -> _Resource:
+        if self.feedback is not None and not isinstance(self.limit, _Rate):
+            raise ValueError("feedback applies to rate limits only (a provider's refusals "
+                             "lower a rate)")
+        return self
 
 
 class _Manifest(_Model):
@@ -200,6 +225,12 @@ def _spec_to_dict(spec: ResourceSpec) -> dict[str, Any]:
         out["wait_limit"] = spec.wait_limit_s
     if spec.max_overuse is not None:
         out["max_overuse"] = spec.max_overuse
+    if spec.feedback != FeedbackSpec():
+        fb = spec.feedback
+        out["feedback"] = {"decrease": fb.decrease, "increase": fb.increase, "floor": fb.floor,
+                           "margin": fb.margin}
+        if fb.interval_s is not None:
+            out["feedback"]["interval"] = fb.interval_s
     return out
 
 
@@ -207,6 +238,10 @@ def _to_spec(name: str, res: _Resource) -> ResourceSpec:
     limit = res.limit
     common: dict[str, Any] = {"enforcement": Enforcement(res.enforcement), "unit": res.unit,
                               "wait_limit_s": res.wait_limit, "max_overuse": res.max_overuse}
+    if res.feedback is not None:
+        fb = res.feedback
+        common["feedback"] = FeedbackSpec(fb.decrease, fb.increase, fb.interval, fb.floor,
+                                          fb.margin)
     if isinstance(limit, _Rate):
         burst = limit.value if limit.burst is None else limit.burst
         return ResourceSpec(name, Kind.RATE, limit.value, period_s=limit.period, burst=burst,

@@ -37,6 +37,28 @@ class Enforcement(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class FeedbackSpec:
+    """How a resource's effective limit learns from the provider's refusals (DESIGN 8); the
+    controller is :class:`ray_quota._core.feedback.Feedback`.
+
+    Attributes:
+        decrease: a refusal multiplies the effective limit by this (0 < decrease < 1).
+        increase: after each quiet interval the effective limit grows by this fraction of the
+            manifest's limit (0 < increase <= 1), never above the manifest's limit.
+        interval_s: the quiet interval in seconds; None: the rate's period (1 s for the others).
+        floor: the lowest effective limit, as a fraction of the manifest's (0 < floor <= 1).
+        margin: probing slows down this fraction below the limit where the last refusal came
+            (0 <= margin < 1): one increase per interval there, then at the full step.
+    """
+
+    decrease: float = 0.7
+    increase: float = 0.01
+    interval_s: float | None = None
+    floor: float = 0.05
+    margin: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
 class ResourceSpec:
     """One resource of one environment, already validated.
 
@@ -56,6 +78,7 @@ class ResourceSpec:
     wait_limit_s: float | None = None  # None: for ever (throttle), else only for recalled spare
     # Units one commit may exceed its reservation by; None: the ceiling (see overuse_cap).
     max_overuse: int | None = None
+    feedback: FeedbackSpec = FeedbackSpec()
 
     @property
     def refill_per_s(self) -> float:
@@ -157,6 +180,40 @@ def check_spec(value: object, what: str = "spec") -> ResourceSpec:
         check_seconds(f"{what}.wait_limit_s", value.wait_limit_s)
     if value.max_overuse is not None:
         check_units(f"{what}.max_overuse", value.max_overuse)
+    check_feedback(value.feedback, f"{what}.feedback")
+    return value
+
+
+# Each FeedbackSpec field: (lowest, highest, whether the lowest itself is allowed).
+_FEEDBACK_RANGES = {"decrease": (0.0, 1.0, False), "increase": (0.0, 1.0, False),
+                    "floor": (0.0, 1.0, False), "margin": (0.0, 1.0, True)}
+
+
+def check_feedback(value: object, what: str = "feedback") -> FeedbackSpec:
+    """A :class:`FeedbackSpec` whose fields are in range: ``decrease`` above 0 and below 1,
+    ``increase`` and ``floor`` above 0 up to 1, ``margin`` from 0 below 1, ``interval_s``
+    None or a finite number of seconds above 0.
+
+    Raises:
+        ProtocolError: not a FeedbackSpec. InvalidAmountError: a field out of range.
+    """
+    if not isinstance(value, FeedbackSpec):
+        raise ProtocolError(f"{what} must be a FeedbackSpec, not {type(value).__name__}")
+    for field, (low, high, low_ok) in _FEEDBACK_RANGES.items():
+        number = getattr(value, field)
+        top_ok = field in ("increase", "floor")
+        real = isinstance(number, numbers.Real) and not isinstance(number, bool)
+        x = float(number) if real else math.nan
+        ok = (math.isfinite(x) and (low <= x if low_ok else low < x)
+              and (x <= high if top_ok else x < high))
+        if not ok:
+            rule = (f"{'from' if low_ok else 'above'} {low:g} "
+                    f"{'up to' if top_ok else 'below'} {high:g}")
+            raise InvalidAmountError(f"{what}.{field} must be a number {rule}, "
+                                     f"not {_short(number)}")
+    if value.interval_s is not None and check_seconds(f"{what}.interval_s",
+                                                      value.interval_s) == 0:
+        raise InvalidAmountError(f"{what}.interval_s must be greater than zero")
     return value
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ray_quota._core.state import Changes, SavedLease, SavedResource, SavedToken
 from ray_quota._errors import StateMissingError, StateWriteError
-from ray_quota._spec import Enforcement, Kind, ResourceSpec
+from ray_quota._spec import Enforcement, FeedbackSpec, Kind, ResourceSpec
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -211,4 +211,6 @@ def _spec_from_json(text: str) -> ResourceSpec:
     fields = json.loads(text)
     fields["kind"] = Kind(fields["kind"])
     fields["enforcement"] = Enforcement(fields["enforcement"])
+    if "feedback" in fields:  # (rows written before it existed have the default)
+        fields["feedback"] = FeedbackSpec(**fields["feedback"])
     return ResourceSpec(**fields)

@@ -37,13 +37,16 @@ from ray_quota._core.protocol import (
     RENEW_INTERVAL_S,
     Adoption,
     Grant,
+    ProviderSignal,
     Renewed,
     Report,
     TokenInfo,
+    check_signal,
     check_timeout,
     prefetch_cap,
 )
 from ray_quota._spec import Kind, ResourceSpec, check_units
+from ray_quota._token_async import AsyncTokenOps
 
 
 class _State(enum.Enum):
@@ -52,7 +55,7 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class QuotaToken:
+class QuotaToken(AsyncTokenOps):
     """An unforgeable right to consume one resource, weighted by its expected use.
 
     Example:
@@ -66,6 +69,9 @@ class QuotaToken:
         resource: a resource of the executor's environment.
         expected_use: the units one reservation is expected to take; the token's weight.
         label: an optional tag (a team, a job) carried into metrics and inherited by splits.
+
+    Each operation has an asyncio twin (``await QuotaToken.open_async(...)``, ``split_async``,
+    ...) that never blocks the event loop; see :mod:`ray_quota._token_async`.
     """
 
     __slots__ = ("_id", "_spec", "_environment", "_cluster", "_generation", "_label",
@@ -73,12 +79,17 @@ class QuotaToken:
                  "_scope", "_claimant", "_proofs", "_received_at", "__weakref__")
 
     def __init__(self, resource: str, expected_use: int, *, label: str | None = None) -> None:
+        run(self._opening(resource, expected_use, label))
+
+    def _opening(self, resource: str, expected_use: int, label: str | None) -> Steps[None]:
         check_units("expected_use", expected_use)
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be a string, not {type(label).__name__}")
         claimant = identity.claimant()
-        opened: TokenInfo = rpc.call("open_token", resource, expected_use, claimant, label)
-        info = rpc.info()  # after the call, which refreshes a view of a replaced executor
+        opened: TokenInfo = yield from rpc.calling("open_token", resource, expected_use,
+                                                   claimant, label)
+        # After the call, which refreshes a view of a replaced executor.
+        info = yield from rpc.informing()
         self._setup(opened.id, opened.spec, info.environment, info.cluster_id, 0, label,
                     expected_use)
         self._claimant = claimant
@@ -122,10 +133,13 @@ class QuotaToken:
 
     def describe(self) -> tuple[int, float]:
         """Ask the executor for this token's expected use and credit (negative: debt)."""
+        return run(self._describing())
+
+    def _describing(self) -> Steps[tuple[int, float]]:
         self._usable()
-        self._verify()
-        expected_use, credit = rpc.call("describe", self._id, self._generation,
-                                            self._claimant)
+        yield from self._verifying()
+        expected_use, credit = yield from rpc.calling("describe", self._id, self._generation,
+                                                      self._claimant)
         self._expected_use = expected_use
         return expected_use, credit
 
@@ -170,6 +184,7 @@ class QuotaToken:
         which differ only in how they wait (see :mod:`ray_quota._runtime.steps`)."""
         delays = rpc.retry_delays()
         while True:
+            yield from self._verifying()
             lease, sent_at, args = self._acquire_args(amount, timeout)
             try:
                 grant = yield from routing.leasing("acquire", *args, resource=self.resource)
@@ -205,7 +220,6 @@ class QuotaToken:
         return Reservation(self, amount, lease)
 
     def _acquire_args(self, amount: int, timeout: float | None) -> tuple[LocalLease, float, tuple]:
-        self._verify()
         renewer.track(self)
         with self._lock:
             lease = self._leases.current
@@ -260,11 +274,14 @@ class QuotaToken:
             InvalidAmountError: more than this token's expected use (checked by the executor,
                 which knows what children gave back); nothing changes.
         """
+        return run(self._splitting(child_expected_use))
+
+    def _splitting(self, child_expected_use: int) -> Steps[QuotaToken]:
         self._usable()
         check_units("child_expected_use", child_expected_use)
-        self._verify()
-        opened, self._expected_use = rpc.call("split", self._id, self._generation,
-                                                  self._claimant, child_expected_use)
+        yield from self._verifying()
+        opened, self._expected_use = yield from rpc.calling(
+            "split", self._id, self._generation, self._claimant, child_expected_use)
         child = QuotaToken.__new__(QuotaToken)
         child._setup(opened.id, opened.spec, self._environment, self._cluster, 0, self._label,
                      child_expected_use)
@@ -279,6 +296,9 @@ class QuotaToken:
         Raises:
             IncompatibleTokensError: different resources or environments, or ``other is self``.
         """
+        run(self._merging(other))
+
+    def _merging(self, other: QuotaToken) -> Steps[None]:
         if not isinstance(other, QuotaToken):
             raise TypeError(f"can only merge a QuotaToken, not {type(other).__name__}")
         if other is self:
@@ -292,10 +312,10 @@ class QuotaToken:
                 f"{self._environment}/{self.resource}")
         if other._reserved():
             raise TokenStateError("cannot merge a token that has open reservations")
-        self._verify()
-        other._verify()
+        yield from self._verifying()
+        yield from other._verifying()
         # One claim for both: the other's proofs too, in case it was moved here and not yet used.
-        routing.lease_call("merge", self._id, self._generation,
+        yield from routing.leasing("merge", self._id, self._generation,
                            add_proofs(self._claimant, other._proofs), other._id,
                            other._generation, other._final_reports())
         other._state = _State.CLOSED
@@ -310,11 +330,15 @@ class QuotaToken:
         handle is closed at once, and the executor hears of it within moments, and before this
         process's next call to it (see :mod:`ray_quota._runtime.giveback`).
         """
+        run(self._closing())
+
+    def _closing(self) -> Steps[None]:
         if self._state is not _State.LIVE:
             return
         reports = self._final_reports()
         self._state = _State.CLOSED
         giveback.queue("close", self._id, self._generation, self._claimant, reports)
+        yield from ()  # (a generator for the sync and async drivers; nothing to wait for)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
@@ -322,15 +346,18 @@ class QuotaToken:
         If that token is gone, this one is simply released. Either way this handle is used up.
         Returns whether it merged.
         """
+        return run(self._returning())
+
+    def _returning(self) -> Steps[bool]:
         self._usable()
         if self._parent is None:
-            self.close()
+            yield from self._closing()
             return False
-        self._verify()
+        yield from self._verifying()
         reports = self._final_reports()
         self._state = _State.CLOSED
-        return bool(routing.lease_call("merge_back", self._id, self._generation, self._claimant,
-                                 self._parent, reports))
+        return bool((yield from routing.leasing("merge_back", self._id, self._generation,
+                                                self._claimant, self._parent, reports)))
 
     def _end_cleanly(self, *, wait: bool = True) -> bool:
         """Its holder ended and could still report (the task returned or raised, the actor or
@@ -384,13 +411,15 @@ class QuotaToken:
             self._scope = None
         self.close()
 
-    def __del__(self) -> None:
-        state = getattr(self, "_state", None)
-        if state is None or not ray.is_initialized():
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        # At interpreter exit Ray is already down (the executor takes the token back when its
+        # lease expires) and module globals may be None: do nothing, and never print.
+        if _finalizing():
             return
-        if state is _State.CLOSED:
-            return  # its close (merge, merge back) carried its final reports already
         try:
+            state = getattr(self, "_state", None)
+            if state is None or state is _State.CLOSED or not ray.is_initialized():
+                return  # closed: its close (merge, merge back) carried its final reports
             reports = self._final_reports()
             if state is _State.LIVE:
                 routing.send("close", self._id, self._generation, self._claimant, reports)
@@ -427,11 +456,14 @@ class QuotaToken:
             raise TokenClosedError("this token was closed or merged into another token")
 
     def _verify(self) -> None:
+        run(self._verifying())
+
+    def _verifying(self) -> Steps[None]:
         self._received_at = None  # a call follows, which takes a moved token up
         if not self._verified:
-            if self._cluster != rpc.info().cluster_id:
+            if self._cluster != (yield from rpc.informing()).cluster_id:
                 rpc.reset()  # our cached view may predate a new executor
-                if self._cluster != rpc.info().cluster_id:
+                if self._cluster != (yield from rpc.informing()).cluster_id:
                     raise ForgedTokenError("this token was issued by another cluster's executor")
             self._verified = True
 
@@ -581,6 +613,37 @@ class Reservation:
         if too_much is not None:
             raise too_much
 
+    def refused(self, retry_after_s: float | None = None, *, remaining: int | None = None,
+                reset_s: float | None = None) -> None:
+        """Tell the executor that the provider refused this reservation's request (an HTTP
+        429): the resource's effective limit is lowered for everyone and grants wait until
+        ``retry_after_s`` has passed (DESIGN 8). ``remaining`` and ``reset_s``: what the
+        provider says is left in its window, and when that resets, if it says so. Commit
+        as usual afterwards (``commit(0)`` if nothing was used). Does not wait for an answer.
+
+        Raises:
+            InvalidAmountError: a value is not seconds or units from 0 (nothing is sent).
+        """
+        self._tell(ProviderSignal(True, retry_after_s, remaining, reset_s))
+
+    def remaining(self, units: int, reset_s: float | None = None) -> None:
+        """Tell the executor what the provider says is left in its window after this
+        reservation's request (``x-ratelimit-remaining-*``): little left backs the effective
+        limit off before the provider refuses. Does not wait for an answer.
+
+        Raises:
+            InvalidAmountError: a value is not seconds or units from 0 (nothing is sent).
+        """
+        self._tell(ProviderSignal(False, None, units, reset_s))
+
+    def _tell(self, signal: ProviderSignal) -> None:
+        check_signal(signal)
+        token = self._token
+        token._usable()
+        # Straight to the executor, which keeps the limit; a broker would only pass it on.
+        rpc.send("feedback", token._id, token._generation, token._claimant, self._lease.key,
+                 signal, identity.SECRET)
+
     @property
     def committed(self) -> bool:
         return not self._open
@@ -598,12 +661,14 @@ class Reservation:
     async def __aexit__(self, *exc: object) -> None:
         self.__exit__(*exc)
 
-    def __del__(self) -> None:
-        if getattr(self, "_open", False) and self._token._state is not _State.CLOSED:
-            try:
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        if _finalizing():  # as QuotaToken.__del__: nothing to give back to at exit
+            return
+        try:
+            if getattr(self, "_open", False) and self._token._state is not _State.CLOSED:
                 self.commit(0)
-            except Exception:  # noqa: BLE001 - never raise from a finaliser
-                pass
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
 
     def __repr__(self) -> str:
         return f"Reservation(resource={self._token.resource!r}, amount={self.amount}, " \

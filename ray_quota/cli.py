@@ -46,6 +46,7 @@ from ray_quota import (
     ResourceStatus,
     UnknownResourceError,
 )
+from ray_quota._cli_dashboard import dashboard
 from ray_quota._spec import PERIOD_WORDS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -490,6 +491,8 @@ def prometheus_config(target: str | None, job_name: str, scrape_interval: str,
     click.echo(prometheus_scrape_config(target, job_name=job_name,
                                         scrape_interval=scrape_interval).rstrip("\n"))
 
+
+main.add_command(dashboard)
 
 if __name__ == "__main__":
     main()

@@ -239,7 +239,7 @@ def test_executor_metrics_read_gauges_from_the_scheduler(sched: Scheduler) -> No
     sched.acquire(token.id, 0, "me", "proc-1", 2)
     em = ExecutorMetrics(lambda: sched, ENV, CLUSTER)
     metrics = em.metrics
-    assert sample(metrics, _metrics.LIMIT, resource="conn") == 2
+    assert sample(metrics, _metrics.LIMIT, resource="conn", kind="concurrency") == 2
     assert sample(metrics, _metrics.IN_USE, resource="conn") == 2
     assert sample(metrics, _metrics.AVAILABLE, resource="conn") == 0
     assert sample(metrics, _metrics.LEASED_UNITS, resource="conn") == 2
@@ -280,7 +280,7 @@ def test_a_scrape_reads_the_scheduler_on_the_actor_loop(sched: Scheduler) -> Non
             return real()
 
         sched.status = status  # type: ignore[method-assign]
-        assert sample(em.metrics, _metrics.LIMIT, resource="tok") == 100
+        assert sample(em.metrics, _metrics.LIMIT, resource="tok", kind="rate") == 100
         assert seen == [thread]
     finally:
         loop.call_soon_threadsafe(loop.stop)

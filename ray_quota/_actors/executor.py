@@ -34,6 +34,7 @@ from ray_quota._core.protocol import (
     Adoption,
     ExecutorInfo,
     Grant,
+    ProviderSignal,
     Renewed,
     Report,
     TokenInfo,
@@ -63,7 +64,8 @@ class ExecutorActor:
 
     def __init__(self, manifest: dict[str, Any], environment: str, policy: Policy = Policy(),
                  cluster_id: str | None = None, state_path: str | None = None,
-                 metrics_port: int | None = None, brokers: bool = False) -> None:
+                 metrics_port: int | None = None, brokers: bool = False,
+                 ray_metrics: bool | None = None) -> None:
         self._brokers = brokers
         self._manifest = load_manifest(manifest)
         self._environment = environment
@@ -100,6 +102,10 @@ class ExecutorActor:
         self._metrics = ExecutorMetrics(lambda: self._service.scheduler, environment,
                                         self._cluster_id, metrics_port,
                                         calls=lambda: self._service.counts)
+        if ray_metrics is not False:
+            from ray_quota._observability.ray_export import RayExport
+
+            RayExport(self._metrics.metrics.registry, only_if_agent=ray_metrics is None).start()
 
     @property
     def calls(self) -> int:
@@ -223,6 +229,12 @@ class ExecutorActor:
             answers.append(answer)
         failed = self._deliver()
         return answers if failed is None else [failed] * len(calls)
+
+    async def feedback(self, token_id: str, generation: int, claimant: str, key: str,
+                       signal: ProviderSignal, secret: str | None = None) -> None | QuotaError:
+        """What the provider said of a request reserved under ``key`` (DESIGN 8)."""
+        return self._answer(self._service.feedback(token_id, generation, claimant, key, signal,
+                                                   secret))
 
     async def settle(self, reports: list[Report],
                      secret: str | None = None) -> None | QuotaError:

@@ -65,21 +65,46 @@ class Pool:
 
 
 class RatePool(Pool):
-    """A token bucket that refills continuously: ``value`` units per period, at most ``burst``."""
+    """A token bucket that refills continuously: ``value`` units per period, at most ``burst``.
 
-    __slots__ = ("_level", "_stamp", "_rate", "_granted")
+    An effective limit below the manifest's (:meth:`throttle`, DESIGN 8) scales both the refill
+    and the burst; a hold (:meth:`hold`) empties the bucket and starts its refill later.
+    """
+
+    __slots__ = ("_level", "_stamp", "_rate", "_granted", "_scale")
 
     def __init__(self, spec: ResourceSpec, now: float) -> None:
         super().__init__(spec)
         self._level = float(spec.burst)
-        self._stamp = now
+        self._stamp = now  # refilled up to here; in the future while grants are held
         self._rate = spec.refill_per_s
         self._granted = 0  # net units out of the bucket; only for status
+        self._scale = 1.0  # the effective limit over the manifest's
+
+    @property
+    def _cap(self) -> float:
+        return max(1.0, self.spec.burst * self._scale)
 
     def _refill(self, now: float) -> None:
         if now > self._stamp:
-            self._level = min(float(self.spec.burst), self._level + (now - self._stamp) * self._rate)
+            self._level = min(self._cap, self._level + (now - self._stamp) * self._rate * self._scale)
             self._stamp = now
+
+    def throttle(self, scale: float, now: float) -> None:
+        """Grant at ``scale`` (0 < scale <= 1) of the limit: refill that much slower and hold
+        that much less (the effective limit, see :mod:`ray_quota._core.feedback`)."""
+        self._refill(now)
+        self._scale = scale
+        self._level = min(self._level, self._cap)
+
+    def hold(self, until: float, cap: float, now: float) -> None:
+        """Hold at most ``cap`` units from ``now``, and grant nothing before ``until``: the
+        bucket is empty then and refills from there."""
+        self._refill(now)
+        self._level = min(self._level, cap)
+        if until > now:
+            self._level = min(self._level, 0.0)
+            self._stamp = max(self._stamp, until)
 
     def level(self, now: float) -> float:
         """Units in the bucket; negative while debt is being paid off."""
@@ -87,6 +112,8 @@ class RatePool(Pool):
         return self._level
 
     def available(self, now: float) -> int:
+        if now < self._stamp:
+            return 0  # held: units given back meanwhile wait for the hold's end too
         # A tiny epsilon keeps float refill from leaving a unit a hair short for ever.
         return max(0, math.floor(self.level(now) + 1e-9))
 
@@ -98,7 +125,7 @@ class RatePool(Pool):
     def give_back(self, units: int, now: float) -> None:
         # Returned units past the burst are dropped: the bucket never holds more than burst.
         self._refill(now)
-        self._level = min(float(self.spec.burst), self._level + units)
+        self._level = min(self._cap, self._level + units)
         self._granted -= units
 
     def charge_debt(self, units: int, now: float) -> None:
@@ -106,8 +133,9 @@ class RatePool(Pool):
         self._level -= units
 
     def time_until(self, units: int, now: float) -> float | None:
+        held = max(0.0, self._stamp - now)
         missing = units - self.level(now)
-        return 0.0 if missing <= 1e-9 else missing / self._rate
+        return held if missing <= 1e-9 else held + missing / (self._rate * self._scale)
 
     def in_use(self, now: float) -> int:
         return max(0, self.spec.burst - self.available(now))
@@ -116,7 +144,7 @@ class RatePool(Pool):
         self._refill(now)
         super().resize(spec, now)
         self._rate = spec.refill_per_s
-        self._level = min(self._level, float(spec.burst))
+        self._level = min(self._level, self._cap)
 
     def save(self, now: float) -> float:
         return self.level(now)

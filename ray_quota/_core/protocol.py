@@ -113,6 +113,42 @@ class Grant:
     resource: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderSignal:
+    """What the provider behind a resource said about one reservation's request (DESIGN 8).
+
+    ``refused``: it refused (HTTP 429), and may say when to try again (``retry_after_s``).
+    ``remaining``: the units it says are left in its window, which resets in ``reset_s``.
+    """
+
+    refused: bool = False
+    retry_after_s: float | None = None
+    remaining: int | None = None
+    reset_s: float | None = None
+
+
+def check_signal(value: object) -> ProviderSignal:
+    """A :class:`ProviderSignal` whose fields are what it says: a bool, seconds from 0 (or
+    None), whole units from 0 (or None); and it says something (a refusal or what remains).
+
+    Raises:
+        ProtocolError: not a ProviderSignal, or ``refused`` not a bool.
+        InvalidAmountError: a value out of range, or nothing said.
+    """
+    if type(value) is not ProviderSignal:
+        raise ProtocolError(f"signal must be a ProviderSignal, not {type(value).__name__}")
+    if not isinstance(value.refused, bool):
+        raise ProtocolError(f"signal.refused must be a bool, not {type(value.refused).__name__}")
+    for what in ("retry_after_s", "reset_s"):
+        if getattr(value, what) is not None:
+            check_seconds(what, getattr(value, what))
+    if value.remaining is not None:
+        check_units("remaining", value.remaining, allow_zero=True)
+    elif not value.refused:
+        raise InvalidAmountError("a provider signal says it refused, or what remains, or both")
+    return value
+
+
 class Report(NamedTuple):
     """A lease's running totals, as its holder reports them.
 

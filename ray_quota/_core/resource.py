@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass
 
 from ray_quota._core.fair_queue import FairQueue, Flow, Ticket, Waiter
+from ray_quota._core.feedback import Feedback, controller_for
 from ray_quota._core.forecast import Estimate, forecast, next_fit, serve
 from ray_quota._core.ledger import Lease, LeaseLedger
 from ray_quota._core.pools import Pool, RatePool, make_pool
-from ray_quota._core.protocol import PREFETCH_FRACTION, RECALL_GRACE_S, Grant
+from ray_quota._core.protocol import PREFETCH_FRACTION, RECALL_GRACE_S, Grant, ProviderSignal
 from ray_quota._core.state import ChangeLog, SavedResource
 from ray_quota._errors import (
     FailedReservation,
@@ -70,6 +71,7 @@ class ResourceStatus:
     tokens: int
     leases: int
     leased_units: int
+    effective_limit: float | None = None  # rate: what refusals left of the limit (DESIGN 8)
 
 
 class Resource:
@@ -86,6 +88,7 @@ class Resource:
         "_leases",
         "_policy",
         "_resolved",
+        "feedback",
         "leased",
         "pool",
         "queue",
@@ -97,6 +100,7 @@ class Resource:
                  changes: ChangeLog, resolved: list[Ticket]) -> None:
         self.spec = spec
         self.pool: Pool = make_pool(spec, now)
+        self.feedback: Feedback | None = controller_for(spec, now)
         self.queue = FairQueue(policy.bypass_factor, policy.credit_factor)
         self.tokens = 0  # live tokens of this resource
         self.leased = 0  # units in leases
@@ -319,6 +323,7 @@ class Resource:
         """Grant waiters in stride order while they fit, letting smaller ones past a blocked
         head within its bypass budget."""
         pool = self.pool
+        self._learn(now)
         serve(self.queue, lambda: pool.available(now),
               lambda waiter, free: self._grant(waiter, free, now))
 
@@ -402,7 +407,42 @@ class Resource:
         past it) next fits; or None."""
         deadline = self.next_deadline()
         fit = next_fit(self.queue, self.pool, now) if isinstance(self.pool, RatePool) else None
-        return min((t for t in (deadline, fit) if t is not None), default=None)
+        grow = (self.feedback.next_tick(now) if self.feedback is not None and self.queue.waiting
+                else None)  # a waiter may fit once the effective limit grows
+        return min((t for t in (deadline, fit, grow) if t is not None), default=None)
+
+    # -------------------------------------------------------------------- provider feedback
+
+    def heed(self, signal: ProviderSignal, now: float) -> None:
+        """Take what the provider said (DESIGN 8): a refusal lowers the effective limit,
+        empties the bucket and holds grants until its retry-after, and asks holders for their
+        spare back; what it says remains caps the bucket.
+
+        Raises:
+            InvalidAmountError: the resource is not a rate (nothing changes).
+        """
+        feedback, pool = self.feedback, self.pool
+        if feedback is None or not isinstance(pool, RatePool):
+            raise InvalidAmountError(f"{self.name!r}: provider feedback applies to rate "
+                                     f"resources only, not {self.spec.kind.value}")
+        cap = math.inf
+        if signal.refused:
+            feedback.refused(now, signal.retry_after_s)
+            cap = 0.0  # the provider's window is full: so is ours
+            self._leases.recall(self.name)  # spare in holders' leases would be refused too
+        if signal.remaining is not None:
+            cap = min(cap, feedback.remaining(now, signal.remaining, signal.reset_s))
+        pool.throttle(feedback.scale, now)
+        pool.hold(feedback.hold_until, cap, now)
+        self._changes.resources.add(self.name)
+        self.dispatch(now)
+
+    def _learn(self, now: float) -> None:
+        """Probe the effective limit back up if a quiet interval has passed."""
+        if self.feedback is not None and self.feedback.tick(now):
+            assert isinstance(self.pool, RatePool)
+            self.pool.throttle(self.feedback.scale, now)
+            self._changes.resources.add(self.name)
 
     # ---------------------------------------------------------------------------------- limits
 
@@ -414,6 +454,9 @@ class Resource:
                 f"{spec.kind.value}")
         self.pool.resize(spec, now)
         self.spec = spec
+        self.feedback = controller_for(spec, now)  # a new limit is learned afresh
+        if isinstance(self.pool, RatePool):
+            self.pool.throttle(1.0, now)
         for waiter in self.queue.waiters():
             if waiter.ticket.amount > spec.ceiling:
                 self.queue.leave(waiter)
@@ -423,9 +466,10 @@ class Resource:
         self.dispatch(now)
 
     def status(self, now: float, leases: int) -> ResourceStatus:
+        effective = None if self.feedback is None else self.feedback.limit
         return ResourceStatus(self.name, self.spec.kind.value, self.spec.value,
                               self.pool.available(now), self.pool.in_use(now),
-                              self.queue.waiting, self.tokens, leases, self.leased)
+                              self.queue.waiting, self.tokens, leases, self.leased, effective)
 
     def saved(self, now: float) -> SavedResource:
         return SavedResource(self.spec, self.pool.save(now), self.vtime)
@@ -434,5 +478,6 @@ class Resource:
         """Take up a saved definition, pool level and virtual time, ``elapsed_s`` seconds old."""
         self.spec = saved.spec
         self.pool = make_pool(saved.spec, now)
+        self.feedback = controller_for(saved.spec, now)  # not saved: learned afresh
         self.pool.load(saved.pool, elapsed_s, now)
         self.queue.virtual.now = saved.vtime

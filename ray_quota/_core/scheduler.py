@@ -36,7 +36,7 @@ from ray_quota._core.credentials import claims
 from ray_quota._core.fair_queue import Ticket, Waiter
 from ray_quota._core.ledger import Lease, LeaseLedger, fresh_debt
 from ray_quota._core.pools import Pool
-from ray_quota._core.protocol import RECALL_GRACE_S, TokenInfo
+from ray_quota._core.protocol import RECALL_GRACE_S, ProviderSignal, TokenInfo
 from ray_quota._core.resource import Policy, Resource, ResourceStatus
 from ray_quota._core.state import (
     ChangeLog,
@@ -91,7 +91,8 @@ class Scheduler:
         self._changes = ChangeLog(resources)
         self._leases = LeaseLedger(self._changes)
         self._leases.tick(now)
-        self._tokens = TokenRegistry(new_id, self._changes, grace_s=policy.orphan_grace_s)
+        self._tokens = TokenRegistry(new_id, self._changes, grace_s=policy.orphan_grace_s,
+                                     on_revive=self._revived)
         self._resolved: list[Ticket] = []  # since the last poll, appended to by the resources
         self._resources = {name: Resource(spec, now, policy, self._leases, self._changes,
                                           self._resolved)
@@ -225,7 +226,17 @@ class Scheduler:
         are settled once the caller may use the token (see :meth:`merge`)."""
         token = self._tokens.live(token_id, generation, claimant)
         self._settle_all(finals)
-        self._forget(token)
+        # Revivable by a retry (see :mod:`.tokens`) unless another process still holds units of
+        # it: debt that one reports meanwhile is charged to the pool alone, the token being gone.
+        self._forget(token, revivable=not self._leases.has_leases(token.id))
+
+    def _revived(self, token: Token) -> None:
+        """A retry took a closed token up again (see :mod:`.tokens`): it counts again, behind
+        the tokens waiting now and with any debt it had, and is released if nobody uses it."""
+        res = self._resources[token.resource]
+        token.pass_ = max(res.start_pass(), token.pass_)
+        res.tokens += 1
+        self._tokens.orphaned(token.id, self._clock())
 
     def credit(self, token_id: str) -> float:
         """The token's credit in units; negative while it carries debt."""
@@ -275,6 +286,13 @@ class Scheduler:
         res.admit(Waiter(ticket, token, max(0, int(prefetch)), now + wait_s, self._seq), now,
                   recall_only=recall_only)
         return ticket
+
+    def feedback(self, token_id: str, generation: int, claimant: str | None,
+                 signal: ProviderSignal) -> None:
+        """What the provider said of a request the token reserved for (DESIGN 8): see
+        :meth:`Resource.heed`. Only the token's holder may say it."""
+        token = self._tokens.check(token_id, generation, claimant)
+        self._resources[token.resource].heed(signal, self._clock())
 
     def cancel(self, ticket: Ticket) -> None:
         """Withdraw a waiting ticket (its caller gave up); no effect once resolved."""
@@ -569,12 +587,14 @@ class Scheduler:
             known = ", ".join(sorted(self._resources)) or "none"
             raise UnknownResourceError(f"no resource {name!r} (known: {known})") from None
 
-    def _forget(self, token: Token) -> None:
+    def _forget(self, token: Token, *, revivable: bool = False) -> None:
         """Close the token: its waiters fail, and the queue moves on without it."""
         res = self._resources[token.resource]
         self._fail_waiters(token)
-        self._tokens.close(token)
-        self._leases.token_closed(token.id)
+        if not self._tokens.close(token, revivable=revivable):
+            # Its ended keys' marks and late-debt counts go with it; a token a retry may
+            # revive keeps them (they go once idle), or each revival would reset the counts.
+            self._leases.token_closed(token.id)
         res.close(token)
         res.dispatch(self._clock())
 

@@ -41,6 +41,7 @@ from ray_quota._core.protocol import (
     NAMED,
     Grant,
     LeaseAnswer,
+    ProviderSignal,
     Renewed,
     Report,
     TokenInfo,
@@ -50,6 +51,7 @@ from ray_quota._core.protocol import (
     check_id,
     check_label,
     check_reports,
+    check_signal,
     check_timeout,
     check_token_call,
     holder_of,
@@ -263,6 +265,20 @@ class ExecutorService:
             self._waiting[ticket.id] = (ticket, arrived)
         self._pump()
         return ticket
+
+    def feedback(self, token_id: str, generation: int, claimant: str, key: str,
+                 signal: ProviderSignal, secret: object = None) -> None | QuotaError:
+        """What the provider said of a request reserved under the lease ``key`` (DESIGN 8):
+        only the token's holder (its claim, and the key's secret) may lower a limit."""
+        self.counts["feedback"] += 1
+        try:
+            check_token_call(token_id, generation, claimant)
+            check_id("key", key)
+            checked = check_signal(signal)
+            check_keys([key], secret)
+        except QuotaError as exc:
+            return exc
+        return self._guard(self._sched.feedback, token_id, generation, claimant, checked)
 
     def cancel(self, ticket_id: int) -> None:
         """The caller of a waiting acquire gave up: withdraw it (no effect once resolved)."""

@@ -11,13 +11,18 @@ expired, or it never asked for units). The registry keeps such *orphans* while r
 (see :func:`~ray_quota._core.protocol.name_key`): a live process names every token it holds idle
 and every token it sent that was not taken up yet. One that nothing named (no call, report or
 name) for a whole grace is released, a split child's share going back to its parent.
+
+A token closed by the process that took it up after a move (the task it was passed to dropped
+or closed it) may be *revived* by a Ray retry of that task: the retry brings the same bytes, so
+the same proof, at the same generation. Its expected use was not given to anyone when it closed
+(a close only takes weight out), so taking it back in creates nothing; debt it carried stays.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ray_quota._core.credentials import Claim
 from ray_quota._core.fair_queue import Flow
@@ -30,6 +35,10 @@ from ray_quota._errors import (
     TokenClosedError,
     TokenMovedError,
 )
+
+
+# The waiters of every closed token kept for a revival (never added to: it is in no queue).
+_NO_WAITERS: deque = deque(maxlen=0)
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
@@ -81,13 +90,14 @@ class TokenRegistry(Mapping[str, Token]):
         False
     """
 
-    __slots__ = ("_changes", "_children", "_closed", "_grace_s", "_new_id", "_orphans", "_seen",
-                 "_tokens")
+    __slots__ = ("_changes", "_children", "_closed", "_grace_s", "_new_id", "_on_revive",
+                 "_orphans", "_seen", "_tokens")
 
     def __init__(self, new_id: Callable[[], str], changes: ChangeLog | None = None, *,
-                 grace_s: float) -> None:
+                 grace_s: float, on_revive: Callable[[Token], None] = lambda _: None) -> None:
         self._tokens: dict[str, Token] = {}
-        self._closed: OrderedDict[str, None] = OrderedDict()
+        # Closed ids; for a token a retry may revive, what it was when it closed.
+        self._closed: OrderedDict[str, Token | None] = OrderedDict()
         # Orphan id -> when to release it, in about that order (the grace is the same for all;
         # one named since it became an orphan is queued again at its last name's grace, a little
         # late if that was before orphans queued after it); and when each orphan was last named.
@@ -97,6 +107,7 @@ class TokenRegistry(Mapping[str, Token]):
         self._grace_s = grace_s
         self._new_id = new_id
         self._changes = changes if changes is not None else ChangeLog()
+        self._on_revive = on_revive
 
     def __getitem__(self, token_id: str) -> Token:
         return self._tokens[token_id]
@@ -145,6 +156,8 @@ class TokenRegistry(Mapping[str, Token]):
             AccessDeniedError: a higher generation without the proof that takes it up.
         """
         token, taken = self._checked(token_id, generation, claimant)
+        if token.id not in self._tokens:
+            token = self._revive(token)
         if taken is not None:
             token.generation, token.claimant, token.taken_with = taken
             self._changes.tokens.add(token.id)
@@ -166,9 +179,15 @@ class TokenRegistry(Mapping[str, Token]):
         digest), or None when the claim uses it as it is."""
         token = self._tokens.get(token_id)
         if token is None:
-            if token_id in self._closed:
+            if token_id not in self._closed:
+                raise ForgedTokenError("this executor never issued that token")
+            closed = self._closed[token_id]
+            if closed is None or generation != closed.generation or not self._took_up(
+                    closed, Claim(claimant or "")):
                 raise TokenClosedError("the token was closed or merged into another")
-            raise ForgedTokenError("this executor never issued that token")
+            # A Ray retry of the task that took it up and closed it, with the same bytes.
+            return closed, (generation, Claim(claimant or "").value(token_id, generation),
+                            closed.taken_with)
         if generation < token.generation:
             raise TokenMovedError("the token was passed to another process, which owns it now")
         if token.claimant is None:  # opened for anyone: a move only raises the generation
@@ -180,8 +199,7 @@ class TokenRegistry(Mapping[str, Token]):
             if claim.value(token_id, generation) == token.claimant:
                 return token, None
             # A Ray retry of the task that took the token up, with the same bytes: again.
-            if token.taken_with is None or not any(
-                    claim.took_up(proof) == token.taken_with for proof in claim.proofs):
+            if not self._took_up(token, claim):
                 raise TokenMovedError("the token was already taken up by another process")
         else:
             # First use after a move: whoever has the pickled bytes has the proof.
@@ -192,8 +210,16 @@ class TokenRegistry(Mapping[str, Token]):
             taken_with = claim.took_up(proof)
         return token, (generation, claim.value(token_id, generation), taken_with)
 
-    def close(self, token: Token) -> None:
-        """Remove the token and remember its id as closed."""
+    @staticmethod
+    def _took_up(token: Token, claim: Claim) -> bool:
+        """Whether ``claim`` carries the proof that last took ``token`` up (a retry's bytes)."""
+        return token.taken_with is not None and any(
+            claim.took_up(proof) == token.taken_with for proof in claim.proofs)
+
+    def close(self, token: Token, *, revivable: bool = False) -> bool:
+        """Remove the token and remember its id as closed; ``revivable``: a retry of the task
+        that took it up may take it up again (see the module's docstring), if it was taken up
+        after a move. Returns whether it may."""
         del self._tokens[token.id]
         if token.parent is not None and (siblings := self._children.get(token.parent)):
             siblings.discard(token.id)
@@ -202,9 +228,23 @@ class TokenRegistry(Mapping[str, Token]):
         self._orphans.pop(token.id, None)
         self._seen.pop(token.id, None)
         self._changes.tokens.add(token.id)
-        self._closed[token.id] = None
+        revivable = revivable and token.claimant is not None and token.taken_with is not None
+        self._closed[token.id] = replace(token, waiters=_NO_WAITERS, stamp=0) if revivable \
+            else None
         if len(self._closed) > TOMBSTONES:
             self._closed.popitem(last=False)
+        return revivable
+
+    def _revive(self, closed: Token) -> Token:
+        """Take a closed token back in, as it was (a retry proved it may; see :meth:`_checked`)."""
+        del self._closed[closed.id]
+        token = closed  # the object :meth:`check` handed out: the caller may go on with it
+        token.waiters = deque()
+        if token.parent not in self._tokens:
+            token.parent = None
+        self.add(token)
+        self._on_revive(token)
+        return token
 
     def orphaned(self, token_id: str, now: float) -> None:
         """The token holds nothing now (no lease, no waiter): release it after a grace unless

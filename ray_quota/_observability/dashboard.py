@@ -1,8 +1,9 @@
-"""The Grafana dashboard, as data: rows of panels whose queries name metrics from ``_metrics``.
+"""The Grafana dashboard: rows of panels whose queries name metrics from ``_metrics``, built with
+grafana-foundation-sdk's typed builders so the JSON is a Grafana dashboard by construction.
 
 ``python -m ray_quota._observability.dashboard [path]`` writes ``dashboards/ray_quota.json``; a
 test fails when the committed file is stale, and another runs every query against a real
-Prometheus.
+Prometheus. ``ray-quota dashboard export|install`` write :func:`render`'s text.
 
 Example:
     >>> [row.title for row in ROWS][:2]
@@ -19,8 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grafana_foundation_sdk.builders import common, prometheus, timeseries
+from grafana_foundation_sdk.builders import dashboard as grafana
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_model
+from grafana_foundation_sdk.models import dashboard as model
+
 from ray_quota._observability.metrics import (
     AVAILABLE,
+    EFFECTIVE_LIMIT,
     EXECUTOR_CALLS,
     EXPECTED_USE,
     IN_USE,
@@ -42,8 +50,9 @@ from ray_quota._observability.metrics import (
 
 PATH = Path(__file__).resolve().parents[2] / "dashboards" / "ray_quota.json"
 UID = "ray-quota"
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE_WINDOW = "$__rate_interval"
+PANEL_HEIGHT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,8 @@ class Query:
 
 @dataclass(frozen=True, slots=True)
 class Panel:
+    """One time-series panel: its queries share a unit; ``width`` is in grid columns (of 24)."""
+
     title: str
     description: str
     queries: tuple[Query, ...]
@@ -65,6 +76,8 @@ class Panel:
 
 @dataclass(frozen=True, slots=True)
 class Row:
+    """A titled row of panels, laid out left to right, wrapping at the grid's width."""
+
     title: str
     panels: tuple[Panel, ...]
 
@@ -114,7 +127,11 @@ ROWS: tuple[Row, ...] = (
                   _rate_by_resource(UNITS_RESERVED, "{{resource}} reserved"),
                   _rate_by_resource(UNITS_COMMITTED, "{{resource}} committed"),
                   _rate_by_resource(UNITS_REFUNDED, "{{resource}} refunded"),
-                  _rate_by_resource(UNITS_OVERUSED, "{{resource}} overused")), width=24),
+                  _rate_by_resource(UNITS_OVERUSED, "{{resource}} overused")), width=16),
+        Panel("Effective limit", "The limit the executor enforces now, lowered from the "
+              "configured one by the provider's feedback.", (
+                  _by_resource(LIMIT, "{{resource}} configured"),
+                  _by_resource(EFFECTIVE_LIMIT, "{{resource}} effective"))),
     )),
     Row("Latency", (
         Panel("Reserve latency, local lease", "Granted reservations served from the "
@@ -167,66 +184,61 @@ def queries() -> list[str]:
     return [q.expr for row in ROWS for panel in row.panels for q in panel.queries]
 
 
-def _variable(name: str, label: str, query: str) -> dict[str, Any]:
-    return {
-        "name": name, "label": label, "type": "query", "datasource": DATASOURCE,
-        "definition": query, "query": {"query": query, "refId": f"{name}-variable"},
-        "refresh": 2, "multi": True, "includeAll": True, "sort": 1, "current": {},
-        "options": [], "regex": "", "hide": 0,
-    }
+def _variable(name: str, label: str, query: str) -> grafana.QueryVariable:
+    return (grafana.QueryVariable(name).label(label).datasource(DATASOURCE)
+            .query({"query": query, "refId": f"{name}-variable"})
+            .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True)
+            .sort(model.VariableSort.ALPHABETICAL_ASC))
 
 
-def _panel(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
-    return {
-        "id": panel_id, "type": "timeseries", "title": panel.title,
-        "description": panel.description, "datasource": DATASOURCE,
-        "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": panel.unit, "min": 0}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                    "tooltip": {"mode": "multi", "sort": "desc"}},
-        "targets": [{"datasource": DATASOURCE, "expr": q.expr, "legendFormat": q.legend,
-                     "range": True, "refId": chr(ord("A") + i)}
-                    for i, q in enumerate(panel.queries)],
-    }
+def _panel(panel: Panel, panel_id: int) -> timeseries.Panel:
+    built = (timeseries.Panel().id(panel_id).title(panel.title).description(panel.description)
+             .datasource(DATASOURCE).height(PANEL_HEIGHT).span(panel.width).unit(panel.unit)
+             .min(0)
+             .legend(common.VizLegendOptions().display_mode(common_model.LegendDisplayMode.LIST)
+                     .placement(common_model.LegendPlacement.BOTTOM).show_legend(True))
+             .tooltip(common.VizTooltipOptions().mode(common_model.TooltipDisplayMode.MULTI)
+                      .sort(common_model.SortOrder.DESCENDING)))
+    for i, query in enumerate(panel.queries):
+        built.with_target(prometheus.Dataquery().expr(query.expr).legend_format(query.legend)
+                          .range().ref_id(chr(ord("A") + i)).datasource(DATASOURCE))
+    return built
+
+
+def build() -> grafana.Dashboard:
+    """The dashboard, built with grafana-foundation-sdk's typed builders: every field is one
+    Grafana's schema has, and the builder lays the panels out on the grid, row by row."""
+    board = (grafana.Dashboard("ray_quota").uid(UID).description(
+        "Fair quota tokens for Ray: use, latency, enforcement, fairness and leases, from the "
+        "executor's metrics.").tags(["ray", "ray_quota"]).editable()
+        .tooltip(model.DashboardCursorSync.CROSSHAIR).refresh("10s").time("now-30m", "now")
+        .timezone("").version(1)
+        .with_variable(grafana.DatasourceVariable("datasource").label("Data source")
+                       .type("prometheus"))
+        .with_variable(_variable("environment", "Environment",
+                                 f"label_values({LIMIT}, environment)"))
+        .with_variable(_variable("resource", "Resource",
+                                 f'label_values({LIMIT}{{environment=~"$environment"}}, '
+                                 'resource)')))
+    panel_id = 0
+    for row in ROWS:
+        panel_id += 1
+        board.with_row(grafana.Row(row.title).id(panel_id))
+        for panel in row.panels:
+            panel_id += 1
+            board.with_panel(_panel(panel, panel_id))
+    return board
 
 
 def dashboard() -> dict[str, Any]:
     """The dashboard as Grafana's JSON model."""
-    panels: list[dict[str, Any]] = []
-    y = 0
-    for row in ROWS:
-        panels.append({"id": len(panels) + 1, "type": "row", "title": row.title,
-                       "collapsed": False, "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                       "panels": []})
-        y += 1
-        x = 0
-        for panel in row.panels:
-            if x + panel.width > 24:
-                x, y = 0, y + 8
-            panels.append(_panel(panel, len(panels) + 1, x, y))
-            x += panel.width
-        y += 8
-    return {
-        "title": "ray_quota", "uid": UID, "description": "Fair quota tokens for Ray: use, "
-        "latency, enforcement, fairness and leases, from the executor's metrics endpoint.",
-        "tags": ["ray", "ray_quota"], "editable": True, "graphTooltip": 1,
-        "schemaVersion": 39, "version": 1, "refresh": "10s", "timezone": "",
-        "time": {"from": "now-30m", "to": "now"}, "annotations": {"list": []}, "links": [],
-        "templating": {"list": [
-            {"name": "datasource", "label": "Data source", "type": "datasource",
-             "query": "prometheus", "current": {}, "options": [], "refresh": 1, "regex": "",
-             "hide": 0},
-            _variable("environment", "Environment", f"label_values({LIMIT}, environment)"),
-            _variable("resource", "Resource",
-                      f'label_values({LIMIT}{{environment=~"$environment"}}, resource)'),
-        ]},
-        "panels": panels,
-    }
+    model_json: dict[str, Any] = json.loads(render())
+    return model_json
 
 
 def render() -> str:
     """The dashboard file's text."""
-    return json.dumps(dashboard(), indent=2) + "\n"
+    return json.dumps(build().build(), cls=JSONEncoder, indent=2) + "\n"
 
 
 def main(argv: list[str]) -> None:

@@ -64,6 +64,7 @@ THROTTLED_SECONDS = "ray_quota_throttled_seconds_total"
 WAITERS = "ray_quota_waiters"
 AVAILABLE = "ray_quota_available"
 LIMIT = "ray_quota_limit"
+EFFECTIVE_LIMIT = "ray_quota_effective_limit"  # gauge: the limit after provider feedback
 IN_USE = "ray_quota_in_use"
 LEASED_UNITS = "ray_quota_leased_units"
 LEASES = "ray_quota_leases"
@@ -77,8 +78,8 @@ EXECUTOR_CALLS = "ray_quota_executor_calls_total"
 SERIES = frozenset({
     f"{RESERVE_LATENCY}_bucket", f"{RESERVE_LATENCY}_sum", f"{RESERVE_LATENCY}_count",
     UNITS_RESERVED, UNITS_COMMITTED, UNITS_REFUNDED, UNITS_OVERUSED, REJECTIONS, TERMINATIONS,
-    THROTTLED_SECONDS, WAITERS, AVAILABLE, LIMIT, IN_USE, LEASED_UNITS, LEASES, LIVE_TOKENS,
-    EXPECTED_USE, LEASE_EXPIRIES, OBSERVATIONS_DROPPED, EXECUTOR_CALLS,
+    THROTTLED_SECONDS, WAITERS, AVAILABLE, LIMIT, EFFECTIVE_LIMIT, IN_USE, LEASED_UNITS, LEASES,
+    LIVE_TOKENS, EXPECTED_USE, LEASE_EXPIRIES, OBSERVATIONS_DROPPED, EXECUTOR_CALLS,
 })
 
 MAX_LABELS = 50  # distinct token labels per resource; more are counted as OTHER
@@ -226,7 +227,6 @@ class Metrics:
         per_resource = (
             (WAITERS, "Reservations waiting in the executor's queue.", "waiters"),
             (AVAILABLE, "Units that could be granted now.", "available"),
-            (LIMIT, "The resource's limit value (per period for rate resources).", "limit"),
             (IN_USE, "Units granted and not yet back (rate: taken from the bucket).", "in_use"),
             (LEASED_UNITS, "Units held in processes' leases.", "leased_units"),
             (LEASES, "Leases held by processes.", "leases"),
@@ -237,6 +237,20 @@ class Metrics:
             for status in snap.status:
                 gauge.add_metric((status.name, env), float(getattr(status, attr)))
             yield gauge
+        # The limit carries the resource's kind, so rules can single out capacity budgets.
+        limit = GaugeMetricFamily(LIMIT, "The resource's limit value (per period for rate "
+                                  "resources).", labels=("resource", "environment", "kind"))
+        for status in snap.status:
+            limit.add_metric((status.name, env, status.kind), float(status.limit))
+        yield limit
+        gauge = GaugeMetricFamily(EFFECTIVE_LIMIT, "The limit the executor grants against: for "
+                                  "a rate resource the manifest's, lowered by the provider's "
+                                  "refusals and probed back up (DESIGN 8); else the limit.",
+                                  labels=("resource", "environment"))
+        for status in snap.status:
+            effective = status.limit if status.effective_limit is None else status.effective_limit
+            gauge.add_metric((status.name, env), float(effective))
+        yield gauge
         expected: dict[tuple[str, str], float] = {}
         for (resource, label), (_, units) in snap.by_label.items():
             key = (resource, self.label(resource, label))
@@ -311,8 +325,8 @@ class _StateCollector:
         self._metrics = metrics
 
     def describe(self) -> list[Metric]:
-        names = (WAITERS, AVAILABLE, LIMIT, IN_USE, LEASED_UNITS, LEASES, LIVE_TOKENS,
-                 EXPECTED_USE)
+        names = (WAITERS, AVAILABLE, LIMIT, EFFECTIVE_LIMIT, IN_USE, LEASED_UNITS, LEASES,
+                 LIVE_TOKENS, EXPECTED_USE)
         return [GaugeMetricFamily(name, "") for name in names] + [
             CounterMetricFamily(_family(LEASE_EXPIRIES), ""),
             CounterMetricFamily(_family(EXECUTOR_CALLS), "")]

@@ -45,14 +45,23 @@ def broker() -> Any:
     that broker fails it; then it takes its leases over directly (see :func:`_broker_failed`)
     and stays direct while this executor runs. Later processes on the node start a new broker.
     """
+    return run(finding_broker())
+
+
+def finding_broker() -> Steps[Any]:
+    """:func:`broker` as steps: async code awaits the executor's settings, and starts (or
+    finds) the broker in a thread, as Ray's actor lookup blocks."""
     handle = _Routing.broker
-    if handle is not None:
+    if handle is not None or identity.is_broker():
         return handle
-    if identity.is_broker():
-        return None
-    settings = rpc.info()
+    settings = yield from rpc.informing()
     if not settings.brokers or _Routing.direct_for == settings.cluster_id:
         return None
+    return (yield Blocking(_start_broker))
+
+
+def _start_broker() -> Any:
+    """Start this node's broker, or find the one another process started."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from ray_quota._actors.broker import BrokerActor, broker_name
@@ -77,7 +86,7 @@ def when_broker_fails(adopt: Callable[[], None]) -> None:
 def leasing(method: str, *args: Any, resource: str | None = None) -> Steps[Any]:
     """A lease call, to this node's broker or to the executor; see :func:`lease_call`."""
     args = (*args, identity.SECRET)
-    handle = broker()
+    handle = yield from finding_broker()
     if handle is None:
         return (yield from rpc.calling(method, *args, retry=method != "acquire"))
     extra = (resource,) if method == "acquire" else ()

@@ -17,7 +17,7 @@ import ray.exceptions
 from ray_quota._core.protocol import EXECUTOR_NAME, NAMESPACE, ExecutorInfo
 from ray_quota._errors import ExecutorUnavailableError, NotInitializedError, QuotaError
 from ray_quota._runtime.packed import PACKED_METHOD, Carried, pack, unpack_answer
-from ray_quota._runtime.steps import Remote, Sleep, Steps, run, run_async
+from ray_quota._runtime.steps import Blocking, Remote, Sleep, Steps, run, run_async
 
 EXECUTOR = "the ray_quota executor"
 RESTART_WINDOW_S = 60.0  # how long calls keep trying while Ray restarts the executor
@@ -84,8 +84,13 @@ def executor() -> Any:
 
 def info() -> ExecutorInfo:
     """The running executor's identity and resources, fetched once per process."""
+    return run(informing())
+
+
+def informing() -> Steps[ExecutorInfo]:
+    """:func:`info` as steps, so that async code awaits the first fetch instead of blocking."""
     if _Executor.info is None:
-        _Executor.info = call("info")
+        _Executor.info = yield from calling("info")
     return _Executor.info
 
 
@@ -144,7 +149,9 @@ def calling(method: str, *args: Any, retry: bool = True) -> Steps[Any]:
     delays = retry_delays()
     while True:
         try:
-            return (yield from ask(executor(), method, args, who=EXECUTOR, carried=carried))
+            # Finding the executor asks Ray's control store and blocks: in a thread under asyncio.
+            handle = _Executor.handle or (yield Blocking(executor))
+            return (yield from ask(handle, method, args, who=EXECUTOR, carried=carried))
         except ExecutorUnavailableError as error:
             if not died(error):
                 raise

@@ -118,13 +118,19 @@ class Node:
 
     def ending(self, method: str, ending: str, reports: list[Report], secret: str,
                *args: Any) -> Any:
-        """close, merge, merge_back: apply the process's final totals (which ``secret``
-        must prove), settle the broker's leases of the ending token, and make the call with
-        those totals and the broker's own secret."""
+        """close, merge, merge_back, as the actor makes them: the call first, with the
+        totals the broker's leases of the ending token will have once the process's final
+        totals (which ``secret`` must prove) are applied, and the broker's own secret; only
+        once the executor accepted it, apply those totals and release the token here (a
+        refused call changes nothing), sending what the release adds."""
         check_keys([report.key for report in reports], secret)
+        upstream = self.core.ending_totals(ending, reports)
+        answer = self.world.token_call(method, *args, upstream, self.secret)
         self.core.settle(reports, self.world.clock.now)
-        upstream = self.core.release(ending)
-        return self.world.token_call(method, *args, upstream, self.secret)
+        after = [report for report in self.core.release(ending) if report not in upstream]
+        if after:
+            self.world.send("settle", after, self.secret)
+        return answer
 
     # -------------------------------------------------------------------------- its loops
 

@@ -157,6 +157,15 @@ class Process:
                            self.world.token_call("adopt", entries, self.secret)}
             except QuotaError:
                 pass  # none adopted: each lease is replaced or dropped at its renewal
+        # A lease the executor did not let it adopt is gone (the adoption is bound to the
+        # token's current claim: a process the token moved away from cannot adopt): units
+        # held under it, a slot included, are no longer its own, though it may go on to use
+        # them. (Issue 13, item 2b's reservation that outlives its token's end on the node
+        # is protected only while the broker lives.)
+        for held, _ in self.held:
+            if held.lease.via is not None and (held.handle.token_id, held.lease.key) \
+                    not in adopted:
+                held.lapsed = True
         for handle in self.handles:
             handle.leases.adopted(adopted)  # type: ignore[arg-type]
         return None

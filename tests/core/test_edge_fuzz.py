@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,7 +121,9 @@ class World:
         self.ids = [self.mine, self.theirs, self.budget, self.slots, self.child, self.closed,
                     "never-issued"]
         # What the service accepts must be writable: the actor writes every drain's changes.
-        self.store = StateStore(":memory:")
+        # (A path: StateStore(":memory:") made a file of that name in the working directory.)
+        self._dir = tempfile.TemporaryDirectory(prefix="edge-fuzz-")
+        self.store = StateStore(Path(self._dir.name) / "state.db")
         self.store.start("cluster", "test")
         self.write()
 

@@ -235,3 +235,33 @@ def test_a_token_whose_adopter_died_is_still_released() -> None:
         world.advance(POLICY.lease_ttl_s + POLICY.orphan_grace_s + 1.0)
         assert sched.token_key(info.id) is None
         world.executor.store.close()
+
+
+# ------------------------------------------- issue 13: fixes the machine missed before session 6
+# Each fails with its fix reverted (the patches in the closing note's revert table).
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["close", "merge"])
+def test_a_token_ended_on_its_node_leaves_the_senders_slot_held(
+        monkeypatch: pytest.MonkeyPatch, merge: bool) -> None:
+    """Item 2b: the receiver of a moved token ends it through the node's broker; the slot the
+    sender still holds stays held at the executor (else a direct process gets every slot)."""
+    replay([("token_ends_on_its_node_after_a_move", {"pick": 0, "merge": merge})], monkeypatch)
+
+
+def test_slots_are_shared_by_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 3: backlogged tokens weighing 1, 2 and 4 hold slots equally long: they get slots
+    1:2:4 (a commit refunding the whole pass advance made it 1:1:1)."""
+    replay([("backlogged_slots_are_shared_by_weight", {"weights": [1, 2, 4]})], monkeypatch)
+
+
+def test_many_reports_while_a_token_waits_leave_the_heap_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 6: a hundred debt reports re-key a waiting token; the stale entries are swept."""
+    replay([("many_reports_while_a_token_waits", {"pick": 0, "reports": 100})], monkeypatch)
+
+
+def test_late_overuse_behind_a_broker_is_charged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 7: overuse declared after the broker ended the sub-lease and settled its own lease
+    as final still reaches the executor's capacity in use."""
+    replay([("late_overuse_behind_a_broker", {"pick": 0, "amount": 5, "over": 3})], monkeypatch)

@@ -96,6 +96,31 @@ def test_the_last_failing_attempt_gives_the_token_back(tmp_path: Path) -> None:
         assert parent.describe()[0] == 100
 
 
+@ray.remote(max_retries=2, retry_exceptions=True)
+def plain_spend_then_raise(token: QuotaToken, marker: str, failures: int) -> int:
+    """Like :func:`spend_then_raise`, with the token as a plain argument (no ``@quota``)."""
+    with token.reserve(5) as reservation:
+        reservation.commit(5)
+    path = Path(marker)
+    tries = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(tries + 1))
+    if tries < failures:
+        raise Flaky(f"attempt {tries}")
+    return tries
+
+
+def test_an_exception_retry_takes_a_plain_token_argument_up_again(tmp_path: Path) -> None:
+    """The first attempt's worker drops (closes) the token as the attempt ends; the retry
+    brings the same bytes and takes it up again (before: every retry's reserve raised
+    TokenClosedError)."""
+    with QuotaToken("tok", expected_use=100) as parent:
+        before = tokens_of("tok")
+        assert ray.get(plain_spend_then_raise.remote(parent.split(10), str(tmp_path / "p"),
+                                                     2)) == 2
+        assert parent.describe()[0] == 90  # a plain argument is closed, not merged back
+        assert settles(lambda: tokens_of("tok") == before)  # and not left live
+
+
 # ----------------------------------------------------------------- actors, drivers and threads
 
 
