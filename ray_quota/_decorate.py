@@ -89,11 +89,13 @@ def child_tokens(quotas: tuple[QuotaSpec, ...],
 
 def give_back(tokens: Iterable[QuotaToken]) -> None:
     """The task ended and can say so: each token's open reservations count as ``commit(0)``
-    and it goes back to its parent (or is released), without holding the task's end up: the
-    give-backs are queued (see :mod:`ray_quota._runtime.giveback`)."""
+    and it goes back to its parent (or is released). A token opened for this call alone is
+    released without holding the task's end up (queued, see
+    :mod:`ray_quota._runtime.giveback`); a split child's merge back is waited for, so that
+    the caller, once it has the task's result, can split that expected use again."""
     for token in tokens:
         try:
-            token._end_cleanly(wait=False)
+            token._end_cleanly(wait=token._parent is not None)
         except QuotaError as exc:  # the work is done; a lost return only costs credit
             warnings.warn(f"ray_quota: could not return a token: {exc}", stacklevel=2)
 
