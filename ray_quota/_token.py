@@ -326,9 +326,7 @@ class QuotaToken(AsyncTokenOps):
     def close(self) -> None:
         """Release the token: spare units go back and its weight leaves the scheduler.
 
-        Open reservations are charged in full. Closing twice is harmless. Does not wait: the
-        handle is closed at once, and the executor hears of it within moments, and before this
-        process's next call to it (see :mod:`ray_quota._runtime.giveback`).
+        Open reservations are charged in full. Closing twice is harmless.
         """
         run(self._closing())
 
@@ -337,8 +335,9 @@ class QuotaToken(AsyncTokenOps):
             return
         reports = self._final_reports()
         self._state = _State.CLOSED
-        giveback.queue("close", self._id, self._generation, self._claimant, reports)
-        yield from ()  # (a generator for the sync and async drivers; nothing to wait for)
+        # Waited for: code that closes a token means "now" (and may end its process next,
+        # which would lose a queued close); the fan-out path queues its own (_end_cleanly).
+        yield from routing.leasing("close", self._id, self._generation, self._claimant, reports)
 
     def return_to_parent(self) -> bool:
         """Give this token's expected use and credit back to the token it was split from.
