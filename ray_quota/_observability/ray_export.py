@@ -31,6 +31,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
+from ray_quota._errors import QuotaError
+
 # What Ray's metrics agent puts in front of every name a worker gives it.
 RAY_PREFIX = "ray_"
 EXPORT_INTERVAL_S = 5.0  # Ray's agent reports every 10 s; twice that often loses nothing
