@@ -33,6 +33,7 @@ from ._errors import ManifestError
 from ._spec import (
     MAX_NAME,
     MAX_UNITS,
+    MIN_FLOOR,
     PERIOD_WORDS,
     Enforcement,
     Environment,
@@ -142,7 +143,8 @@ class _Feedback(_Model):
     decrease: _Fraction = _DEFAULTS.decrease
     increase: _Share = _DEFAULTS.increase
     interval: _Duration | None = None  # None: the rate's period
-    floor: _Share = _DEFAULTS.floor
+    floor: Annotated[float, Field(strict=False, ge=MIN_FLOOR, le=1,
+                                  allow_inf_nan=False)] = _DEFAULTS.floor
     margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = _DEFAULTS.margin
 
 

@@ -46,7 +46,7 @@ class FeedbackSpec:
         increase: after each quiet interval the effective limit grows by this fraction of the
             manifest's limit (0 < increase <= 1), never above the manifest's limit.
         interval_s: the quiet interval in seconds; None: the rate's period (1 s for the others).
-        floor: the lowest effective limit, as a fraction of the manifest's (0 < floor <= 1).
+        floor: the lowest effective limit, as a fraction of the manifest's (0.0001 to 1).
         margin: probing slows down this fraction below the limit where the last refusal came
             (0 <= margin < 1): one increase per interval there, then at the full step.
     """
@@ -184,14 +184,17 @@ def check_spec(value: object, what: str = "spec") -> ResourceSpec:
     return value
 
 
+MIN_FLOOR = 1e-4  # the lowest feedback floor (see _FEEDBACK_RANGES)
 # Each FeedbackSpec field: (lowest, highest, whether the lowest itself is allowed).
 _FEEDBACK_RANGES = {"decrease": (0.0, 1.0, False), "increase": (0.0, 1.0, False),
-                    "floor": (0.0, 1.0, False), "margin": (0.0, 1.0, True)}
+                    # A floor near 0 would scale a slow rate's refill to nothing (a division
+                    # by zero in the wait estimate): one part in ten thousand is the least.
+                    "floor": (MIN_FLOOR, 1.0, True), "margin": (0.0, 1.0, True)}
 
 
 def check_feedback(value: object, what: str = "feedback") -> FeedbackSpec:
     """A :class:`FeedbackSpec` whose fields are in range: ``decrease`` above 0 and below 1,
-    ``increase`` and ``floor`` above 0 up to 1, ``margin`` from 0 below 1, ``interval_s``
+    ``increase`` above 0 up to 1, ``floor`` from 0.0001 up to 1, ``margin`` from 0 below 1, ``interval_s``
     None or a finite number of seconds above 0.
 
     Raises:

@@ -38,6 +38,8 @@ def test_feedback_parameters_are_read_per_resource_and_round_trip() -> None:
     ({"decrease": 0}, "feedback.decrease: must be greater than 0"),
     ({"increase": 2}, "feedback.increase"),
     ({"floor": 0}, "feedback.floor"),
+    # rate x floor underflowed to 0: a division by zero in the wait estimate (adversary 7, 11)
+    ({"floor": 5e-324}, "feedback.floor: must be greater than or equal to 0.0001"),
     ({"margin": 1}, "feedback.margin"),
     ({"interval": "soon"}, "feedback.interval"),
     ({"speed": 1}, "feedback.speed: unknown field"),

@@ -15,7 +15,7 @@ from ray_quota._actors.executor import ExecutorActor
 from ray_quota._core.protocol import ExecutorInfo, TokenInfo
 from ray_quota._errors import ForgedTokenError, ProtocolError, TokenClosedError
 from ray_quota._runtime import giveback, identity, routing, rpc
-from ray_quota._runtime.packed import pack, unpack_answer, unpack_call
+from ray_quota._runtime.packed import MAX_CARRIED, pack, unpack_answer, unpack_call
 
 
 def executor(path: Path) -> ExecutorActor:
@@ -62,11 +62,9 @@ def test_give_back_applies_its_calls_in_order_and_answers_each(tmp_path: Path) -
         answers = await actor.give_back([
             ("merge_back", (child.id, 0, "a", parent.id, [], None)),
             ("close", ("no-such-token", 0, "a", [], None)),  # refused; the rest still applies
-            ("acquire", ()),  # not a give-back
         ])
         assert answers[0] is True
         assert isinstance(answers[1], ForgedTokenError)
-        assert isinstance(answers[2], ProtocolError)
         assert await actor.describe(parent.id, 0, "a") == (100, 0.0)
         assert await actor.give_back([("close", (parent.id, 0, "a", [], None))]) == [None]
         assert isinstance(await actor.describe(parent.id, 0, "a"), TokenClosedError)
@@ -142,3 +140,46 @@ def test_only_give_backs_may_be_queued(sent: list[tuple[str, tuple[Any, ...]]]) 
     with pytest.raises(ValueError, match="'acquire'"):
         giveback.queue("acquire", "tok")
     assert giveback.pending() == 0
+
+
+class _Shifty(str):
+    """Compares as a give-back's name, and is looked up as another method (adversary 7, 09)."""
+
+    def __eq__(self, other: object) -> bool:
+        return other == "close" or str.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        return hash("close")
+
+
+@pytest.mark.parametrize("bad", [
+    ("acquire", ()),  # not a give-back
+    ("close",),  # no arguments
+    7,
+    (_Shifty("drain"), ()),
+    ("close", ["not", "a", "tuple"]),
+], ids=["not a give-back", "short", "not a pair", "str subclass", "list arguments"])
+def test_a_give_back_batch_with_one_malformed_entry_is_refused_whole(tmp_path: Path,
+                                                                     bad: Any) -> None:
+    """Checked whole before any entry is applied: before, the entries ahead of a malformed
+    one were applied in memory and never written, and the call raised."""
+    async def run() -> None:
+        actor = executor(tmp_path / "state.sqlite")
+        parent = await actor.open_token("tok", 100, "a", None)
+        batch = [("close", (parent.id, 0, "a", [], None)), bad]
+        answers = await actor.give_back(batch)
+        assert len(answers) == 1 and isinstance(answers[0], ProtocolError)
+        carried = unpack_answer(await actor.call(pack("info", (), batch)))
+        assert isinstance(carried, ProtocolError)
+        assert await actor.describe(parent.id, 0, "a") == (100, 0.0)  # nothing applied
+
+    asyncio.run(run())
+
+
+def test_a_give_back_batch_over_the_bound_is_refused(tmp_path: Path) -> None:
+    async def run() -> None:
+        actor = executor(tmp_path / "state.sqlite")
+        answers = await actor.give_back([("settle", ([], None))] * (MAX_CARRIED + 1))
+        assert len(answers) == 1 and isinstance(answers[0], ProtocolError)
+
+    asyncio.run(run())

@@ -50,7 +50,7 @@ from ray_quota._errors import (
 )
 from ray_quota._manifest import load_manifest
 from ray_quota._observability.observe import Batch
-from ray_quota._runtime.packed import BATCHED, GIVE_BACKS, pack_answer, unpack_call
+from ray_quota._runtime.packed import BATCHED, check_carried, pack_answer, unpack_call
 from ray_quota._spec import ResourceSpec
 from ray_quota._store import SavedState, StateStore
 
@@ -212,15 +212,17 @@ class ExecutorActor:
         :mod:`ray_quota._runtime.giveback`. Their senders do not wait: a refusal is logged here,
         and answered too, one per call."""
         self._service.counts["give_back"] += 1  # one call, serving len(calls) operations
+        try:
+            check_carried(calls)
+        except TypeError as exc:  # nothing applied: a bad batch is refused whole
+            return [ProtocolError(f"bad give-backs: {exc}")]
         return self._give_back(calls)
 
     def _give_back(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         answers: list[Any] = []
         self._service.counts[BATCHED] += len(calls)  # (each counted by method as it runs)
-        for method, args in calls:
+        for method, args in calls:  # (checked by check_carried)
             try:
-                if method not in GIVE_BACKS:
-                    raise TypeError(f"{method!r} is not a give-back")
                 answer = getattr(self._service, method)(*args)
             except TypeError as exc:
                 answer = ProtocolError(f"bad give-back {method!r}: {exc}")

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 
+from ray_quota._core.protocol import MAX_HOLD_S
 from ray_quota._errors import InvalidAmountError
 from ray_quota._spec import FeedbackSpec, Kind, ResourceSpec, check_seconds, check_units
 
 # A provider's retry-after or reset longer than this is not believed (a day): a typo or a hostile
 # report must not stop a resource for ever.
-MAX_HOLD_S = 86400.0
 
 
 class Feedback:

@@ -127,6 +127,9 @@ class ProviderSignal:
     reset_s: float | None = None
 
 
+MAX_HOLD_S = 86400.0  # the longest a provider's retry-after or reset is believed
+
+
 def check_signal(value: object) -> ProviderSignal:
     """A :class:`ProviderSignal` whose fields are what it says: a bool, seconds from 0 (or
     None), whole units from 0 (or None); and it says something (a refusal or what remains).
@@ -139,14 +142,26 @@ def check_signal(value: object) -> ProviderSignal:
         raise ProtocolError(f"signal must be a ProviderSignal, not {type(value).__name__}")
     if not isinstance(value.refused, bool):
         raise ProtocolError(f"signal.refused must be a bool, not {type(value.refused).__name__}")
+    if value.remaining is not None and type(value.remaining) is not int:  # (no subclass)
+        raise ProtocolError(f"signal.remaining must be an int, not "
+                            f"{type(value.remaining).__name__}")
+    waits = {}
     for what in ("retry_after_s", "reset_s"):
-        if getattr(value, what) is not None:
-            check_seconds(what, getattr(value, what))
+        if (given := getattr(value, what)) is not None:
+            # Every field checked here, before anything moves (the controller's own checks
+            # came after the refusal had cut the limit).
+            seconds = check_seconds(what, given)
+            if seconds > MAX_HOLD_S:
+                raise InvalidAmountError(f"{what} must be at most {MAX_HOLD_S:g} seconds, "
+                                         f"not {seconds}")
+            waits[what] = seconds
     if value.remaining is not None:
         check_units("remaining", value.remaining, allow_zero=True)
     elif not value.refused:
         raise InvalidAmountError("a provider signal says it refused, or what remains, or both")
-    return value
+    # Rebuilt from plain values: nothing of the caller's objects reaches the controller.
+    return ProviderSignal(value.refused, waits.get("retry_after_s"), value.remaining,
+                          waits.get("reset_s"))
 
 
 class Report(NamedTuple):

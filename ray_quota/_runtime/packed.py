@@ -20,6 +20,30 @@ BATCHED = "give_back.operations"  # in the executor's call counts: operations th
 
 
 Carried = list[tuple[str, tuple[Any, ...]]]  # give-backs, each (method, its arguments)
+# The most give-backs one call may carry or batch: a client sends at most BATCH_MAX
+# (giveback.py) at a time; more only holds the executor's loop up.
+MAX_CARRIED = 1024
+
+
+def check_carried(calls: object) -> Carried:
+    """``calls`` if it is a list of at most :data:`MAX_CARRIED` (method, argument tuple)
+    pairs naming give-backs, exact types all (a ``str`` subclass could compare as one name
+    and look up as another); checked whole before any is applied.
+
+    Raises:
+        TypeError: naming what is wrong.
+    """
+    if type(calls) is not list:
+        raise TypeError(f"give-backs come as a list, not {type(calls).__name__}")
+    if len(calls) > MAX_CARRIED:
+        raise TypeError(f"at most {MAX_CARRIED} give-backs at once, not {len(calls)}")
+    for entry in calls:
+        if not (type(entry) is tuple and len(entry) == 2 and type(entry[0]) is str
+                and type(entry[1]) is tuple):
+            raise TypeError("a give-back is (method name, argument tuple)")
+        if entry[0] not in GIVE_BACKS:
+            raise TypeError(f"{entry[0][:40]!r} is not a give-back")
+    return calls
 
 
 def pack(method: str, args: tuple[Any, ...], carried: Carried | None = None) -> bytes:
@@ -37,10 +61,10 @@ def unpack_call(packed: bytes) -> tuple[str, tuple[Any, ...], Carried]:
     if not isinstance(packed, bytes):
         raise TypeError(f"a packed call is bytes, not {type(packed).__name__}")
     call = pickle.loads(packed)
-    if not (isinstance(call, tuple) and len(call) == 3 and isinstance(call[0], str)
-            and isinstance(call[1], tuple) and isinstance(call[2], list)):
+    if not (type(call) is tuple and len(call) == 3 and type(call[0]) is str
+            and type(call[1]) is tuple):
         raise TypeError("a packed call is (method name, argument tuple, give-back list)")
-    return call
+    return call[0], call[1], check_carried(call[2])
 
 
 def pack_answer(answer: Any) -> bytes:

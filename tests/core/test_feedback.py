@@ -173,6 +173,11 @@ def test_refusals_alone_still_bring_the_limit_down_to_the_true_one() -> None:
 # ------------------------------------------------------------------------ through the service
 
 
+class _Sly(int):
+    def __float__(self) -> float:
+        return -1e18
+
+
 def _service(kind: Kind = Kind.RATE) -> tuple[ExecutorService, FakeClock, str]:
     clock = FakeClock()
     spec = (ResourceSpec("tpm", kind, 1000, period_s=1.0, burst=1000) if kind is Kind.RATE
@@ -210,6 +215,15 @@ def test_a_refusal_through_the_service_lowers_the_effective_limit_and_holds_gran
      InvalidAmountError),
     (lambda s, t: s.feedback(t, 0, "me", KEY, ProviderSignal("yes"), secret=SECRET),  # type: ignore[arg-type]
      ProtocolError),
+    # A refusal whose reset is beyond a day: refused before the refusal cut the limit
+    # (adversary 7, 01: the cut stayed though the call was refused).
+    (lambda s, t: s.feedback(t, 0, "me", KEY, ProviderSignal(True, None, 5, 2e5),
+                             secret=SECRET), InvalidAmountError),
+    (lambda s, t: s.feedback(t, 0, "me", KEY, ProviderSignal(True, 2e5), secret=SECRET),
+     InvalidAmountError),
+    # An int subclass decides what float() of it is (adversary 7, 02).
+    (lambda s, t: s.feedback(t, 0, "me", KEY, ProviderSignal(False, None, _Sly(5)),
+                             secret=SECRET), ProtocolError),
 ])
 def test_only_the_tokens_holder_may_report_and_bad_reports_change_nothing(
         call: object, error: type[QuotaError]) -> None:
