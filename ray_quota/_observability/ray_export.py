@@ -205,9 +205,14 @@ class RayExport:
     def _run(self) -> None:
         if self._only_if_agent and not metrics_agent_running():
             return
+        said: set[type[BaseException]] = set()
         while not self._stop.wait(self._interval_s):
             try:
                 self._mirror.copy(self._registry.collect())
+            except QuotaError:
+                return  # the executor stopped serving: nothing more to export
             except Exception as exc:  # noqa: BLE001 - metrics must never end the executor
-                print(f"ray_quota: cannot export metrics through Ray: {exc!r}", file=sys.stderr,
-                      flush=True)
+                if type(exc) not in said:  # once per kind of failure, not every interval
+                    said.add(type(exc))
+                    print(f"ray_quota: cannot export metrics through Ray: {exc!r}",
+                          file=sys.stderr, flush=True)
