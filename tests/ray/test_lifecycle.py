@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
+from conftest import eventually
 
 import ray_quota
 from ray_quota import QuotaToken
@@ -68,7 +69,13 @@ class Flaky(Exception):
 @ray.remote(max_retries=2, retry_exceptions=True)
 def spend_then_raise(marker: str, failures: int) -> int:
     """Reserves, commits, then raises on its first ``failures`` attempts."""
-    with ray_quota.current_token().reserve(5) as reservation:
+    return spend_then_fail(ray_quota.current_token(), marker, failures)
+
+
+def spend_then_fail(token: QuotaToken, marker: str, failures: int) -> int:
+    """Reserve 5 and commit them on ``token``, then raise on the first ``failures`` attempts
+    (counted in the file ``marker``); the attempt's number once it does not raise."""
+    with token.reserve(5) as reservation:
         reservation.commit(5)
     path = Path(marker)
     tries = int(path.read_text()) if path.exists() else 0
@@ -99,14 +106,7 @@ def test_the_last_failing_attempt_gives_the_token_back(tmp_path: Path) -> None:
 @ray.remote(max_retries=2, retry_exceptions=True)
 def plain_spend_then_raise(token: QuotaToken, marker: str, failures: int) -> int:
     """Like :func:`spend_then_raise`, with the token as a plain argument (no ``@quota``)."""
-    with token.reserve(5) as reservation:
-        reservation.commit(5)
-    path = Path(marker)
-    tries = int(path.read_text()) if path.exists() else 0
-    path.write_text(str(tries + 1))
-    if tries < failures:
-        raise Flaky(f"attempt {tries}")
-    return tries
+    return spend_then_fail(token, marker, failures)
 
 
 def test_an_exception_retry_takes_a_plain_token_argument_up_again(tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_an_exception_retry_takes_a_plain_token_argument_up_again(tmp_path: Path
         assert ray.get(plain_spend_then_raise.remote(parent.split(10), str(tmp_path / "p"),
                                                      2)) == 2
         assert parent.describe()[0] == 90  # a plain argument is closed, not merged back
-        assert settles(lambda: tokens_of("tok") == before)  # and not left live
+        assert eventually(lambda: tokens_of("tok") == before, within_s=10.0)  # and not left live
 
 
 # ----------------------------------------------------------------- actors, drivers and threads
@@ -127,14 +127,6 @@ def test_an_exception_retry_takes_a_plain_token_argument_up_again(tmp_path: Path
 def tokens_of(name: str) -> int:
     return next(s.tokens for s in ray_quota.status() if s.name == name)
 
-
-def settles(check: Callable[[], bool], within_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 @ray_quota.quota("conn", expected_use=30)
@@ -163,8 +155,9 @@ def test_quota_actors_give_their_expected_use_back_when_they_end() -> None:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actors[0].leave.remote())  # exit_actor()
         del actors  # the other two: their handles dropped
-        assert settles(lambda: parent.describe()[0] == 100)
-        assert settles(lambda: (tokens_of("conn"), in_use("conn")) == (baseline, 0))
+        assert eventually(lambda: parent.describe()[0] == 100, within_s=10.0)
+        assert eventually(lambda: (tokens_of("conn"), in_use("conn")) == (baseline, 0),
+                          within_s=10.0)
 
 
 DRIVER = """
@@ -191,7 +184,7 @@ def test_a_driver_that_exits_cleanly_is_charged_what_it_committed_and_its_tokens
     assert done.returncode == 0, done.stderr
     assert "reserved" in done.stdout
     # At once (no lease had to expire): charged 10, and both tokens are gone.
-    assert settles(lambda: tokens_of("budget") == tokens, within_s=3.0)
+    assert eventually(lambda: tokens_of("budget") == tokens, within_s=3.0)
     assert next(s.available for s in ray_quota.status() if s.name == "budget") == available - 10
 
 
@@ -255,12 +248,13 @@ def test_a_generator_runs_in_scope_and_gives_back_when_its_stream_is_cancelled(
         stream = endless.remote(str(marker))
         assert [ray.get(next(stream)) for _ in range(3)] == [10, 10, 10]
         ray.cancel(stream)  # its finally runs in scope, then the give-back
-        assert settles(lambda: marker.exists() and parent.describe()[0] == 100)
+        assert eventually(lambda: marker.exists() and parent.describe()[0] == 100,
+                          within_s=10.0)
         assert marker.read_text() == "10"
         streamer = Streamer.remote()
         assert [ray.get(ref) for ref in streamer.stream.remote(3)] == [20, 20, 20]
         del streamer
-        assert settles(lambda: parent.describe()[0] == 100)
+        assert eventually(lambda: parent.describe()[0] == 100, within_s=10.0)
 
 
 def test_quota_refuses_an_async_generator_task_which_ray_cannot_run() -> None:
@@ -298,7 +292,7 @@ def test_an_attempt_that_raises_for_a_retry_counts_its_open_reservation_as_unuse
     with QuotaToken("budget", expected_use=100) as parent:
         assert ray.get(leave_one_open_then_raise.remote(str(tmp_path / "n"))) == 1
         assert parent.describe()[0] == 100
-    assert settles(lambda: budget_available() == before - 5, within_s=3.0)
+    assert eventually(lambda: budget_available() == before - 5, within_s=3.0)
 
 
 @ray.remote(num_cpus=0)
@@ -324,4 +318,4 @@ def test_one_split_per_pool_actor_through_a_queue() -> None:
         workers = [PoolWorker.remote(children) for _ in range(2)]
         assert ray.get([worker.use.remote() for worker in workers]) == [30, 30]
         del workers
-        assert settles(lambda: parent.describe()[0] == 100)
+        assert eventually(lambda: parent.describe()[0] == 100, within_s=10.0)
